@@ -1,0 +1,115 @@
+"""The idempotency ledger: atomic, fenced, one-shot claims per key. Imports no Dagster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .backend import Clock, Ledger, redact_url
+from .config import DedupPolicy, LedgerConfig, MismatchPolicy
+from .errors import (
+    FingerprintMismatchError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    InvalidResultError,
+    LedgerConfigError,
+    LedgerError,
+    LedgerSchemaError,
+    LedgerUnavailableError,
+)
+from .model import (
+    Claim,
+    Decision,
+    Entry,
+    Event,
+    EventKind,
+    FinalizeReason,
+    FinalizeResult,
+    Outcome,
+    State,
+    Stats,
+)
+
+__all__ = [
+    "Claim",
+    "Clock",
+    "Decision",
+    "DedupPolicy",
+    "Entry",
+    "Event",
+    "EventKind",
+    "FinalizeReason",
+    "FinalizeResult",
+    "FingerprintMismatchError",
+    "InvalidArgumentError",
+    "InvalidKeyError",
+    "InvalidResultError",
+    "Ledger",
+    "LedgerConfig",
+    "LedgerConfigError",
+    "LedgerError",
+    "LedgerSchemaError",
+    "LedgerUnavailableError",
+    "MismatchPolicy",
+    "Outcome",
+    "State",
+    "Stats",
+    "open_ledger",
+    "redact_url",
+    "sqlite_url",
+]
+
+
+def sqlite_url(path: str | os.PathLike[str]) -> str:
+    """The ledger URL of a SQLite file (absolute paths give four slashes, as in SQLAlchemy)."""
+    return f"sqlite:///{Path(path)}"
+
+
+def open_ledger(
+    url: str | os.PathLike[str],
+    config: LedgerConfig | dict | None = None,
+    *,
+    clock: Clock | None = None,
+) -> Ledger:
+    """Open (creating if needed) the ledger at `url`.
+
+    `sqlite:///relative/path.db`, `sqlite:////absolute/path.db` or a plain file path select the
+    embedded backend; `postgresql://user:pass@host:port/db` the shared one (extra `postgres`).
+    `clock` (returning an aware UTC datetime) replaces the store's clock, for tests.
+    """
+    config = LedgerConfig.parse(config)
+    text = os.fspath(url)
+    if not isinstance(text, str) or not text.strip():
+        raise LedgerConfigError(
+            "url: empty ledger url; give sqlite:///path/to/ledger.db or postgresql://user@host/db"
+        )
+    if "://" not in text:
+        from .sqlite import SQLiteLedger
+
+        return SQLiteLedger(sqlite_url(text), text, config, clock)
+    scheme, _, rest = text.partition("://")
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        path = rest[1:] if rest.startswith("/") else ""
+        if not path or path == ":memory:":
+            raise LedgerConfigError(
+                f"url: {redact_url(text)!r} names no file; use sqlite:///relative/ledger.db or "
+                "sqlite:////absolute/ledger.db (an in-memory ledger cannot be shared by Dagster's "
+                "processes)"
+            )
+        from .sqlite import SQLiteLedger
+
+        return SQLiteLedger(text, path, config, clock)
+    if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
+        try:
+            from .postgres import PostgresLedger
+        except ImportError as exc:
+            raise LedgerConfigError(
+                f"url: {redact_url(text)!r} needs the PostgreSQL backend, which is not installed "
+                f"({exc}); install it with: pip install 'rocky-dagster[postgres]'"
+            ) from None
+        return PostgresLedger(text, config, clock)
+    raise LedgerConfigError(
+        f"url: unknown scheme {scheme!r} in {redact_url(text)!r}; use sqlite:///path/to/ledger.db "
+        "or postgresql://user:password@host:5432/dbname"
+    )

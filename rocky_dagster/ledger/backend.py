@@ -1,0 +1,358 @@
+"""The `Ledger` API, written once over a small transactional store interface.
+
+A backend supplies a transaction with row-level primitives (`load` locks the
+key's row); this module owns validation, the state machine and the events, so
+SQLite and PostgreSQL cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from .config import LedgerConfig
+from .errors import InvalidArgumentError, LedgerConfigError
+from .machine import decide
+from .model import (
+    Claim,
+    Entry,
+    Event,
+    EventKind,
+    FinalizeReason,
+    FinalizeResult,
+    Outcome,
+    State,
+    Stats,
+    encode_result,
+    validate_fence,
+    validate_key,
+    validate_optional_label,
+)
+
+Clock = Callable[[], datetime]
+
+
+class Transaction(Protocol):
+    """One atomic read-decide-write against the store; rolled back if the block raises."""
+
+    now: datetime
+
+    def load(self, key: str) -> Entry | None:
+        """Read the key's row and lock it (or the whole store) until commit."""
+
+    def insert(self, entry: Entry) -> bool:
+        """Insert a new row; False if the key appeared meanwhile (caller reloads and decides again)."""
+
+    def update(self, entry: Entry) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def next_fence(self) -> int:
+        """A fence never handed out before by this store."""
+
+    def log(
+        self,
+        kind: EventKind,
+        key: str,
+        run_id: str | None,
+        fence: int | None,
+        detail: str | None,
+    ) -> None: ...
+
+
+class Ledger(ABC):
+    """The idempotency ledger: claim a key before work, finalize it after.
+
+    Instances are safe to share between threads of one process; each process
+    (fork or spawn) gets its own connection.
+    """
+
+    def __init__(self, url: str, config: LedgerConfig | None, clock: Clock | None) -> None:
+        self.url = redact_url(url)
+        self.config = LedgerConfig.parse(config)
+        self._clock = clock
+
+    # --- what a backend provides ---------------------------------------------------------------
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Transaction]:
+        """Begin a write transaction that locks what `load` reads until it commits."""
+
+    @abstractmethod
+    def get(self, key: str) -> Entry | None:
+        """The key's entry as stored, or None."""
+
+    @abstractmethod
+    def entries(
+        self, state: State | str | None = None, *, run_id: str | None = None, limit: int = 100
+    ) -> list[Entry]:
+        """Entries newest claim first, optionally only one state and/or one run's."""
+
+    @abstractmethod
+    def history(self, key: str, *, limit: int | None = None) -> list[Event]:
+        """The key's events, oldest first."""
+
+    @abstractmethod
+    def stats(self) -> Stats: ...
+
+    @abstractmethod
+    def _sweep(self, now: datetime, abandoned_before: datetime) -> int: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # --- the state machine ------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """The time this ledger decides with (the injected clock, else the store's)."""
+        with self.transaction() as tx:
+            return tx.now
+
+    def claim(
+        self,
+        key: str,
+        run_id: str,
+        *,
+        pipeline: str | None = None,
+        fingerprint: str | None = None,
+        force: bool = False,
+    ) -> Claim:
+        """Atomically decide whether `run_id` may do the work named by `key` (DESIGN §1.3)."""
+        key = validate_key(key)
+        run_id = validate_key(run_id, "run_id")
+        pipeline = validate_optional_label(pipeline, "pipeline")
+        fingerprint = validate_optional_label(fingerprint, "fingerprint")
+        with self.transaction() as tx:
+            while True:
+                existing = tx.load(key)
+                plan = decide(
+                    existing,
+                    now=tx.now,
+                    run_id=run_id,
+                    fingerprint=fingerprint,
+                    config=self.config,
+                    force=force,
+                )
+                if not plan.takes_key:
+                    assert existing is not None
+                    tx.log(plan.event, key, run_id, None, plan.detail)
+                    return Claim(
+                        key=key,
+                        run_id=run_id,
+                        decision=plan.decision,
+                        prior_run_id=plan.prior_run_id,
+                        held_by_run_id=plan.held_by_run_id,
+                        result=existing.result,
+                        lease_expires_at=existing.lease_expires_at
+                        if existing.state == State.IN_FLIGHT
+                        else None,
+                        expires_at=existing.expires_at,
+                    )
+                now = tx.now
+                entry = Entry(
+                    key=key,
+                    state=State.IN_FLIGHT,
+                    run_id=run_id,
+                    fence=tx.next_fence(),
+                    pipeline=pipeline,
+                    fingerprint=fingerprint,
+                    claimed_at=now,
+                    heartbeat_at=now,
+                    lease_expires_at=min(now + self.config.lease, now + self.config.in_flight_ttl),
+                    dedup_on=self.config.dedup_on.value,
+                    prior_run_id=plan.prior_run_id,
+                )
+                if existing is None:
+                    if not tx.insert(entry):
+                        continue  # another writer created the row first: decide again on it
+                else:
+                    tx.update(entry)
+                tx.log(plan.event, key, run_id, entry.fence, plan.detail)
+                return Claim(
+                    key=key,
+                    run_id=run_id,
+                    decision=plan.decision,
+                    fence=entry.fence,
+                    prior_run_id=plan.prior_run_id,
+                    forced=plan.forced,
+                    lease_expires_at=entry.lease_expires_at,
+                )
+
+    def finalize(
+        self,
+        key: str,
+        fence: int,
+        outcome: Outcome | str,
+        *,
+        result: dict[str, Any] | None = None,
+    ) -> FinalizeResult:
+        """Compare-and-set the claim `fence` to its outcome; one-shot, never touches a newer claim."""
+        key = validate_key(key)
+        fence = validate_fence(fence)
+        outcome = _outcome(outcome)
+        encoded = encode_result(result)
+        with self.transaction() as tx:
+            row = tx.load(key)
+            if row is None:
+                tx.log(EventKind.LOST, key, None, fence, f"{outcome.value} reported, but no entry")
+                return FinalizeResult(
+                    key=key,
+                    fence=fence,
+                    outcome=outcome,
+                    applied=False,
+                    reason=FinalizeReason.NOT_FOUND,
+                )
+            if row.fence != fence:
+                tx.log(
+                    EventKind.LOST,
+                    key,
+                    None,
+                    fence,
+                    f"{outcome.value} discarded: fence {fence} was superseded by fence "
+                    f"{row.fence} of run {row.run_id}",
+                )
+                return _finalize_result(row, fence, outcome, FinalizeReason.STALE_FENCE)
+            if row.state != State.IN_FLIGHT:
+                return _finalize_result(row, fence, outcome, FinalizeReason.ALREADY_FINAL)
+            now = tx.now
+            final = row.model_copy(
+                update={
+                    "state": State(outcome.value),
+                    "finalized_at": now,
+                    "expires_at": now + self.config.retention,
+                    "result": None if encoded is None else result,
+                }
+            )
+            tx.update(final)
+            tx.log(EventKind(outcome.value), key, row.run_id, fence, None)
+            return _finalize_result(final, fence, outcome, FinalizeReason.APPLIED)
+
+    def heartbeat(self, key: str, fence: int) -> bool:
+        """Extend the lease of claim `fence`; False means the claim was lost and work must stop."""
+        key = validate_key(key)
+        fence = validate_fence(fence)
+        with self.transaction() as tx:
+            row = tx.load(key)
+            if row is None or row.fence != fence or row.state != State.IN_FLIGHT:
+                return False
+            now = tx.now
+            tx.update(
+                row.model_copy(
+                    update={
+                        "heartbeat_at": now,
+                        "lease_expires_at": min(
+                            now + self.config.lease, row.claimed_at + self.config.in_flight_ttl
+                        ),
+                    }
+                )
+            )
+            return True
+
+    # --- operators and reconcilers ---------------------------------------------------------------
+
+    def release(
+        self,
+        key: str,
+        *,
+        run_id: str | None = None,
+        fence: int | None = None,
+        reason: str = "released by an operator",
+    ) -> bool:
+        """Free an in-flight claim so the next claim proceeds; only if it is (still) the one named.
+
+        `run_id` / `fence` guard against freeing a claim that changed hands since it was looked at.
+        """
+        key = validate_key(key)
+        run_id = validate_optional_label(run_id, "run_id")
+        fence = None if fence is None else validate_fence(fence)
+        with self.transaction() as tx:
+            row = tx.load(key)
+            if row is None or row.state != State.IN_FLIGHT:
+                return False
+            if (run_id is not None and row.run_id != run_id) or (
+                fence is not None and row.fence != fence
+            ):
+                return False
+            tx.delete(key)
+            tx.log(EventKind.RELEASED, key, row.run_id, row.fence, reason)
+            return True
+
+    def reset(self, key: str, *, reason: str = "reset by an operator") -> bool:
+        """Forget a finalized key so the next claim proceeds; in-flight claims need `release`."""
+        key = validate_key(key)
+        with self.transaction() as tx:
+            row = tx.load(key)
+            if row is None or row.state == State.IN_FLIGHT:
+                return False
+            tx.delete(key)
+            tx.log(
+                EventKind.RESET,
+                key,
+                row.run_id,
+                row.fence,
+                f"{reason}; forgot the {row.state.value} record of run {row.run_id}",
+            )
+            return True
+
+    def sweep(self) -> int:
+        """Delete terminal entries past retention and claims abandoned for a whole retention period."""
+        now = self.now()
+        return self._sweep(now, now - self.config.retention)
+
+    # --- helpers for backends -----------------------------------------------------------------------
+
+    def _now(self, store_now: Callable[[], datetime]) -> datetime:
+        value = self._clock() if self._clock is not None else store_now()
+        if value.tzinfo is None:
+            raise LedgerConfigError("clock must return a timezone-aware datetime (UTC)")
+        return value.astimezone(UTC)
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def _outcome(value: Outcome | str) -> Outcome:
+    try:
+        return Outcome(value)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"outcome must be one of {[o.value for o in Outcome]}, got {value!r}"
+        ) from None
+
+
+def _finalize_result(
+    row: Entry, fence: int, outcome: Outcome, reason: FinalizeReason
+) -> FinalizeResult:
+    return FinalizeResult(
+        key=row.key,
+        fence=fence,
+        outcome=outcome,
+        applied=reason == FinalizeReason.APPLIED,
+        reason=reason,
+        state=row.state,
+        run_id=row.run_id,
+        expires_at=row.expires_at,
+    )
+
+
+_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<pw>[^@/]*)@", re.I)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, safe for errors, logs, tags and metadata."""
+    return _PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(url))
+
+
+def iter_chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

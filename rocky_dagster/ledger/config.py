@@ -1,0 +1,98 @@
+"""Ledger policy, validated once at the edge so the state machine can trust it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import LedgerConfigError
+
+
+class DedupPolicy(StrEnum):
+    """Which terminal outcomes stop a later claim of the same key."""
+
+    SUCCESS = "success"
+    """Only a success dedups; a failure is claimable again at once (the default)."""
+    ANY = "any"
+    """Any terminal outcome dedups until retention ends; failures are final."""
+
+
+class MismatchPolicy(StrEnum):
+    """What a claim does when the key was recorded with a different fingerprint."""
+
+    ERROR = "error"
+    IGNORE = "ignore"
+
+
+class LedgerConfig(BaseModel):
+    """Policy of one ledger. Durations must be positive; unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dedup_on: DedupPolicy = Field(
+        DedupPolicy.SUCCESS,
+        description="'success': only successes dedup, failures retry at once; 'any': failures dedup too.",
+    )
+    retention_days: float = Field(
+        30, gt=0, description="How long a finalized key keeps deduplicating (days)."
+    )
+    in_flight_ttl_hours: float = Field(
+        24, gt=0, description="Hard cap on the life of one claim, heartbeats or not (hours)."
+    )
+    lease_seconds: float = Field(
+        120,
+        gt=0,
+        description="A claim not heartbeated for this long may be adopted; holders beat every lease/4.",
+    )
+    on_fingerprint_mismatch: MismatchPolicy = Field(
+        MismatchPolicy.ERROR,
+        description="'error': a claim whose fingerprint differs from the recorded one raises; 'ignore': it does not.",
+    )
+
+    @property
+    def retention(self) -> timedelta:
+        return timedelta(days=self.retention_days)
+
+    @property
+    def in_flight_ttl(self) -> timedelta:
+        return timedelta(hours=self.in_flight_ttl_hours)
+
+    @property
+    def lease(self) -> timedelta:
+        return timedelta(seconds=self.lease_seconds)
+
+    @property
+    def heartbeat_interval_seconds(self) -> float:
+        return self.lease_seconds / 4
+
+    @classmethod
+    def parse(cls, value: LedgerConfig | dict[str, Any] | None) -> LedgerConfig:
+        """Build a config, turning pydantic's errors into one `LedgerConfigError` naming each field."""
+        if value is None:
+            return cls()
+        if isinstance(value, LedgerConfig):
+            return value
+        try:
+            return cls.model_validate(value)
+        except ValidationError as exc:
+            raise LedgerConfigError(describe_validation_error(exc, "ledger config")) from None
+
+
+def describe_validation_error(exc: ValidationError, what: str) -> str:
+    """One line per bad field: '<field>: <problem> (got <value>)'."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; remove it (known fields: " + ", ".join(_known_fields()) + ")"
+        given = err.get("input")
+        lines.append(f"{field}: {msg} (got {given!r})")
+    return f"invalid {what}: " + "; ".join(lines)
+
+
+def _known_fields() -> list[str]:
+    return list(LedgerConfig.model_fields)

@@ -1,0 +1,122 @@
+"""The claim decision table (DESIGN §1.3) as one pure function.
+
+Backends lock the key's row, call `decide`, and write what it says, so every
+backend makes the same decision from the same row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from .config import DedupPolicy, LedgerConfig, MismatchPolicy
+from .errors import FingerprintMismatchError
+from .model import Decision, Entry, EventKind, State
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a claim must do: the decision, whether it writes a new in-flight row, and its event."""
+
+    decision: Decision
+    takes_key: bool
+    event: EventKind
+    detail: str
+    prior_run_id: str | None = None
+    held_by_run_id: str | None = None
+    forced: bool = False
+
+
+def dedups(entry: Entry) -> bool:
+    """Whether a terminal entry blocks new claims under the policy it was written with."""
+    if entry.state == State.SUCCEEDED:
+        return True
+    return entry.state == State.FAILED and entry.dedup_on == DedupPolicy.ANY
+
+
+def decide(
+    existing: Entry | None,
+    *,
+    now: datetime,
+    run_id: str,
+    fingerprint: str | None,
+    config: LedgerConfig,
+    force: bool = False,
+) -> Plan:
+    """Decide a claim from the locked row. Raises before any write on a fingerprint mismatch."""
+    if existing is None:
+        return Plan(Decision.PROCEED, True, EventKind.CLAIMED, "new claim")
+
+    if existing.state == State.IN_FLIGHT:
+        if existing.lease_expires_at <= now:
+            return Plan(
+                Decision.ADOPTED_STALE,
+                True,
+                EventKind.ADOPTED,
+                f"adopted from run {existing.run_id} (fence {existing.fence}): its lease expired "
+                f"at {existing.lease_expires_at.isoformat()}",
+                prior_run_id=existing.run_id,
+            )
+        _check_fingerprint(existing, fingerprint, config)
+        if existing.run_id == run_id:
+            return Plan(
+                Decision.PROCEED,
+                True,
+                EventKind.CLAIMED,
+                f"re-entrant claim by the same run (replaces fence {existing.fence})",
+                prior_run_id=existing.run_id,
+            )
+        return Plan(
+            Decision.SKIPPED_IN_FLIGHT,
+            False,
+            EventKind.SKIPPED_IN_FLIGHT,
+            f"held by run {existing.run_id} (fence {existing.fence}) until at least "
+            f"{existing.lease_expires_at.isoformat()}",
+            held_by_run_id=existing.run_id,
+        )
+
+    if existing.is_expired(now):
+        return Plan(
+            Decision.PROCEED,
+            True,
+            EventKind.CLAIMED,
+            f"previous {existing.state.value} record of run {existing.run_id} expired",
+            prior_run_id=existing.run_id,
+        )
+    if not dedups(existing):
+        return Plan(
+            Decision.PROCEED,
+            True,
+            EventKind.CLAIMED,
+            f"retry after run {existing.run_id} failed",
+            prior_run_id=existing.run_id,
+        )
+    if force:
+        return Plan(
+            Decision.PROCEED,
+            True,
+            EventKind.FORCED,
+            f"forced override of the {existing.state.value} record of run {existing.run_id}",
+            prior_run_id=existing.run_id,
+            forced=True,
+        )
+    _check_fingerprint(existing, fingerprint, config)
+    return Plan(
+        Decision.SKIPPED_COMPLETED,
+        False,
+        EventKind.SKIPPED_COMPLETED,
+        f"{existing.state.value} in run {existing.run_id}",
+        prior_run_id=existing.run_id,
+    )
+
+
+def _check_fingerprint(existing: Entry, fingerprint: str | None, config: LedgerConfig) -> None:
+    if (
+        config.on_fingerprint_mismatch == MismatchPolicy.ERROR
+        and fingerprint is not None
+        and existing.fingerprint is not None
+        and fingerprint != existing.fingerprint
+    ):
+        raise FingerprintMismatchError(
+            existing.key, existing.fingerprint, fingerprint, existing.run_id
+        )

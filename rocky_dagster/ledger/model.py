@@ -1,0 +1,228 @@
+"""The ledger's vocabulary: states, decisions, entries, events.
+
+These are plain frozen pydantic models so they cross process, JSON and Dagster
+metadata boundaries without surprises.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .errors import InvalidArgumentError, InvalidKeyError, InvalidResultError
+
+MAX_KEY_LENGTH = 512
+MAX_RESULT_BYTES = 64 * 1024
+
+
+class State(StrEnum):
+    IN_FLIGHT = "in_flight"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Decision(StrEnum):
+    """What a claim tells its caller to do."""
+
+    PROCEED = "proceed"
+    """Do the work: the key is yours (new claim, re-entrant claim, or claim after a failure)."""
+    SKIPPED_COMPLETED = "skipped_completed"
+    """Do nothing: the work already succeeded (or failed under dedup_on='any')."""
+    SKIPPED_IN_FLIGHT = "skipped_in_flight"
+    """Do nothing: another live run holds the key right now."""
+    ADOPTED_STALE = "adopted_stale"
+    """Do the work: the previous holder stopped heartbeating, its claim is now yours."""
+
+    @property
+    def should_run(self) -> bool:
+        return self in (Decision.PROCEED, Decision.ADOPTED_STALE)
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class EventKind(StrEnum):
+    CLAIMED = "claimed"
+    ADOPTED = "adopted"
+    FORCED = "forced"
+    SKIPPED_COMPLETED = "skipped_completed"
+    SKIPPED_IN_FLIGHT = "skipped_in_flight"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RELEASED = "released"
+    RESET = "reset"
+    SWEPT = "swept"
+    LOST = "lost"
+
+
+class FinalizeReason(StrEnum):
+    """Why a finalize did or did not change the entry."""
+
+    APPLIED = "applied"
+    STALE_FENCE = "stale_fence"
+    """Another claim owns the key now (this holder was adopted): its outcome is discarded."""
+    ALREADY_FINAL = "already_final"
+    """The claim was already finalized; finalize is one-shot."""
+    NOT_FOUND = "not_found"
+    """No entry: never claimed, released by an operator, reset, or swept."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Entry(_Frozen):
+    """One key's row: who holds (or last held) it, its state, and until when that holds."""
+
+    key: str
+    state: State
+    run_id: str
+    fence: int
+    pipeline: str | None = None
+    fingerprint: str | None = None
+    claimed_at: datetime
+    heartbeat_at: datetime
+    lease_expires_at: datetime
+    finalized_at: datetime | None = None
+    expires_at: datetime | None = None
+    dedup_on: str
+    result: dict[str, Any] | None = None
+    prior_run_id: str | None = None
+
+    def is_expired(self, now: datetime) -> bool:
+        """A terminal entry past retention no longer dedups, swept or not."""
+        return (
+            self.state != State.IN_FLIGHT and self.expires_at is not None and self.expires_at <= now
+        )
+
+    def is_stale(self, now: datetime, in_flight_deadline: datetime) -> bool:
+        """An in-flight claim whose lease ran out or whose hard cap passed may be adopted."""
+        return self.state == State.IN_FLIGHT and (
+            self.lease_expires_at <= now or in_flight_deadline <= now
+        )
+
+
+class Claim(_Frozen):
+    """The answer to one claim; `fence` is set only when the caller should run."""
+
+    key: str
+    run_id: str
+    decision: Decision
+    fence: int | None = None
+    prior_run_id: str | None = None
+    held_by_run_id: str | None = None
+    result: dict[str, Any] | None = None
+    forced: bool = False
+    lease_expires_at: datetime | None = None
+    expires_at: datetime | None = None
+
+    @property
+    def should_run(self) -> bool:
+        return self.decision.should_run
+
+
+class FinalizeResult(_Frozen):
+    key: str
+    fence: int
+    outcome: Outcome
+    applied: bool
+    reason: FinalizeReason
+    state: State | None = None
+    """The entry's state after the call (None when there is no entry)."""
+    run_id: str | None = None
+    """The run that holds the entry after the call."""
+    expires_at: datetime | None = None
+
+
+class Event(_Frozen):
+    id: int
+    key: str
+    kind: EventKind
+    run_id: str | None
+    fence: int | None
+    at: datetime
+    detail: str | None = None
+
+
+class Stats(_Frozen):
+    entries: int
+    in_flight: int
+    succeeded: int
+    failed: int
+    expired: int
+    """Terminal entries past retention still waiting for sweep()."""
+    stale_in_flight: int
+    """In-flight claims whose lease or hard cap has passed."""
+    events: int
+    last_fence: int
+
+
+# --- validation at the edge -------------------------------------------------------------------
+
+
+def validate_key(key: object, field: str = "key") -> str:
+    """Keys are stored verbatim, so reject what would be ambiguous or unprintable."""
+    if not isinstance(key, str):
+        raise InvalidKeyError(f"{field} must be a string, got {type(key).__name__}")
+    if not key:
+        raise InvalidKeyError(f"{field} must not be empty: give 1 to {MAX_KEY_LENGTH} characters")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKeyError(
+            f"{field} is {len(key)} characters long; the limit is {MAX_KEY_LENGTH}. "
+            "Hash long inputs into a shorter key."
+        )
+    for i, ch in enumerate(key):
+        if unicodedata.category(ch) == "Cc":
+            raise InvalidKeyError(
+                f"{field} contains a control character {ch!r} at position {i}; "
+                "use printable characters only"
+            )
+    return key
+
+
+def validate_optional_label(value: object, field: str) -> str | None:
+    if value is None:
+        return None
+    return validate_key(value, field)
+
+
+def validate_fence(fence: object) -> int:
+    if isinstance(fence, bool) or not isinstance(fence, int) or fence < 1:
+        raise InvalidArgumentError(
+            f"fence must be the positive integer returned by claim(), got {fence!r}"
+        )
+    return fence
+
+
+def encode_result(result: object) -> str | None:
+    """Serialize a result summary, refusing what could not be handed back unchanged."""
+    if result is None:
+        return None
+    if not isinstance(result, dict):
+        raise InvalidResultError(
+            f"result must be a dict (a small JSON summary), got {type(result).__name__}"
+        )
+    try:
+        text = json.dumps(result, sort_keys=True, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidResultError(
+            f"result is not JSON-serializable ({exc}); keep only str, int, float, bool, None, "
+            "lists and dicts with string keys in it"
+        ) from None
+    if len(text.encode()) > MAX_RESULT_BYTES:
+        raise InvalidResultError(
+            f"result is {len(text.encode())} bytes as JSON; the limit is {MAX_RESULT_BYTES}. "
+            "Keep a summary (counts, table names, paths), not the data itself."
+        )
+    return text
+
+
+def decode_result(text: str | None) -> dict[str, Any] | None:
+    return None if text is None else json.loads(text)

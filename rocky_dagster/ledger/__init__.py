@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .backend import Clock, Ledger, redact_url
 from .config import DedupPolicy, LedgerConfig, MismatchPolicy
+from .defaults import default_ledger_url
 from .errors import (
     FingerprintMismatchError,
     InvalidArgumentError,
@@ -54,6 +55,7 @@ __all__ = [
     "Outcome",
     "State",
     "Stats",
+    "default_ledger_url",
     "open_ledger",
     "redact_url",
     "sqlite_url",

@@ -1,0 +1,163 @@
+"""Shared config base and warehouse plumbing for every pipeline type."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlite_utils import Database
+
+from .errors import PipelineConfigError, PipelineError
+from .results import PipelineResult
+from .sql import INTERNAL_PREFIX
+
+BUSY_TIMEOUT_SECONDS = 30
+MIN_SQLITE = (3, 37, 0)
+
+
+def connect_warehouse(path: str) -> sqlite3.Connection:
+    """Open the warehouse in WAL mode with a 30 s busy timeout, in autocommit mode so that
+    transactions are only the ones `write_transaction` opens explicitly."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise PipelineError(
+            f"SQLite {sqlite3.sqlite_version} is too old: the pipelines need STRICT tables and "
+            f"upserts, SQLite {'.'.join(map(str, MIN_SQLITE))} or newer"
+        )
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, uri=True)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA temp_store=MEMORY")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """All of a run's writes in one IMMEDIATE transaction: a failure rolls every table back,
+    and taking the write lock up front avoids deadlocking with a concurrent writer."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+@contextmanager
+def failure_context(label: str) -> Iterator[None]:
+    """Re-raise SQLite errors as PipelineError naming what was being done."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise PipelineError(f"{label}: {exc}") from exc
+
+
+def check_identifier(value: str, field: str) -> str:
+    """Reject empty names and names in rocky's reserved `_rocky_` namespace."""
+    if not value.strip():
+        raise ValueError(f"{field} must not be empty")
+    if value.lower().startswith(INTERNAL_PREFIX):
+        raise ValueError(f"{field} {value!r} uses the reserved prefix {INTERNAL_PREFIX!r}")
+    return value
+
+
+def as_list(value: Any) -> Any:
+    """Accept a single name where a list of names is expected (YAML convenience)."""
+    return [value] if isinstance(value, str) else value
+
+
+class PipelineConfig(BaseModel):
+    """Base of every pipeline config: frozen, strict about unknown fields, fingerprintable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    pipeline_type: ClassVar[str] = ""
+
+    warehouse: str = Field(
+        description="Path of the warehouse SQLite file; created if missing, its directory must exist."
+    )
+
+    @field_validator("warehouse")
+    @classmethod
+    def _warehouse_directory_exists(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be the path of a SQLite file, e.g. /data/warehouse.db")
+        path = Path(value)
+        if path.is_dir():
+            raise ValueError(f"{value!r} is a directory; give the path of a SQLite file inside it")
+        if not path.parent.is_dir():
+            raise ValueError(
+                f"directory {str(path.parent)!r} does not exist; create it or fix the path"
+            )
+        return value
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of type + config: equal configs give equal fingerprints
+        in any process, so the ledger can tell a re-run from a changed definition."""
+        payload = {"pipeline_type": self.pipeline_type, "config": self.model_dump(mode="json")}
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        return cls.model_validate(dict(data))
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | Path) -> Self:
+        """Build from a YAML file path or YAML text holding a mapping of this config's fields."""
+        return cls.model_validate(read_yaml_mapping(path_or_text))
+
+    def run(self) -> PipelineResult:
+        raise NotImplementedError
+
+    @contextmanager
+    def _session(self) -> Iterator[tuple[sqlite3.Connection, Database]]:
+        """Warehouse connection for one run, wrapped for sqlite-utils, closed at the end."""
+        label = f"{self.pipeline_type} pipeline on {self.warehouse}"
+        with failure_context(label):
+            conn = connect_warehouse(self.warehouse)
+        try:
+            with failure_context(label):
+                db = Database(conn)
+                # SQLite >= 3.37 is checked at connect; pre-answering sqlite-utils' upsert probe
+                # keeps it from creating a throwaway table in the warehouse mid-transaction.
+                db._supports_on_conflict = True  # type: ignore[attr-defined]
+                yield conn, db
+        finally:
+            conn.close()
+
+
+def read_yaml_mapping(path_or_text: str | Path) -> dict[str, Any]:
+    """Parse YAML from a file (a Path, or a one-line string naming a file) or from text."""
+    if isinstance(path_or_text, Path) or (
+        "\n" not in path_or_text
+        and ": " not in path_or_text
+        and (path_or_text.endswith((".yml", ".yaml")) or Path(path_or_text).is_file())
+    ):
+        path = Path(path_or_text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PipelineConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
+    else:
+        text = str(path_or_text)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PipelineConfigError(f"invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PipelineConfigError(
+            f"a pipeline config must be a YAML mapping of fields, got {type(data).__name__}"
+        )
+    return data

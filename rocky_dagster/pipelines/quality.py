@@ -1,0 +1,341 @@
+"""Quality: data checks on warehouse tables, read-only, every check reported.
+
+All checks run in one read transaction with `query_only` on, so they see one consistent
+snapshot and a custom expression cannot modify the warehouse. Error-severity failures fail
+the run only after every check has been evaluated and reported.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .base import PipelineConfig, as_list
+from .errors import PipelineError, QualityChecksFailed
+from .results import CheckResult, PipelineResult, Severity, utcnow
+from .sql import fetch_dicts, qi, table_columns
+from .sqlmodels import single_select
+
+_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.I)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_UNIX_EPOCH_JD = 2440587.5
+
+
+@dataclass
+class Outcome:
+    passed: bool
+    failing_rows: int = 0
+    sample_rows: list[dict[str, Any]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class _Check(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    name: str = Field(
+        description="Check name (letters, digits, _), unique per table; defaults to kind_column."
+    )
+    severity: Severity = "error"
+    description: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("name"):
+            column = data.get("column") or "_".join(as_list(data.get("columns") or []))
+            base = f"{data.get('kind', cls.model_fields['kind'].default)}_{column}".rstrip("_")
+            data = {**data, "name": re.sub(r"[^A-Za-z0-9_]", "_", base)}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _dagster_safe_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"{value!r} may only contain letters, digits and underscores")
+        return value
+
+    @property
+    def target(self) -> str | None:
+        return getattr(self, "table", None)
+
+    @property
+    def column_label(self) -> str | None:
+        return getattr(self, "column", None)
+
+    def rule(self) -> str:
+        raise NotImplementedError
+
+    def validate(self, conn: sqlite3.Connection) -> None:
+        """Hook run before the check's SQL."""
+
+    def outcome(self, conn: sqlite3.Connection, now: datetime) -> Outcome:
+        raise NotImplementedError
+
+    def evaluate(self, conn: sqlite3.Connection, now: datetime) -> CheckResult:
+        """Run the check; an SQL error is a failed check at this check's severity."""
+        error = None
+        try:
+            self.validate(conn)
+            outcome = self.outcome(conn, now)
+        except sqlite3.Error as exc:
+            outcome, error = Outcome(passed=False), f"{type(exc).__name__}: {exc}"
+        return CheckResult(
+            name=self.name,
+            table=self.target,
+            kind=self.kind,
+            column=self.column_label,
+            severity=self.severity,
+            passed=outcome.passed,
+            failing_rows=outcome.failing_rows,
+            sample_rows=outcome.sample_rows,
+            description=self.description or self.rule(),
+            error=error,
+            details=outcome.details,
+        )
+
+
+class _TableCheck(_Check):
+    table: str
+    where: str | None = Field(None, description="SQL condition limiting the rows checked.")
+
+    def validate(self, conn: sqlite3.Connection) -> None:
+        """SQLite reads an unknown "column" as a string literal, so a misspelt column would
+        pass silently; make it an error instead."""
+        present = {c.name.lower() for c in table_columns(conn, self.table)}
+        if not present:
+            raise sqlite3.OperationalError(f"no such table: {self.table}")
+        wanted = as_list(getattr(self, "column", None) or getattr(self, "columns", None) or [])
+        missing = [c for c in wanted if c.lower() not in present]
+        if missing:
+            raise sqlite3.OperationalError(f"no such column: {', '.join(missing)} in {self.table}")
+
+    def _from(self, condition: str = "1") -> str:
+        where = f" AND ({self.where})" if self.where else ""
+        return f"FROM main.{qi(self.table)} WHERE ({condition}){where}"
+
+    def _rows(self, conn: sqlite3.Connection, condition: str, params: list[Any]) -> Outcome:
+        """Failing rows are those matching `condition`: count them and keep a sample."""
+        count = conn.execute(f"SELECT count(*) {self._from(condition)}", params).fetchone()[0]
+        sample = fetch_dicts(conn.execute(f"SELECT * {self._from(condition)} LIMIT 5", params))
+        return Outcome(passed=count == 0, failing_rows=count, sample_rows=sample)
+
+
+class NotNullCheck(_TableCheck):
+    kind: Literal["not_null"] = "not_null"
+    column: str
+
+    def rule(self) -> str:
+        return f"{self.table}.{self.column} is never NULL"
+
+    def outcome(self, conn: sqlite3.Connection, now: datetime) -> Outcome:
+        return self._rows(conn, f"{qi(self.column)} IS NULL", [])
+
+
+class UniqueCheck(_TableCheck):
+    kind: Literal["unique"] = "unique"
+    columns: list[str] = Field(min_length=1, description="Column(s) whose values must be unique.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _column_alias(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "column" in data and "columns" not in data:
+            data = {**data, "columns": as_list(data["column"])}
+            del data["column"]
+        return data
+
+    @property
+    def column_label(self) -> str:
+        return ",".join(self.columns)
+
+    def rule(self) -> str:
+        return f"no two rows of {self.table} share ({self.column_label}); NULLs are not compared"
+
+    def outcome(self, conn: sqlite3.Connection, now: datetime) -> Outcome:
+        cols = ", ".join(qi(c) for c in self.columns)
+        not_null = " AND ".join(f"{qi(c)} IS NOT NULL" for c in self.columns)
+        groups = f"SELECT {cols}, count(*) AS duplicate_count {self._from(not_null)} GROUP BY {cols} HAVING count(*) > 1"
+        count = conn.execute(
+            f"SELECT coalesce(sum(duplicate_count), 0) FROM ({groups})"
+        ).fetchone()[0]
+        sample = fetch_dicts(conn.execute(f"{groups} LIMIT 5"))
+        return Outcome(passed=count == 0, failing_rows=count, sample_rows=sample)
+
+
+class AcceptedValuesCheck(_TableCheck):
+    kind: Literal["accepted_values"] = "accepted_values"
+    column: str
+    values: list[str | int | float] = Field(min_length=1)
+
+    def rule(self) -> str:
+        return f"{self.table}.{self.column} is NULL or one of {self.values}"
+
+    def outcome(self, conn: sqlite3.Connection, now: datetime) -> Outcome:
+        marks = ", ".join("?" for _ in self.values)
+        condition = f"{qi(self.column)} IS NOT NULL AND {qi(self.column)} NOT IN ({marks})"
+        return self._rows(conn, condition, list(self.values))
+
+
+class RowCountCheck(_TableCheck):
+    kind: Literal["row_count"] = "row_count"
+    min: int | None = Field(None, ge=0)
+    max: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Self:
+        if self.min is None and self.max is None:
+            raise ValueError("min/max: give at least one bound for a row_count check")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+    def rule(self) -> str:
+        return f"{self.table} has between {self.min or 0} and {self.max or '∞'} rows"
+
+    def outcome(self, conn: sqlite3.Connection, now: datetime) -> Outcome:
+        count = conn.execute(f"SELECT count(*) {self._from()}").fetchone()[0]
+        passed = (self.min is None or count >= self.min) and (self.max is None or count <= self.max)
+        return Outcome(
+            passed=passed, details={"row_count": count, "min": self.min, "max": self.max}
+        )
+
+
+class FreshnessCheck(_TableCheck):
+    """Newest value of a timestamp column (ISO text, naive = UTC, or unix seconds) is recent."""
+
+    kind: Literal["freshness"] = "freshness"
+    column: str
+    max_age: timedelta = Field(description="e.g. '24h', '30m', '2d', 3600 (seconds) or 'PT1H'.")
+
+    @field_validator("max_age", mode="before")
+    @classmethod
+    def _short_duration(cls, value: Any) -> Any:
+        match = _DURATION.match(value) if isinstance(value, str) else None
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2).lower()])
+        return value
+
+    @field_validator("max_age")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be a positive duration")
+        return value
+
+    def rule(self) -> str:
+        return f"newest {self.table}.{self.column} is at most {self.max_age} old"
+
+    def outcome(self, conn: sqlite3.Connection, now: datetime) -> Outcome:
+        col = qi(self.column)
+        jd = (
+            f"CASE WHEN typeof({col}) IN ('integer', 'real') THEN julianday({col}, 'unixepoch') "
+            f"ELSE julianday({col}) END"
+        )
+        newest, unparsed = conn.execute(
+            f"SELECT max({jd}), coalesce(sum({col} IS NOT NULL AND {jd} IS NULL), 0) {self._from()}"
+        ).fetchone()
+        details: dict[str, Any] = {"max_age_seconds": self.max_age.total_seconds()}
+        if unparsed:
+            details["unparseable_values"] = unparsed
+        if newest is None:
+            details["latest"] = None
+            return Outcome(passed=False, details=details)
+        latest = datetime.fromtimestamp((newest - _UNIX_EPOCH_JD) * 86400, UTC)
+        age = now - latest
+        details.update(latest=latest.isoformat(), age_seconds=round(age.total_seconds(), 3))
+        return Outcome(passed=age <= self.max_age, details=details)
+
+
+class ExpressionCheck(_Check):
+    """Custom SQL that selects the offending rows; the check passes when it returns none."""
+
+    kind: Literal["expression"] = "expression"
+    sql: str
+    table: str | None = Field(None, description="Table the check is reported against.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:  # overrides the base: no sensible default
+        if isinstance(data, dict) and not data.get("name"):
+            raise ValueError("name: required for expression checks (letters, digits, _)")
+        return data
+
+    @field_validator("sql")
+    @classmethod
+    def _one_select(cls, value: str) -> str:
+        try:
+            single_select(value, "sql")
+        except PipelineError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+    def rule(self) -> str:
+        return f"query returns no rows: {self.sql.strip()[:200]}"
+
+    def outcome(self, conn: sqlite3.Connection, now: datetime) -> Outcome:
+        body = single_select(
+            self.sql, "sql"
+        )  # newline below: a trailing -- comment must not eat ')'
+        count = conn.execute(f"SELECT count(*) FROM ({body}\n)").fetchone()[0]
+        sample = fetch_dicts(conn.execute(f"SELECT * FROM ({body}\n) LIMIT 5"))
+        return Outcome(passed=count == 0, failing_rows=count, sample_rows=sample)
+
+
+QualityCheck = Annotated[
+    NotNullCheck
+    | UniqueCheck
+    | AcceptedValuesCheck
+    | RowCountCheck
+    | FreshnessCheck
+    | ExpressionCheck,
+    Field(discriminator="kind"),
+]
+
+
+class QualityPipeline(PipelineConfig):
+    """Evaluate checks; raise QualityChecksFailed (with the full result) on any error failure."""
+
+    pipeline_type: ClassVar[str] = "quality"
+
+    checks: list[QualityCheck] = Field(min_length=1)
+
+    @field_validator("checks")
+    @classmethod
+    def _unique_names(cls, checks: list[_Check]) -> list[_Check]:
+        seen: set[tuple[str | None, str]] = set()
+        for check in checks:
+            key = (check.target, check.name)
+            if key in seen:
+                raise ValueError(
+                    f"two checks on table {check.target!r} are named {check.name!r}; "
+                    "give one of them another name"
+                )
+            seen.add(key)
+        return checks
+
+    def run(self, *, now: datetime | None = None) -> PipelineResult:
+        """`now` (default: the current time; naive means UTC) is what freshness is measured against."""
+        moment = now or utcnow()
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        result = PipelineResult(pipeline_type=self.pipeline_type)
+        with self._session() as (conn, _db):
+            conn.execute("PRAGMA query_only = ON")
+            conn.execute("BEGIN")
+            try:
+                for check in self.checks:
+                    if check.target:
+                        result.table(check.target)
+                    result.checks.append(check.evaluate(conn, moment))
+            finally:
+                conn.execute("ROLLBACK")
+        result.finish()
+        if any(not c.passed and c.severity == "error" for c in result.checks):
+            raise QualityChecksFailed(result)
+        return result

@@ -1,0 +1,128 @@
+"""`idempotent_asset`: an ``@asset`` materialized at most once per key and partition.
+
+The key comes from a `key_fn`, the run's ``rocky/idempotency_key`` tag or ``dagster/run_key``,
+and otherwise — for a partitioned asset — from ``<asset key>/<partition key>``, so a backfill
+launched twice materializes each partition once. A skipped asset yields no materialization
+(its downstream assets in the run are skipped too) and logs an `AssetObservation` carrying the
+decision, the ledger key and the run that holds or completed it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, overload
+
+from dagster import AssetObservation, AssetsDefinition, MaterializeResult, Output, asset
+
+from .guard import KeyFn, StepGuard
+from .keys import GUARDED_OP_TAG
+from .ops import FingerprintFn, guarded_signature
+from .resource import RESOURCE_KEY
+
+
+@overload
+def idempotent_asset(fn: Callable[..., Any]) -> AssetsDefinition: ...
+
+
+@overload
+def idempotent_asset(
+    fn: None = None,
+    *,
+    key_fn: KeyFn | None = None,
+    fingerprint_fn: FingerprintFn | None = None,
+    **asset_kwargs: Any,
+) -> Callable[[Callable[..., Any]], AssetsDefinition]: ...
+
+
+def idempotent_asset(
+    fn: Callable[..., Any] | None = None,
+    *,
+    key_fn: KeyFn | None = None,
+    fingerprint_fn: FingerprintFn | None = None,
+    **asset_kwargs: Any,
+) -> AssetsDefinition | Callable[[Callable[..., Any]], AssetsDefinition]:
+    """``@asset`` guarded by the idempotency ledger (resource ``ledger``).
+
+    Accepts every ``@asset`` argument (`partitions_def`, `deps`, `key_prefix`, `group_name`,
+    `check_specs`, `retry_policy`, ...) except `output_required`, which is always False so a
+    skip can yield nothing. The body may return a value, an `Output` or a `MaterializeResult`,
+    or yield events, exactly as in ``@asset``.
+
+    Args:
+        key_fn: ``key_fn(context) -> str | None``, the asset's own base key (None: defer to the
+            run tags, then the partition).
+        fingerprint_fn: ``fingerprint_fn(context) -> str | None`` for the mismatch check.
+    """
+    if "output_required" in asset_kwargs:
+        raise TypeError("idempotent_asset sets output_required=False itself; do not pass it")
+
+    def decorate(body: Callable[..., Any]) -> AssetsDefinition:
+        if inspect.iscoroutinefunction(body) or inspect.isasyncgenfunction(body):
+            raise TypeError(f"idempotent_asset {body.__name__!r}: async bodies are not supported")
+        signature, takes_context, passes_ledger = guarded_signature(body, True)
+
+        def guarded(context: Any, **kwargs: Any) -> Iterator[Any]:
+            resource = kwargs[RESOURCE_KEY] if passes_ledger else kwargs.pop(RESOURCE_KEY)
+            asset_key = context.asset_key
+            guard = StepGuard(
+                context,
+                resource,
+                key_fn=key_fn,
+                fingerprint=fingerprint_fn(context) if fingerprint_fn else None,
+                pipeline=asset_key.to_user_string(),
+                asset_key=asset_key.to_user_string(),
+            )
+            claim = guard.claim()
+            if claim is not None and not claim.should_run:
+                context.log_event(
+                    AssetObservation(
+                        asset_key=asset_key,
+                        partition=guard.resolved.partition if guard.resolved else None,
+                        description=f"rocky_dagster: materialization skipped ({claim.decision})",
+                        metadata=guard.metadata(),
+                    )
+                )
+                return
+            guard.start()
+            try:
+                result = body(context, **kwargs) if takes_context else body(**kwargs)
+                yield from _emit(context, result, guard)
+                guard.succeed()
+            except BaseException as exc:
+                guard.fail(exc)
+                raise
+
+        guarded.__name__ = body.__name__
+        guarded.__qualname__ = body.__qualname__
+        guarded.__module__ = body.__module__
+        guarded.__doc__ = body.__doc__
+        guarded.__signature__ = signature  # type: ignore[attr-defined]
+        op_tags = {**(asset_kwargs.pop("op_tags", None) or {}), GUARDED_OP_TAG: "true"}
+        return asset(output_required=False, op_tags=op_tags, **asset_kwargs)(guarded)
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+def _emit(context: Any, result: Any, guard: StepGuard) -> Iterator[Any]:
+    summary = {
+        "asset_key": context.asset_key.to_user_string(),
+        "partition": guard.resolved.partition if guard.resolved else None,
+    }
+    if inspect.isgenerator(result):
+        for event in result:
+            if isinstance(event, (Output, MaterializeResult)):
+                guard.check_not_lost()
+                guard.record_summary(summary)
+                context.add_output_metadata(guard.metadata())
+            yield event
+        return
+    guard.record_summary(summary)
+    guard.check_not_lost()
+    context.add_output_metadata(guard.metadata())
+    if isinstance(result, (Output, MaterializeResult)):
+        yield result
+    else:
+        yield Output(result)

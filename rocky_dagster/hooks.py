@@ -1,0 +1,70 @@
+"""Hooks settling a step's claim: the in-process backstop of a guarded step.
+
+A guarded step settles its own claim right after its outputs are stored; these hooks (which
+Dagster runs in the step's process, after the step) settle what the step could not — a ledger
+write that failed, a step that failed while storing its outputs. They act only on a claim the
+same step of the same run registered in this process, so a `skipped_in_flight` step (which holds
+nothing) can never release another run's claim.
+
+`ledger_hooks`, the set `ledger_job` / `with_ledger` attach, holds one hook that settles on
+either outcome: Dagster stores one event per attached hook per step (HOOK_SKIPPED included), so
+one hook instead of a success/failure pair halves what the backstop costs a trivial step.
+`ledger_success_hook` / `ledger_failure_hook` are the same logic split by outcome.
+
+Hooks are best-effort (they never fire on a cancel or a killed process, and an error inside one
+is only logged): `ledger_run_status_sensors` and the lease back them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dagster import HookContext, HookDefinition, failure_hook, success_hook
+from dagster._core.definitions.decorators.hook_decorator import event_list_hook
+from dagster._core.definitions.events import HookExecutionResult
+from dagster._core.events import DagsterEvent
+
+from .guard import take_active
+from .ledger import LedgerError, Outcome
+
+
+def _settle(context: HookContext, outcome: Outcome) -> None:
+    guard = take_active(context.run_id, context.step_key)
+    if guard is None:
+        return  # settled by the step itself, or the step held no claim
+    try:
+        guard.settle_from_hook(outcome, context.log)
+    except LedgerError as exc:
+        context.log.warning(
+            f"rocky_dagster: hook could not settle the claim of step '{context.step_key}' "
+            f"({exc}); the run-status sensor or the lease will"
+        )
+
+
+@success_hook(name="ledger_success_hook")
+def ledger_success_hook(context: HookContext) -> None:
+    """Stamp ``succeeded`` a claim the step could not stamp itself (outputs are stored by now)."""
+    _settle(context, Outcome.SUCCEEDED)
+
+
+@failure_hook(name="ledger_failure_hook")
+def ledger_failure_hook(context: HookContext) -> None:
+    """Finalize ``failed`` a claim the failed step left in flight (runs after the last retry)."""
+    _settle(context, Outcome.FAILED)
+
+
+@event_list_hook(name="ledger_hook")
+def ledger_hook(context: HookContext, event_list: Sequence[DagsterEvent]) -> HookExecutionResult:
+    """Settle a claim the step left unsettled, by the step's outcome (success or failure)."""
+    for event in event_list:
+        if event.is_step_success:
+            _settle(context, Outcome.SUCCEEDED)
+            break
+        if event.is_step_failure:
+            _settle(context, Outcome.FAILED)
+            break
+    return HookExecutionResult(hook_name="ledger_hook", is_skipped=False)
+
+
+ledger_hooks: frozenset[HookDefinition] = frozenset({ledger_hook})
+"""The hooks to attach: ``@job(hooks=ledger_hooks)``, ``define_asset_job(hooks=...)``, ..."""

@@ -1,0 +1,142 @@
+"""Tag names and idempotency-key resolution (DESIGN §2 "Keys").
+
+Pure functions of run tags, a step key and a partition, so the rules can be
+tested (and reasoned about) without Dagster objects. The Dagster layer feeds
+them what it reads off a run; nothing here talks to Dagster or the ledger.
+
+A run's *base key* comes from, in order: a user ``key_fn``; the run tag
+``rocky/idempotency_key``; Dagster's ``dagster/run_key``; for a guarded
+partitioned asset, ``<asset key>/<partition key>``; else there is none and the
+step runs unguarded. The *ledger key* of one step is ``<base>/<step key>``, with
+the partition folded in as ``<base>/<partition>/<step key>`` when the run has a
+partition the base did not already come from, so two partitions never share a
+key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from .ledger.model import validate_key
+
+KEY_TAG = "rocky/idempotency_key"
+"""Run tag holding the base key. Set by sensors/schedules (guard_run_requests) or by hand; the
+op layer writes it back so retries and re-executions, which copy tags, keep the same key."""
+
+FORCE_TAG = "rocky/idempotency"
+"""Run tag; the value ``force`` re-runs steps whose key already succeeded (audited in the ledger).
+It never overrides a live in-flight claim."""
+FORCE_VALUE = "force"
+
+DECISION_TAG_PREFIX = "rocky/idempotency/"
+"""``rocky/idempotency/<step key>`` = the step's last decision. Overwritten at every claim,
+because retries inherit their parent's tags."""
+
+GUARDED_OP_TAG = "rocky/guarded"
+"""Op-definition tag marking a guarded op, so sensors can find the steps of a job that claim."""
+
+RUN_KEY_TAG = "dagster/run_key"
+PARTITION_TAG = "dagster/partition"
+
+ATTEMPT_SEPARATOR = "#"
+"""``<key>#<n>``: the run_key of the n-th re-request of a key (Dagster's sensor run_key dedup is
+forever, so a failed key needs a new run_key while its ledger key stays the same)."""
+
+
+class KeySource(StrEnum):
+    """Where a base key came from (shown in metadata so people can tell why a step was keyed)."""
+
+    KEY_FN = "key_fn"
+    TAG = "tag"
+    RUN_KEY = "run_key"
+    ASSET_PARTITION = "asset_partition"
+    NONE = "none"
+
+    @property
+    def run_wide(self) -> bool:
+        """Whether the base names the whole run (and so belongs in the run's key tag)."""
+        return self in (KeySource.KEY_FN, KeySource.TAG, KeySource.RUN_KEY)
+
+
+@dataclass(frozen=True)
+class ResolvedKey:
+    """The outcome of key resolution for one step."""
+
+    base: str | None
+    source: KeySource
+    step_key: str
+    partition: str | None = None
+    ledger_key: str | None = None
+
+    @property
+    def guarded(self) -> bool:
+        return self.ledger_key is not None
+
+
+def decision_tag(step_key: str) -> str:
+    """The run tag that shows one step's decision in the UI."""
+    return f"{DECISION_TAG_PREFIX}{step_key}"
+
+
+def is_forced(tags: Mapping[str, str]) -> bool:
+    return tags.get(FORCE_TAG, "").strip().lower() == FORCE_VALUE
+
+
+def base_key_from_tags(tags: Mapping[str, str]) -> tuple[str | None, KeySource]:
+    """The run-wide key carried by tags: the explicit tag first, then Dagster's run_key."""
+    for tag, source in ((KEY_TAG, KeySource.TAG), (RUN_KEY_TAG, KeySource.RUN_KEY)):
+        value = tags.get(tag)
+        if value is not None and value.strip():
+            return value, source
+    return None, KeySource.NONE
+
+
+def asset_partition_key(asset_key: str, partition: str) -> str:
+    return f"{asset_key}/{partition}"
+
+
+def ledger_key(base: str, step_key: str, partition: str | None = None) -> str:
+    """``<base>/<step key>``, or ``<base>/<partition>/<step key>`` for a partitioned run."""
+    if partition:
+        return f"{base}/{partition}/{step_key}"
+    return f"{base}/{step_key}"
+
+
+def resolve_key(
+    tags: Mapping[str, str],
+    step_key: str,
+    *,
+    user_key: str | None = None,
+    partition: str | None = None,
+    asset_key: str | None = None,
+) -> ResolvedKey:
+    """Resolve one step's base and ledger key (DESIGN §2 "Keys").
+
+    `user_key` is what a `key_fn` returned (None: no opinion); `asset_key` is set only for a
+    guarded asset, whose partition is then a key of last resort.
+    """
+    if user_key is not None:
+        base, source = user_key, KeySource.KEY_FN
+    else:
+        base, source = base_key_from_tags(tags)
+    if base is None and asset_key is not None and partition:
+        base, source = asset_partition_key(asset_key, partition), KeySource.ASSET_PARTITION
+    if base is None:
+        return ResolvedKey(None, KeySource.NONE, step_key, partition)
+    base = validate_key(base, f"idempotency key (from {source.value})")
+    folded = None if source == KeySource.ASSET_PARTITION else partition
+    key = validate_key(ledger_key(base, step_key, folded), "ledger key")
+    return ResolvedKey(base, source, step_key, partition, key)
+
+
+def attempt_run_key(key: str, attempt: int) -> str:
+    """The sensor run_key of a key's `attempt`-th generation: the key itself first, then `key#n`."""
+    return key if attempt <= 0 else f"{key}{ATTEMPT_SEPARATOR}{attempt}"
+
+
+def schedule_key(schedule_name: str, scheduled_time: datetime) -> str:
+    """The natural key of a scheduled run: schedule name + scheduled execution time (UTC)."""
+    return f"{schedule_name}@{scheduled_time.isoformat()}"

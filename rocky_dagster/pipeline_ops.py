@@ -1,0 +1,295 @@
+"""One guarded op per pipeline type, each built from that pipeline's config object.
+
+The op runs ``config.run()`` under `idempotent_op`, with ``config.fingerprint()`` as the claim's
+fingerprint (the same key must keep naming the same work), and returns ``result.summary()``: the
+small JSON dict the ledger keeps and later runs replay. Every pipeline op has an optional
+``after`` input of type Nothing, so ops can be ordered without passing data:
+
+.. code-block:: python
+
+    @ledger_job
+    def nightly():
+        loaded = replication_op(REPLICATION, name="replicate")()
+        quality_op(QUALITY, name="check")(after=transformation_op(MODELS, name="build")(after=loaded))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from dagster import (
+    AssetCheckResult,
+    AssetChecksDefinition,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetKey,
+    Failure,
+    In,
+    MetadataValue,
+    Nothing,
+    OpDefinition,
+    Output,
+    RetryPolicy,
+    multi_asset_check,
+)
+
+from .guard import KeyFn, StepGuard
+from .keys import GUARDED_OP_TAG
+from .ops import idempotent_op
+from .resource import IdempotencyLedger
+
+if TYPE_CHECKING:
+    from .pipelines import (
+        LoadPipeline,
+        PipelineResult,
+        QualityPipeline,
+        ReplicationPipeline,
+        SnapshotPipeline,
+        TransformationPipeline,
+    )
+
+AFTER = "after"
+
+
+def replication_op(
+    config: ReplicationPipeline,
+    *,
+    name: str | None = None,
+    key_fn: KeyFn | None = None,
+    retry_policy: RetryPolicy | None = None,
+    tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+) -> OpDefinition:
+    """A guarded op copying source tables into the warehouse (`ReplicationPipeline`)."""
+    return _pipeline_op("replication", config, name, key_fn, retry_policy, tags, description)
+
+
+def transformation_op(
+    config: TransformationPipeline,
+    *,
+    name: str | None = None,
+    key_fn: KeyFn | None = None,
+    retry_policy: RetryPolicy | None = None,
+    tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+) -> OpDefinition:
+    """A guarded op building SQL models in dependency order (`TransformationPipeline`)."""
+    return _pipeline_op("transformation", config, name, key_fn, retry_policy, tags, description)
+
+
+def quality_op(
+    config: QualityPipeline,
+    *,
+    name: str | None = None,
+    key_fn: KeyFn | None = None,
+    retry_policy: RetryPolicy | None = None,
+    tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+) -> OpDefinition:
+    """A guarded op evaluating data checks (`QualityPipeline`).
+
+    Every check is reported (output metadata, one log line per failed check); a failed
+    error-severity check then fails the op, so its claim is finalized failed. For assets, use
+    `quality_checks`, which reports each check as an `AssetCheckResult`.
+    """
+    return _pipeline_op("quality", config, name, key_fn, retry_policy, tags, description)
+
+
+def quality_checks(
+    config: QualityPipeline,
+    *,
+    name: str = "quality_checks",
+    asset_key_for_table: Callable[[str], AssetKey] | None = None,
+    blocking: bool = False,
+    key_fn: KeyFn | None = None,
+    description: str | None = None,
+) -> AssetChecksDefinition:
+    """The checks of a `QualityPipeline` as Dagster asset checks, guarded by the ledger.
+
+    One ``@multi_asset_check`` op with a spec per check that names a table (the asset is
+    ``asset_key_for_table(table)``, default ``AssetKey(table)``); each evaluation is reported
+    as an `AssetCheckResult` (error / warn severity kept). After reporting, a failed
+    error-severity check fails the step, so its claim is finalized failed. A run whose key
+    already passed (or is being checked elsewhere) evaluates nothing and says so in its log.
+    """
+    to_key = asset_key_for_table or (lambda table: AssetKey(table))
+    specs = [
+        AssetCheckSpec(
+            name=check.name,
+            asset=to_key(check.target),
+            description=check.description or check.rule(),
+            blocking=blocking,
+        )
+        for check in config.checks
+        if check.target
+    ]
+    if not specs:
+        raise ValueError("quality_checks: no check names a table, so none can be an asset check")
+    fingerprint = config.fingerprint()
+
+    @multi_asset_check(
+        specs=specs,
+        name=name,
+        description=description or f"quality checks on {config.warehouse}",
+        can_subset=True,  # a skipped run yields no evaluations
+        op_tags={GUARDED_OP_TAG: "true", "rocky/pipeline": "quality"},
+    )
+    def _checks(context, ledger: IdempotencyLedger) -> Iterator[Any]:
+        guard = StepGuard(
+            context, ledger, key_fn=key_fn, fingerprint=fingerprint, pipeline="quality"
+        )
+        claim = guard.claim()
+        if claim is not None and not claim.should_run:
+            return
+        guard.start()
+        try:
+            from .pipelines import QualityChecksFailed
+
+            failed = None
+            try:
+                result = config.run()
+            except QualityChecksFailed as exc:
+                failed, result = exc, exc.result
+            targets = {(spec.asset_key, spec.name) for spec in specs}
+            for check in result.checks:
+                if check.table and (to_key(check.table), check.name) in targets:
+                    yield _check_result(check, to_key(check.table), guard)
+            guard.record_summary(result.summary())
+            if failed is not None:
+                raise Failure(description=str(failed), allow_retries=False)
+            guard.check_not_lost()
+            guard.succeed()
+        except BaseException as exc:
+            guard.fail(exc)
+            raise
+
+    return _checks
+
+
+def _check_result(check: Any, asset_key: AssetKey, guard: StepGuard) -> AssetCheckResult:
+    return AssetCheckResult(
+        asset_key=asset_key,
+        check_name=check.name,
+        passed=check.passed,
+        severity=AssetCheckSeverity.ERROR if check.severity == "error" else AssetCheckSeverity.WARN,
+        metadata={**check.metadata(), **guard.metadata()},
+        description=check.description,
+    )
+
+
+def snapshot_op(
+    config: SnapshotPipeline,
+    *,
+    name: str | None = None,
+    key_fn: KeyFn | None = None,
+    retry_policy: RetryPolicy | None = None,
+    tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+) -> OpDefinition:
+    """A guarded op recording SCD-2 history of a table (`SnapshotPipeline`)."""
+    return _pipeline_op("snapshot", config, name, key_fn, retry_policy, tags, description)
+
+
+def load_op(
+    config: LoadPipeline,
+    *,
+    name: str | None = None,
+    key_fn: KeyFn | None = None,
+    retry_policy: RetryPolicy | None = None,
+    tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+) -> OpDefinition:
+    """A guarded op loading CSV / JSON-lines files into tables (`LoadPipeline`)."""
+    return _pipeline_op("load", config, name, key_fn, retry_policy, tags, description)
+
+
+def _pipeline_op(
+    pipeline_type: str,
+    config: Any,
+    name: str | None,
+    key_fn: KeyFn | None,
+    retry_policy: RetryPolicy | None,
+    tags: Mapping[str, str] | None,
+    description: str | None,
+) -> OpDefinition:
+    actual = getattr(type(config), "pipeline_type", None)
+    if actual != pipeline_type or not callable(getattr(config, "run", None)):
+        raise TypeError(
+            f"{pipeline_type}_op needs a {pipeline_type.title()}Pipeline config object, got "
+            f"{type(config).__name__}"
+            + (f" (a {actual} pipeline: use {actual}_op)" if actual else "")
+        )
+    fingerprint = config.fingerprint()
+    quality = pipeline_type == "quality"
+
+    def run_pipeline(context: Any) -> Iterator[Any]:
+        """Run the pipeline and return its summary (replayed on a skip)."""
+        if quality:
+            yield from _run_quality(context, config)
+            return
+        result = config.run()
+        yield Output(result.summary(), metadata=_result_metadata(result))
+
+    run_pipeline.__name__ = name or pipeline_type
+    return idempotent_op(
+        name=name or pipeline_type,
+        description=description or f"{pipeline_type} pipeline on {config.warehouse}",
+        ins={AFTER: In(Nothing, description="Run after these steps (ordering only).")},
+        tags={"rocky/pipeline": pipeline_type, **(tags or {})},
+        retry_policy=retry_policy,
+        key_fn=key_fn,
+        fingerprint_fn=lambda _context: fingerprint,
+        pipeline=pipeline_type,
+    )(run_pipeline)
+
+
+def _run_quality(context: Any, config: Any) -> Iterator[Any]:
+    from .pipelines import QualityChecksFailed
+
+    failed: QualityChecksFailed | None = None
+    try:
+        result = config.run()
+    except QualityChecksFailed as exc:
+        failed, result = exc, exc.result
+    for check in result.checks:
+        if not check.passed:
+            level = context.log.error if check.severity == "error" else context.log.warning
+            level(
+                f"quality check {check.table or '-'}.{check.name} ({check.severity}) failed: "
+                f"{check.failing_rows} failing row(s); {check.description}"
+                + (f"; {check.error}" if check.error else "")
+            )
+    meta = {**_result_metadata(result), **_checks_metadata(result)}
+    if failed is not None:
+        raise Failure(description=str(failed), metadata=meta, allow_retries=False)
+    yield Output(result.summary(), metadata=meta)
+
+
+def _result_metadata(result: PipelineResult) -> dict[str, Any]:
+    return {
+        "rows_read": MetadataValue.int(result.rows_read),
+        "rows_written": MetadataValue.int(result.rows_written),
+        "tables_touched": MetadataValue.json(list(result.tables_touched)),
+        "duration_seconds": MetadataValue.float(float(result.duration_seconds)),
+    }
+
+
+def _checks_metadata(result: PipelineResult) -> dict[str, Any]:
+    checks = [
+        {
+            "name": c.name,
+            "table": c.table,
+            "kind": c.kind,
+            "column": c.column,
+            "severity": c.severity,
+            "passed": c.passed,
+            "failing_rows": c.failing_rows,
+            "description": c.description,
+        }
+        for c in result.checks
+    ]
+    return {
+        "checks": MetadataValue.json(checks),
+        "checks_failed": MetadataValue.int(sum(not c.passed for c in result.checks)),
+    }

@@ -1,0 +1,317 @@
+"""Sensors: reconcile finished runs, and ask the ledger before requesting a run.
+
+`ledger_run_status_sensors` settles what hooks cannot see (a cancel, a killed process, a lost
+stamp); `guard_run_requests` keeps a sensor or schedule from launching runs whose work is done
+or under way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dagster import (
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    JobDefinition,
+    RunRequest,
+    RunsFilter,
+    RunStatusSensorContext,
+    RunStatusSensorDefinition,
+    ScheduleEvaluationContext,
+    SkipReason,
+    run_status_sensor,
+)
+
+from .keys import (
+    GUARDED_OP_TAG,
+    KEY_TAG,
+    attempt_run_key,
+    ledger_key,
+    schedule_key,
+)
+from .ledger import DedupPolicy, Entry, EventKind, Ledger, LedgerError, State
+from .reconcile import FINISHED_STATUSES, reconcile_run
+from .resource import IdempotencyLedger
+
+# --- run-status sensors --------------------------------------------------------------------------
+
+
+def ledger_run_status_sensors(
+    *,
+    name_prefix: str = "rocky_ledger",
+    minimum_interval_seconds: int = 10,
+    default_status: DefaultSensorStatus = DefaultSensorStatus.RUNNING,
+    monitor_all_code_locations: bool = True,
+) -> list[RunStatusSensorDefinition]:
+    """Three sensors settling the in-flight claims of finished runs (DESIGN §2).
+
+    FAILURE → the run's claims are finalized failed; CANCELED → released; SUCCESS → claims still
+    in flight are stamped succeeded. They take the ``ledger`` resource from Definitions, start
+    RUNNING and watch every code location (CLI and in-process runs have none, and would be
+    invisible otherwise). A ledger outage is logged, never raised: Dagster would move the cursor
+    past the run anyway (run-status sensors are at-most-once), and the lease then settles it.
+    They always return None, because a returned value ends the tick's batch of runs.
+    """
+    sensors = []
+    for status, suffix, verb in (
+        (DagsterRunStatus.FAILURE, "failure", "finalize as failed"),
+        (DagsterRunStatus.CANCELED, "canceled", "release"),
+        (DagsterRunStatus.SUCCESS, "success", "stamp as succeeded"),
+    ):
+        sensors.append(
+            _status_sensor(
+                status,
+                name=f"{name_prefix}_on_{suffix}",
+                description=(
+                    f"rocky_dagster: {verb} the in-flight ledger claims of {status.value} runs"
+                ),
+                minimum_interval_seconds=minimum_interval_seconds,
+                default_status=default_status,
+                monitor_all_code_locations=monitor_all_code_locations,
+            )
+        )
+    return sensors
+
+
+def _status_sensor(
+    status: DagsterRunStatus,
+    *,
+    name: str,
+    description: str,
+    minimum_interval_seconds: int,
+    default_status: DefaultSensorStatus,
+    monitor_all_code_locations: bool,
+) -> RunStatusSensorDefinition:
+    @run_status_sensor(
+        run_status=status,
+        name=name,
+        description=description,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=default_status,
+        monitor_all_code_locations=monitor_all_code_locations,
+    )
+    def _sensor(context: RunStatusSensorContext, ledger: IdempotencyLedger) -> None:
+        run_id = context.dagster_run.run_id
+        try:
+            done = reconcile_run(
+                ledger.open(),
+                run_id,
+                status,
+                reason=f"run {run_id} is {status.value} (sensor {name})",
+            )
+        except Exception as exc:  # never raise: the cursor moves on regardless
+            context.log.error(
+                f"rocky_dagster: could not reconcile the ledger claims of run {run_id} "
+                f"({status.value}): {exc}; their leases will expire and free them"
+            )
+            return None
+        if done.settled or done.untouched:
+            context.log.info(f"rocky_dagster: {done.describe()}")
+        return None
+
+    return _sensor
+
+
+# --- guarding run requests -----------------------------------------------------------------------
+
+RequestKeyFn = Callable[[RunRequest], "str | None"]
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    request: RunRequest
+    key: str | None
+    steps: tuple[str, ...] = ()
+    reason: str | None = None  # set when the request is dropped
+
+
+def guard_run_requests(
+    context: Any,
+    requests: RunRequest | Sequence[RunRequest],
+    *,
+    ledger: IdempotencyLedger | Ledger,
+    job: Any = None,
+    key_fn: RequestKeyFn | None = None,
+    schedule_name: str | None = None,
+) -> list[RunRequest] | SkipReason:
+    """Drop the requests whose work is done or under way; key and re-key the rest.
+
+    Call it at the end of a sensor or schedule and return what it returns: the requests to
+    launch, or a `SkipReason` naming each key and the run that holds (or completed) it.
+
+    A request's key is ``key_fn(request)``, else its ``rocky/idempotency_key`` tag, else its
+    ``run_key``, else (in a schedule) ``<schedule name>@<scheduled execution time>``; a request
+    with no key passes unchanged. The ledger is asked about each guarded step of the target
+    `job` (ops built with `idempotent_op` and friends): a request is dropped when any of them
+    is in flight in a live run, or when all of them already succeeded.
+
+    A request let through gets the ``rocky/idempotency_key`` tag (the ledger key stays fixed)
+    and, when the key has run before, the run_key ``<key>#<n>`` (n = that key's finished runs).
+    Dagster never launches a sensor's run_key twice, even after a failure, so this is how a
+    failed key is re-requested; a key that never ran keeps run_key ``<key>``.
+
+    Args:
+        ledger: the `IdempotencyLedger` resource (take it as a typed sensor parameter).
+        job: the job(s) the requests target, to know their guarded steps: a JobDefinition, or
+            an asset job from ``define_asset_job`` (resolved through the sensor's repository).
+        key_fn: ``key_fn(request) -> str | None``, overriding the tag / run_key rule.
+        schedule_name: the schedule's name in its natural key (default: the one Dagster gives
+            the context, else the job's name).
+    """
+    batch = [requests] if isinstance(requests, RunRequest) else list(requests)
+    if not batch:
+        return SkipReason("no run requests")
+    store = ledger.open() if isinstance(ledger, IdempotencyLedger) else ledger
+    # `type(...) in`: Dagster's asset job definitions are tuples (records) themselves
+    jobs = list(job) if type(job) in (list, tuple) else [job] if job is not None else []
+    scheduled = isinstance(context, ScheduleEvaluationContext)
+    verdicts: list[_Verdict] = []
+    try:
+        for request in batch:
+            target = _target_job(context, request, jobs)
+            name = schedule_name or getattr(context, "_schedule_name", None) or target.name
+            key = _request_key(context, request, key_fn, scheduled, name)
+            if key is None:
+                verdicts.append(_Verdict(request, None))
+                continue
+            steps = _guarded_steps(target)
+            reason = _blocked(context, store, key, steps, request.partition_key)
+            verdicts.append(_Verdict(request, key, tuple(steps), reason))
+    except LedgerError as exc:
+        return SkipReason(f"rocky_dagster: the ledger is unavailable, no run requested: {exc}")
+
+    allowed = []
+    for verdict in verdicts:
+        if verdict.reason is not None:
+            _log(context, f"rocky_dagster: not requesting a run: {verdict.reason}")
+            continue
+        if verdict.key is None:
+            allowed.append(verdict.request)
+            continue
+        request = verdict.request.with_replaced_attrs(
+            tags={**verdict.request.tags, KEY_TAG: verdict.key},
+        )
+        if not scheduled or request.run_key is not None:
+            attempt = _generation(context, store, verdict.key, verdict.steps, request)
+            request = request.with_replaced_attrs(run_key=attempt_run_key(verdict.key, attempt))
+        allowed.append(request)
+    if not allowed:
+        return SkipReason("; ".join(str(v.reason) for v in verdicts))
+    return allowed
+
+
+def _request_key(
+    context: Any,
+    request: RunRequest,
+    key_fn: RequestKeyFn | None,
+    scheduled: bool,
+    schedule_name: str,
+) -> str | None:
+    if key_fn is not None:
+        key = key_fn(request)
+        if key is not None:
+            return key
+    if request.tags.get(KEY_TAG):
+        return request.tags[KEY_TAG]
+    if request.run_key:
+        return request.run_key
+    if scheduled and context.scheduled_execution_time is not None:
+        return schedule_key(schedule_name, context.scheduled_execution_time)
+    return None
+
+
+def _target_job(context: Any, request: RunRequest, jobs: list[Any]) -> JobDefinition:
+    name = request.job_name or (jobs[0].name if len(jobs) == 1 else None)
+    for candidate in jobs:
+        if candidate.name == name and isinstance(candidate, JobDefinition):
+            return candidate
+    # an asset job (define_asset_job) is only a JobDefinition once Definitions resolve it
+    repo = getattr(context, "repository_def", None)
+    if name and repo is not None and repo.has_job(name):
+        return repo.get_job(name)
+    raise ValueError(
+        "guard_run_requests: cannot tell which job "
+        + (f"{request.job_name!r} " if request.job_name else "")
+        + "the request targets; pass job=<the JobDefinition> (or a list of them)"
+    )
+
+
+def _guarded_steps(job: JobDefinition) -> list[str]:
+    """Step keys of the job's guarded ops (nested graphs included)."""
+    steps = []
+    for handle in job.graph.iterate_node_handles():
+        node = job.graph.get_node(handle)
+        if node.definition.tags.get(GUARDED_OP_TAG) == "true":
+            steps.append(str(handle))
+    return steps
+
+
+def _blocked(
+    context: Any, store: Ledger, key: str, steps: list[str], partition: str | None
+) -> str | None:
+    """Why a request for `key` must not launch, or None."""
+    if not steps:
+        return None
+    now = store.now()
+    done: list[Entry] = []
+    for step in steps:
+        entry = store.get(ledger_key(key, step, partition))
+        if entry is None:
+            continue
+        if entry.state == State.IN_FLIGHT:
+            if entry.lease_expires_at <= now or _holder_finished(context, entry.run_id):
+                continue  # a dead holder: the new run reaps it on the spot
+            return (
+                f"key {key!r} is in flight in run {entry.run_id} (step {step}, lease until "
+                f"{entry.lease_expires_at.isoformat()})"
+            )
+        dedup = entry.state == State.SUCCEEDED or (
+            entry.state == State.FAILED and entry.dedup_on == DedupPolicy.ANY.value
+        )
+        if dedup and not entry.is_expired(now):
+            done.append(entry)
+    if len(done) == len(steps):
+        runs = sorted({e.run_id for e in done})
+        verb = "succeeded" if all(e.state == State.SUCCEEDED for e in done) else "completed"
+        return f"key {key!r} already {verb} in run {', '.join(runs)}"
+    return None
+
+
+def _holder_finished(context: Any, run_id: str) -> bool:
+    instance = getattr(context, "instance", None)
+    if instance is None:
+        return False
+    run = instance.get_run_by_id(run_id)
+    return run is not None and run.status in FINISHED_STATUSES
+
+
+def _generation(
+    context: Any, store: Ledger, key: str, steps: Sequence[str], request: RunRequest
+) -> int:
+    """How many runs of `key` have finished: the generation number of the next request.
+
+    Counted on the instance (runs tagged with the key), which also sees runs that failed before
+    claiming anything; without an instance, counted from the ledger's claim history.
+    """
+    try:
+        instance = context.instance
+    except Exception:
+        instance = None
+    if instance is not None:
+        return instance.get_runs_count(
+            RunsFilter(tags={KEY_TAG: key}, statuses=list(FINISHED_STATUSES))
+        )
+    runs: set[str] = set()
+    for step in steps:
+        for event in store.history(ledger_key(key, step, request.partition_key)):
+            if event.kind in (EventKind.CLAIMED, EventKind.ADOPTED, EventKind.FORCED):
+                runs.add(str(event.run_id))
+    return len(runs)
+
+
+def _log(context: Any, message: str) -> None:
+    log = getattr(context, "log", None)
+    if log is not None:
+        log.info(message)

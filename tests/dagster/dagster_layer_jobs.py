@@ -1,0 +1,255 @@
+"""Jobs (and small helpers) for the Dagster-layer tests, importable by name from subprocesses.
+
+Every guarded body appends ``<op> <run id>`` to ``$ROCKY_TEST_WORK_DIR/work.log`` when it really
+runs, so a test can count the work that happened independently of what the ledger says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dagster import Config, Failure, RetryPolicy, in_process_executor, op
+
+from rocky_dagster import IdempotencyLedger, idempotent_op, ledger_job
+
+HERE = Path(__file__).resolve().parent
+GO_TIMEOUT_SECONDS = 120
+
+
+def work_dir() -> Path:
+    return Path(os.environ["ROCKY_TEST_WORK_DIR"])
+
+
+def did_work(name: str, run_id: str) -> None:
+    with open(work_dir() / "work.log", "a") as log:
+        log.write(f"{name} {run_id}\n")
+
+
+def work_log(directory: Path) -> list[tuple[str, str]]:
+    """(op, run id) of every body that ran, in order."""
+    path = directory / "work.log"
+    if not path.exists():
+        return []
+    return [tuple(line.split()) for line in path.read_text().splitlines()]  # type: ignore[misc]
+
+
+class FailConfig(Config):
+    fail: bool = False
+
+
+def fail_config(op_name: str, fail: bool) -> dict[str, Any]:
+    return {"ops": {op_name: {"config": {"fail": fail}}}}
+
+
+@idempotent_op
+def work(context, config: FailConfig) -> dict[str, Any]:
+    """The unit of work of most stories: fails when told to."""
+    did_work("work", context.run_id)
+    if config.fail:
+        raise ValueError("work failed on purpose")
+    return {"rows": 42}
+
+
+@idempotent_op
+def first(context) -> dict[str, Any]:
+    did_work("first", context.run_id)
+    return {"rows": 1}
+
+
+@idempotent_op
+def second(context, upstream: dict[str, Any], config: FailConfig) -> dict[str, Any]:
+    did_work("second", context.run_id)
+    if config.fail:
+        raise ValueError("second failed on purpose")
+    return {"rows": upstream["rows"] + 1}
+
+
+@idempotent_op
+def hold(context) -> dict[str, Any]:
+    """Holds its claim until the test creates ``go`` in the work dir."""
+    did_work("hold", context.run_id)
+    (work_dir() / f"in_body.{context.run_id}").touch()
+    deadline = time.monotonic() + GO_TIMEOUT_SECONDS
+    while not (work_dir() / "go").exists():
+        if time.monotonic() > deadline:
+            raise Failure("the test never said go")
+        time.sleep(0.05)
+    return {"held": True}
+
+
+@op
+def explode(context) -> None:
+    raise ValueError("an unrelated step of the same run failed")
+
+
+@idempotent_op(retry_policy=RetryPolicy(max_retries=2))
+def flaky_once(context) -> dict[str, Any]:
+    """Attempt 1 fails, attempt 2 succeeds, inside one run."""
+    did_work("flaky_once", context.run_id)
+    if context.retry_number == 0:
+        raise ValueError("first attempt fails")
+    return {"attempt": context.retry_number + 1}
+
+
+_JOB = {"ledger": IdempotencyLedger(), "executor_def": in_process_executor}
+
+
+@ledger_job(**_JOB)
+def work_job() -> None:
+    work()
+
+
+@ledger_job(**_JOB)
+def two_step_job() -> None:
+    second(first())
+
+
+@ledger_job(**_JOB)
+def hold_job() -> None:
+    hold()
+
+
+@ledger_job(**_JOB)
+def hold_and_explode_job() -> None:
+    hold()
+    explode()
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def start_run(job_name: str, tags: dict[str, str]) -> subprocess.Popen[str]:
+    """Run `job_name` from this module in a new process (as a run worker would)."""
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "dagster_layer_run.py"), job_name, json.dumps(tags)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 90.0) -> Any:
+    """Poll until `predicate()` is truthy; fail naming `what` (a deadlock guard, not a timing test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def holder_started(directory: Path) -> str | None:
+    """Run id of a run whose `hold` body is running, if any."""
+    markers = sorted(directory.glob("in_body.*"))
+    return markers[0].name.split(".", 1)[1] if markers else None
+
+
+# --- the five pipelines + a custom op, for the F2 story -----------------------------------------
+
+
+def make_pipeline_inputs(directory: Path) -> None:
+    """A source database, a CSV drop and one SQL model under `directory`."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(directory / "source.db")) as conn:
+        conn.executescript(
+            "CREATE TABLE orders (id INTEGER PRIMARY KEY, status TEXT, amount REAL,"
+            " updated_at TEXT);"
+            "INSERT INTO orders VALUES (1, 'paid', 10.0, '2024-06-01T00:00:00'),"
+            " (2, 'paid', 5.5, '2024-06-01T01:00:00'), (3, 'open', 7.0, '2024-06-01T02:00:00');"
+        )
+        conn.commit()
+    (directory / "drop").mkdir()
+    (directory / "drop" / "customers.csv").write_text("id,name\n1,Ada\n2,Grace\n")
+    (directory / "models").mkdir()
+    (directory / "models" / "order_totals.sql").write_text(
+        "SELECT status, sum(amount) AS total FROM raw_orders GROUP BY status\n"
+    )
+
+
+def multiprocess_work_job():
+    """`work` under the multiprocess executor: the step (and its hooks) in a process of its own."""
+    from dagster import multiprocess_executor
+
+    @ledger_job(
+        name="multiprocess_work_job", ledger=IdempotencyLedger(), executor_def=multiprocess_executor
+    )
+    def job() -> None:
+        work()
+
+    return job
+
+
+def pipelines_job():
+    """Load → replicate → transform → check → snapshot, plus a custom op (configs from env)."""
+
+    from rocky_dagster import (
+        LoadPipeline,
+        QualityPipeline,
+        ReplicationPipeline,
+        SnapshotPipeline,
+        TransformationPipeline,
+        load_op,
+        quality_op,
+        replication_op,
+        snapshot_op,
+        transformation_op,
+    )
+
+    base = work_dir()
+    warehouse = str(base / "warehouse.db")
+    load = load_op(
+        LoadPipeline(warehouse=warehouse, directory=str(base / "drop"), table="customers")
+    )
+    replicate = replication_op(
+        ReplicationPipeline(
+            warehouse=warehouse,
+            source=str(base / "source.db"),
+            tables=["orders"],
+            target_prefix="raw_",
+        )
+    )
+    transform = transformation_op(
+        TransformationPipeline(warehouse=warehouse, models_dir=str(base / "models"))
+    )
+    check = quality_op(
+        QualityPipeline(
+            warehouse=warehouse,
+            checks=[
+                {"kind": "not_null", "table": "raw_orders", "column": "id"},
+                {"kind": "unique", "table": "raw_orders", "column": "id"},
+            ],
+        )
+    )
+    snapshot = snapshot_op(
+        SnapshotPipeline(
+            warehouse=warehouse,
+            source_table="raw_orders",
+            target_table="orders_history",
+            unique_key=["id"],
+            updated_at="updated_at",
+        )
+    )
+
+    @idempotent_op
+    def notify(context) -> dict[str, Any]:
+        did_work("notify", context.run_id)
+        return {"sent": 1}
+
+    @ledger_job(name="pipelines_job", ledger=IdempotencyLedger(), executor_def=in_process_executor)
+    def job() -> None:
+        loaded = replicate(after=load())
+        snapshot(after=check(after=transform(after=loaded)))
+        notify()
+
+    return job

@@ -1,0 +1,190 @@
+"""Stories of a guarded op inside one Dagster instance: failure, one-shot, op retry, run retry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, ReexecutionOptions, execute_job, in_process_executor
+from dagster._core.definitions.reconstruct import reconstructable
+from dagster_layer_jobs import (
+    fail_config,
+    flaky_once,
+    two_step_job,
+    work_job,
+    work_log,
+)
+
+from rocky_dagster import IdempotencyLedger, ledger_job
+from rocky_dagster.keys import KEY_TAG, RUN_KEY_TAG, decision_tag
+from rocky_dagster.ledger import EventKind, Ledger, State
+
+
+def _output_metadata(result, step: str) -> dict:
+    [event] = [
+        e for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == step
+    ]
+    return event.event_specific_data.metadata
+
+
+def test_f1_failed_run_releases_key_next_run_proceeds_third_skips(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    tags = {KEY_TAG: "orders-2024-06-01"}
+
+    # 1. the op raises: its claim is finalized failed at once, so nothing stays in flight
+    first = work_job.execute_in_process(
+        instance=instance, tags=tags, run_config=fail_config("work", True), raise_on_error=False
+    )
+    assert not first.success
+    entry = ledger.get("orders-2024-06-01/work")
+    assert entry is not None and entry.state == State.FAILED and entry.run_id == first.run_id
+
+    # 2. the same key proceeds immediately (no lease to wait out) and succeeds
+    second = work_job.execute_in_process(
+        instance=instance, tags=tags, run_config=fail_config("work", False)
+    )
+    assert second.success
+    entry = ledger.get("orders-2024-06-01/work")
+    assert entry.state == State.SUCCEEDED and entry.run_id == second.run_id
+    assert entry.result == {"rows": 42}
+    assert instance.get_run_by_id(second.run_id).tags[decision_tag("work")] == "proceed"
+
+    # 3. a third run does no work and replays the recorded result, naming the run that did it
+    third = work_job.execute_in_process(
+        instance=instance, tags=tags, run_config=fail_config("work", False)
+    )
+    assert third.success
+    assert third.output_for_node("work") == {
+        "rows": 42,
+        "replayed": True,
+        "prior_run_id": second.run_id,
+    }
+    meta = _output_metadata(third, "work")
+    assert meta["rocky/decision"].value == "skipped_completed"
+    assert meta["rocky/prior_run_id"].value == second.run_id
+    assert meta["rocky/ledger_key"].value == "orders-2024-06-01/work"
+    assert instance.get_run_by_id(third.run_id).tags[decision_tag("work")] == "skipped_completed"
+    assert [run for _, run in work_log(work_dir)] == [first.run_id, second.run_id]
+
+
+def test_one_shot_succeeded_op_stays_succeeded_and_reexecution_runs_only_the_failed_op(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    tags = {KEY_TAG: "daily-7"}
+    parent = execute_job(
+        reconstructable(two_step_job),
+        instance=instance,
+        tags=tags,
+        run_config=fail_config("second", True),
+    )
+    assert not parent.success
+    first_entry = ledger.get("daily-7/first")
+    assert first_entry.state == State.SUCCEEDED and first_entry.run_id == parent.run_id
+    assert ledger.get("daily-7/second").state == State.FAILED
+
+    child = execute_job(
+        reconstructable(two_step_job),
+        instance=instance,
+        run_config=fail_config("second", False),
+        reexecution_options=ReexecutionOptions.from_failure(parent.run_id, instance),
+    )
+    assert child.success
+    # `first` was neither re-run nor touched; `second` proceeded under the parent's key
+    assert ledger.get("daily-7/first") == first_entry
+    second_entry = ledger.get("daily-7/second")
+    assert second_entry.state == State.SUCCEEDED and second_entry.run_id == child.run_id
+    assert work_log(work_dir) == [
+        ("first", parent.run_id),
+        ("second", parent.run_id),
+        ("second", child.run_id),
+    ]
+    assert ledger.entries(State.IN_FLIGHT) == []
+
+
+@pytest.mark.parametrize("dedup_on", ["success", "any"])
+def test_op_retry_policy_reenters_its_own_claim(
+    dedup_on: str, instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    """Under 'any' a failed stamp between attempts would make attempt 2 skip: the claim is kept."""
+
+    def retry_graph() -> None:
+        flaky_once()
+
+    job = ledger_job(
+        retry_graph,
+        name=f"retry_{dedup_on}",
+        ledger=IdempotencyLedger(dedup_on=dedup_on),
+        executor_def=in_process_executor,
+    )
+    result = job.execute_in_process(instance=instance, tags={KEY_TAG: "retry-1"})
+    assert result.success
+    assert result.output_for_node("flaky_once") == {"attempt": 2}
+    assert [op for op, _ in work_log(work_dir)] == ["flaky_once", "flaky_once"]
+    entry = ledger.get("retry-1/flaky_once")
+    assert entry.state == State.SUCCEEDED and entry.run_id == result.run_id
+    kinds = [e.kind for e in ledger.history("retry-1/flaky_once")]
+    assert kinds == [EventKind.CLAIMED, EventKind.CLAIMED, EventKind.SUCCEEDED]
+
+
+def test_reexecution_from_failure_inherits_the_key_then_skips_after_success(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    """The Python-API re-execution copies no tags: the key comes from the parent run."""
+    recon = reconstructable(work_job)
+    parent = execute_job(
+        recon,
+        instance=instance,
+        tags={RUN_KEY_TAG: "sensor-key-5"},
+        run_config=fail_config("work", True),
+    )
+    assert not parent.success
+    retry = execute_job(
+        recon,
+        instance=instance,
+        run_config=fail_config("work", False),
+        reexecution_options=ReexecutionOptions.from_failure(parent.run_id, instance),
+    )
+    assert retry.success
+    assert RUN_KEY_TAG not in instance.get_run_by_id(retry.run_id).tags
+    entry = ledger.get("sensor-key-5/work")
+    assert entry.state == State.SUCCEEDED and entry.run_id == retry.run_id
+
+    again = execute_job(
+        recon,
+        instance=instance,
+        run_config=fail_config("work", False),
+        reexecution_options=ReexecutionOptions(parent_run_id=retry.run_id, step_selection=["work"]),
+    )
+    assert again.success
+    assert instance.get_run_by_id(again.run_id).tags[decision_tag("work")] == "skipped_completed"
+    assert [run for _, run in work_log(work_dir)] == [parent.run_id, retry.run_id]
+
+
+def test_run_retry_with_parent_tags_proceeds_after_failure_skips_after_success(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    """What the retry daemon and the UI do: copy every parent tag, runtime-added ones included."""
+    parent = work_job.execute_in_process(
+        instance=instance,
+        tags={RUN_KEY_TAG: "sensor-key-6"},
+        run_config=fail_config("work", True),
+        raise_on_error=False,
+    )
+    parent_tags = dict(instance.get_run_by_id(parent.run_id).tags)
+    assert parent_tags[decision_tag("work")] == "proceed"
+    assert parent_tags[KEY_TAG] == "sensor-key-6"
+
+    retry = work_job.execute_in_process(
+        instance=instance, tags=parent_tags, run_config=fail_config("work", False)
+    )
+    assert retry.success
+    assert ledger.get("sensor-key-6/work").run_id == retry.run_id
+
+    retry_tags = dict(instance.get_run_by_id(retry.run_id).tags)
+    third = work_job.execute_in_process(
+        instance=instance, tags=retry_tags, run_config=fail_config("work", False)
+    )
+    assert third.success
+    assert instance.get_run_by_id(third.run_id).tags[decision_tag("work")] == "skipped_completed"
+    assert [run for _, run in work_log(work_dir)] == [parent.run_id, retry.run_id]

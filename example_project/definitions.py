@@ -21,6 +21,7 @@ from dagster import (
     ScheduleEvaluationContext,
     SensorEvaluationContext,
     define_asset_job,
+    op,
     schedule,
     sensor,
 )
@@ -124,19 +125,43 @@ def replication_job() -> None:
     replicate_shop()
 
 
+def _missing_tables(names: tuple[str, ...]) -> set[str]:
+    if not WAREHOUSE_DB.exists():
+        return set(names)
+    with sqlite3.connect(WAREHOUSE_DB) as conn:
+        present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    return set(names) - present
+
+
+@op(
+    description=(
+        "Sample inputs on demand: on a fresh warehouse, run the upstream pipelines once (without "
+        "the ledger) so this job can run on its own; does nothing once the tables exist."
+    )
+)
+def sample_inputs(context) -> None:
+    if _missing_tables(("payments", "raw_orders", "raw_customers")):
+        LOAD.run()
+        REPLICATION.run()
+        context.log.info("fresh warehouse: loaded and replicated the sample inputs")
+    if _missing_tables(("customer_revenue",)):
+        TRANSFORMATION.run()
+        context.log.info("fresh warehouse: built the models the checks read")
+
+
 @ledger_job(description="Build the SQL models in example_project/models.")
 def transformation_job() -> None:
-    build_models()
+    build_models(after=sample_inputs())
 
 
 @ledger_job(description="Check the warehouse (error checks fail the run, warn checks do not).")
 def quality_job() -> None:
-    check_quality()
+    check_quality(after=sample_inputs())
 
 
 @ledger_job(description="Record SCD-2 history of the customers.")
 def snapshot_job() -> None:
-    snapshot_customers()
+    snapshot_customers(after=sample_inputs())
 
 
 @ledger_job(

@@ -345,12 +345,27 @@ def _finalize_result(
     )
 
 
-_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<pw>[^@/]*)@", re.I)
+_SCHEME = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<rest>.*)$", re.I | re.S)
+_QUERY_SECRET = re.compile(r"(?P<name>[?&](?:password|passwd|pwd|sslpassword)=)[^&#]*", re.I)
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, safe for errors, logs, tags and metadata."""
-    return _PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(url))
+    """The URL with any password replaced, safe for errors, logs, tags and metadata.
+
+    The user-info ends at the *last* `@` (passwords written raw may contain `@`, `/`, `:`
+    or `?`); a query `password=` is masked too. A path (`sqlite:///a:b@c.db`) is left alone.
+    """
+    text = str(url)
+    match = _SCHEME.match(text)
+    if match is None:
+        return text
+    scheme, rest = match["scheme"], match["rest"]
+    at = rest.rfind("@")
+    if at > 0 and not rest.startswith("/"):
+        user, colon, _ = rest[:at].partition(":")
+        if colon and not any(ch in user for ch in "/?#"):
+            rest = f"{user}:***{rest[at:]}"
+    return scheme + _QUERY_SECRET.sub(lambda m: f"{m['name']}***", rest)
 
 
 def iter_chunks(items: list[str], size: int) -> Iterator[list[str]]:

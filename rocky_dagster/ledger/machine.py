@@ -57,7 +57,8 @@ def decide(
                 f"at {existing.lease_expires_at.isoformat()}",
                 prior_run_id=existing.run_id,
             )
-        _check_fingerprint(existing, fingerprint, config)
+        if not force:  # an audited override also overrides the parameter check
+            _check_fingerprint(existing, fingerprint, config)
         if existing.run_id == run_id:
             return Plan(
                 Decision.PROCEED,

@@ -7,7 +7,7 @@ metadata boundaries without surprises.
 from __future__ import annotations
 
 import json
-import unicodedata
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -18,6 +18,8 @@ from .errors import InvalidArgumentError, InvalidKeyError, InvalidResultError
 
 MAX_KEY_LENGTH = 512
 MAX_RESULT_BYTES = 64 * 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""Unicode category Cc, exactly (a regex: keys are validated on every call)."""
 
 
 class State(StrEnum):
@@ -162,6 +164,7 @@ class Stats(_Frozen):
     """In-flight claims whose lease or hard cap has passed."""
     events: int
     last_fence: int
+    """High-water mark of fences: none handed out so far is higher, every later one is."""
 
 
 # --- validation at the edge -------------------------------------------------------------------
@@ -178,12 +181,12 @@ def validate_key(key: object, field: str = "key") -> str:
             f"{field} is {len(key)} characters long; the limit is {MAX_KEY_LENGTH}. "
             "Hash long inputs into a shorter key."
         )
-    for i, ch in enumerate(key):
-        if unicodedata.category(ch) == "Cc":
-            raise InvalidKeyError(
-                f"{field} contains a control character {ch!r} at position {i}; "
-                "use printable characters only"
-            )
+    control = _CONTROL.search(key)
+    if control is not None:
+        raise InvalidKeyError(
+            f"{field} contains a control character {control.group()!r} at position "
+            f"{control.start()}; use printable characters only"
+        )
     return key
 
 
@@ -216,12 +219,38 @@ def encode_result(result: object) -> str | None:
             f"result is not JSON-serializable ({exc}); keep only str, int, float, bool, None, "
             "lists and dicts with string keys in it"
         ) from None
+    bad_key = _non_string_key(result)
+    if bad_key is not None:
+        raise InvalidResultError(
+            f"result has a non-string dict key {bad_key[0]!r}; JSON would turn it into a string and "
+            "the summary would not come back as it was given. Use string keys."
+        )
     if len(text.encode()) > MAX_RESULT_BYTES:
         raise InvalidResultError(
             f"result is {len(text.encode())} bytes as JSON; the limit is {MAX_RESULT_BYTES}. "
             "Keep a summary (counts, table names, paths), not the data itself."
         )
     return text
+
+
+def _non_string_key(value: object) -> tuple[object] | None:
+    """The first dict key anywhere in `value` that is not a string (JSON would coerce it).
+
+    Returned in a 1-tuple, so that a `None` key is reported too.
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return (key,)
+            found = _non_string_key(item)
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for item in value:
+            found = _non_string_key(item)
+            if found is not None:
+                return found
+    return None
 
 
 def decode_result(text: str | None) -> dict[str, Any] | None:

@@ -1,0 +1,293 @@
+"""Ledger benchmark: what exactly-once costs over the store's own minimum, and how it scales.
+
+Figures, in one run on one file system with the ledger's own pragmas:
+
+(a) baseline: two plain write transactions per key on a hand-rolled claim table with the
+    entry's columns (insert-if-absent, then update) — the least any durable
+    claim-then-finalize scheme can do, without validation, fences or an event log;
+(b) the ledger's claim + finalize cycle per key;
+(c) claim latency (p50/p99) with 1 000 vs 1 000 000 rows already in the ledger.
+
+(a) and (b) run interleaved in chunks, and (c) alternates its two ledgers claim by claim,
+so background noise (other processes, fsync jitter) lands on both sides of each ratio.
+
+    python benchmarks/ledger_bench.py [--backend sqlite] [--dir DIR] [--keys 20000]
+
+A backend is a `BenchBackend` (fresh ledger URL, raw baseline writer, bulk fill) registered
+in `BACKENDS`; adding PostgreSQL means one class that reads `--url`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sqlite3
+import statistics
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from rocky_dagster.ledger import Ledger, Outcome, open_ledger
+from rocky_dagster.ledger.sqlite import ENTRIES, EVENTS, META, SQLiteLedger
+
+# The pragmas copied from the ledger's connection onto the baseline's, so both pay the same.
+_PRAGMAS = (
+    "journal_mode",
+    "synchronous",
+    "busy_timeout",
+    "page_size",
+    "cache_size",
+    "mmap_size",
+    "wal_autocheckpoint",
+)
+
+
+class Baseline(ABC):
+    """A raw writer doing the minimum per key: insert-if-absent, then update, each committed."""
+
+    @abstractmethod
+    def cycle(self, key: str, n: int) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class BenchBackend(ABC):
+    """What the benchmark needs from a store."""
+
+    name: str
+
+    @abstractmethod
+    def fresh_url(self, label: str) -> str:
+        """The URL of a new, empty ledger."""
+
+    @abstractmethod
+    def baseline(self, ledger: Ledger, label: str) -> Baseline:
+        """A raw baseline writer with the same settings as `ledger`'s connection."""
+
+    @abstractmethod
+    def bulk_fill(self, url: str, rows: int) -> None:
+        """Put `rows` finalized entries (and their two events each) into the ledger, by SQL."""
+
+    def describe(self, ledger: Ledger) -> str:
+        return ""
+
+    def cleanup(self) -> None:
+        return None
+
+
+class SQLiteBaseline(Baseline):
+    """A hand-rolled claim table: the ledger entry's columns, no events, no fence counter."""
+
+    def __init__(self, path: Path, pragmas: dict[str, object]) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        page_size = pragmas.pop("page_size", None)
+        if page_size is not None:
+            self.conn.execute(f"PRAGMA page_size = {page_size}")  # before the file has pages
+        for name, value in pragmas.items():
+            self.conn.execute(f"PRAGMA {name} = {value}").fetchall()
+        self.conn.execute(
+            "CREATE TABLE claims (key TEXT PRIMARY KEY, state TEXT NOT NULL, run_id TEXT NOT NULL, "
+            "fence INTEGER NOT NULL, pipeline TEXT, claimed_at TEXT NOT NULL, "
+            "heartbeat_at TEXT NOT NULL, lease_expires_at TEXT NOT NULL, finalized_at TEXT, "
+            "expires_at TEXT, dedup_on TEXT NOT NULL)"
+        )
+
+    def cycle(self, key: str, n: int) -> None:
+        execute = self.conn.execute
+        now = datetime.now(UTC)
+        stamp = now.isoformat()
+        execute("BEGIN IMMEDIATE")
+        execute(
+            "INSERT INTO claims (key, state, run_id, fence, pipeline, claimed_at, heartbeat_at, "
+            "lease_expires_at, dedup_on) VALUES (?, 'in_flight', ?, ?, ?, ?, ?, ?, 'success') "
+            "ON CONFLICT (key) DO NOTHING",
+            (key, "bench-run", n, "bench", stamp, stamp, (now + _LEASE).isoformat()),
+        )
+        execute("COMMIT")
+        now = datetime.now(UTC)
+        execute("BEGIN IMMEDIATE")
+        execute(
+            "UPDATE claims SET state = 'succeeded', finalized_at = ?, expires_at = ? WHERE key = ?",
+            (now.isoformat(), (now + _RETENTION).isoformat(), key),
+        )
+        execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+_LEASE = timedelta(minutes=2)
+_RETENTION = timedelta(days=30)
+
+
+class SQLiteBench(BenchBackend):
+    name = "sqlite"
+
+    def __init__(self, directory: str | None) -> None:
+        self._own = directory is None
+        self.dir = Path(directory or tempfile.mkdtemp(prefix="ledger-bench-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, label: str) -> Path:
+        path = self.dir / f"{label}.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return path
+
+    def fresh_url(self, label: str) -> str:
+        return f"sqlite:///{self._path(label)}"
+
+    def _pragmas(self, ledger: Ledger) -> dict[str, object]:
+        assert isinstance(ledger, SQLiteLedger)
+        conn = ledger._connection()
+        return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in _PRAGMAS}
+
+    def describe(self, ledger: Ledger) -> str:
+        pragmas = " ".join(f"{k}={v}" for k, v in self._pragmas(ledger).items())
+        return f"sqlite {sqlite3.sqlite_version} in {self.dir} ({pragmas})"
+
+    def baseline(self, ledger: Ledger, label: str) -> Baseline:
+        return SQLiteBaseline(self._path(label), self._pragmas(ledger))
+
+    def bulk_fill(self, url: str, rows: int) -> None:
+        open_ledger(url).close()  # the schema, exactly as the ledger creates it
+        path = url.removeprefix("sqlite:///")
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA synchronous = OFF")
+        now = datetime.now(UTC)
+        ts = lambda d: d.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"  # noqa: E731
+        claimed, expires = ts(now - timedelta(hours=1)), ts(now + timedelta(days=30))
+        conn.execute("BEGIN")
+        conn.execute(
+            f"""WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :rows)
+                INSERT INTO {ENTRIES} (key, state, run_id, fence, pipeline, fingerprint,
+                    claimed_at, heartbeat_at, lease_expires_at, finalized_at, expires_at,
+                    dedup_on, result, prior_run_id)
+                SELECT printf('job/%08d', i), 'succeeded', printf('run-%06d', i / 10), i,
+                    'bench', NULL, :claimed, :claimed, :claimed, :claimed, :expires, 'success',
+                    '{{"rows":1}}', NULL FROM n""",
+            {"rows": rows, "claimed": claimed, "expires": expires},
+        )
+        conn.execute(
+            f"""WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :rows)
+                INSERT INTO {EVENTS} (key, kind, run_id, fence, at, detail)
+                SELECT printf('job/%08d', (i + 1) / 2), CASE i % 2 WHEN 1 THEN 'claimed'
+                    ELSE 'succeeded' END, printf('run-%06d', (i + 1) / 20), (i + 1) / 2,
+                    :claimed, NULL
+                FROM n""",
+            {"rows": 2 * rows, "claimed": claimed},
+        )
+        conn.execute(f"UPDATE {META} SET value = ? WHERE name = 'last_fence'", (rows,))
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+
+    def cleanup(self) -> None:
+        if self._own:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+BACKENDS: dict[str, Callable[[argparse.Namespace], BenchBackend]] = {
+    "sqlite": lambda args: SQLiteBench(args.dir),
+}
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} us"
+
+
+def bench_cycle(backend: BenchBackend, keys: int, chunk: int) -> tuple[float, float]:
+    """Seconds per key of the raw baseline and of claim+finalize, measured in alternating chunks."""
+    ledger = open_ledger(backend.fresh_url("cycle"))
+    raw = backend.baseline(ledger, "baseline")
+    print(f"store: {backend.describe(ledger)}")
+    spent = {"baseline": 0.0, "ledger": 0.0}
+    done = 0
+    try:
+        while done < keys:
+            batch = [f"cycle/{done + i:08d}" for i in range(min(chunk, keys - done))]
+            start = time.perf_counter()
+            for n, key in enumerate(batch, done):
+                raw.cycle(key, n)
+            spent["baseline"] += time.perf_counter() - start
+            start = time.perf_counter()
+            for key in batch:
+                claim = ledger.claim(key, "bench-run", pipeline="bench")
+                ledger.finalize(key, claim.fence or 0, Outcome.SUCCEEDED)
+            spent["ledger"] += time.perf_counter() - start
+            done += len(batch)
+    finally:
+        raw.close()
+        ledger.close()
+    return spent["baseline"] / keys, spent["ledger"] / keys
+
+
+def bench_latency(
+    backend: BenchBackend, small: int, large: int, samples: int
+) -> dict[int, list[float]]:
+    """Per-claim latencies of new keys landing at random places among `small` / `large` rows."""
+    ledgers: dict[int, Ledger] = {}
+    for rows in (small, large):
+        url = backend.fresh_url(f"rows-{rows}")
+        start = time.perf_counter()
+        backend.bulk_fill(url, rows)
+        print(f"filled {rows} rows (+{2 * rows} events) in {time.perf_counter() - start:.1f} s")
+        ledgers[rows] = open_ledger(url)
+    latencies: dict[int, list[float]] = {rows: [] for rows in ledgers}
+    rng = random.Random(7)
+    try:
+        for i in range(samples):
+            order = [small, large] if i % 2 == 0 else [large, small]
+            for rows in order:
+                key = f"job/{rng.randrange(rows):08d}/probe-{i}"
+                start = time.perf_counter()
+                ledgers[rows].claim(key, f"probe-run-{i}", pipeline="bench")
+                latencies[rows].append(time.perf_counter() - start)
+    finally:
+        for ledger in ledgers.values():
+            ledger.close()
+    return latencies
+
+
+def _pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="sqlite")
+    parser.add_argument("--dir", help="sqlite: directory for the files (default: a temp dir)")
+    parser.add_argument("--url", help="server backends (postgres, to come): the database URL")
+    parser.add_argument("--keys", type=int, default=20_000, help="keys per cycle figure")
+    parser.add_argument("--chunk", type=int, default=20, help="keys per interleaved chunk")
+    parser.add_argument("--small", type=int, default=1_000, help="rows in the small ledger")
+    parser.add_argument("--large", type=int, default=1_000_000, help="rows in the large ledger")
+    parser.add_argument("--samples", type=int, default=5_000, help="timed claims per ledger")
+    args = parser.parse_args(argv)
+
+    backend = BACKENDS[args.backend](args)
+    try:
+        baseline, cycle = bench_cycle(backend, args.keys, args.chunk)
+        print(f"baseline 2 raw write transactions/key: {_us(baseline)}/key over {args.keys} keys")
+        print(f"ledger claim+finalize cycle:           {_us(cycle)}/key over {args.keys} keys")
+        latencies = bench_latency(backend, args.small, args.large, args.samples)
+        p99 = {}
+        for rows, values in latencies.items():
+            p99[rows] = _pct(values, 99)
+            print(
+                f"claim latency with {rows} rows: p50 {_us(_pct(values, 50))}, "
+                f"p99 {_us(p99[rows])} over {len(values)} claims"
+            )
+        print(f"ratio cycle/baseline = {cycle / baseline:.2f}")
+        print(f"ratio p99 1M/1k = {p99[args.large] / p99[args.small]:.2f}")
+    finally:
+        backend.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""What only the SQLite backend promises: threads share one handle, forks get their own
+connection (even while another thread holds the handle's lock), and the file is a WAL file.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import sqlite3
+import threading
+from collections import Counter
+from pathlib import Path
+
+from ledger_helpers import replay
+
+from rocky_dagster.ledger import Ledger, Outcome, State, open_ledger
+
+
+def test_threads_sharing_one_ledger_get_one_winner_per_generation(tmp_path: Path):
+    ledger = open_ledger(f"sqlite:///{tmp_path}/ledger.db")
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def work(worker: int) -> None:
+        rng = random.Random(worker)
+        try:
+            start.wait()
+            for i in range(40):
+                key = f"t/{rng.randrange(6)}"
+                claim = ledger.claim(key, f"w{worker}-{i}")
+                if claim.should_run:
+                    outcome = Outcome.SUCCEEDED if rng.random() < 0.2 else Outcome.FAILED
+                    assert ledger.finalize(key, claim.fence, outcome).applied
+        except BaseException as exc:  # handed to the test thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert not errors, errors[:3]
+    kinds: Counter[str] = Counter()
+    for n in range(6):
+        events = ledger.history(f"t/{n}")
+        kinds.update(e.kind.value for e in events)
+        state, run_id, fence, _ = replay(events)
+        entry = ledger.get(f"t/{n}")
+        assert (entry.state.value, entry.run_id, entry.fence) == (state, run_id, fence)
+    assert sum(kinds[k] for k in ("claimed", "skipped_in_flight", "skipped_completed")) == 320
+    ledger.close()
+
+
+def _claim_in_child(ledger: Ledger, key: str) -> None:
+    claim = ledger.claim(key, "child")
+    assert claim.fence is not None
+    assert ledger.finalize(key, claim.fence, Outcome.SUCCEEDED).applied
+
+
+def test_a_forked_child_opens_its_own_connection_even_if_a_thread_held_the_lock(tmp_path: Path):
+    ledger = open_ledger(f"sqlite:///{tmp_path}/ledger.db")
+    parent_claim = ledger.claim("parent", "parent-run")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:  # another thread of the parent is inside a ledger call
+        with ledger._lock:
+            holding.set()
+            release.wait(timeout=60)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    holding.wait(timeout=10)
+    try:
+        child = multiprocessing.get_context("fork").Process(
+            target=_claim_in_child, args=(ledger, "child")
+        )
+        child.start()
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        assert child.exitcode == 0
+    finally:
+        release.set()
+        holder.join(timeout=10)
+
+    assert ledger.get("child").state == State.SUCCEEDED  # the parent's handle still works
+    assert ledger.finalize("parent", parent_claim.fence, Outcome.SUCCEEDED).applied
+    ledger.close()
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        conn.close()
+
+
+def test_the_file_is_in_wal_mode_for_every_later_reader(tmp_path: Path):
+    with open_ledger(f"sqlite:///{tmp_path}/ledger.db") as ledger:
+        ledger.claim("k", "run-1")
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute(
+            "SELECT value FROM rocky_ledger_meta WHERE name = 'schema_version'"
+        ).fetchone() == (1,)
+    finally:
+        conn.close()

@@ -18,6 +18,7 @@ from .errors import InvalidArgumentError, InvalidKeyError, InvalidResultError
 
 MAX_KEY_LENGTH = 512
 MAX_RESULT_BYTES = 64 * 1024
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 """Unicode category Cc, exactly (a regex: keys are validated on every call)."""
 
@@ -186,6 +187,12 @@ def validate_key(key: object, field: str = "key") -> str:
         raise InvalidKeyError(
             f"{field} contains a control character {control.group()!r} at position "
             f"{control.start()}; use printable characters only"
+        )
+    surrogate = _SURROGATE.search(key)
+    if surrogate is not None:
+        raise InvalidKeyError(
+            f"{field} contains a lone surrogate {surrogate.group()!r} at position "
+            f"{surrogate.start()}, which no database can store as UTF-8; decode the input properly"
         )
     return key
 

@@ -40,6 +40,7 @@ BAD_KEYS = {
     "tab": ("\tjob", "control character"),
     "delete": ("job\x7f", "control character"),
     "c1-control": ("job\x85", "control character"),
+    "lone-surrogate": ("job\ud800", "lone surrogate"),
     "not-a-string": (42, "must be a string"),
     "bytes": (b"job", "must be a string"),
 }

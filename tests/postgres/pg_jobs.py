@@ -1,76 +1,92 @@
-"""A keyed job for the Dagster-on-PostgreSQL tests, importable by the multiprocess executor's
-step processes (they load it from this file).
+"""The keyed job of the Dagster-on-PostgreSQL tests, built from the product itself.
 
-The guarded op talks to the ledger API directly (claim → work → finalize), so the test proves
-the storage path on its own; once `rocky_dagster.idempotent_op` settles it can replace the
-body. The ledger URL comes from `EnvVar`, as docs/running-across-machines.md recommends.
+`keyed_job` is a `ledger_job` (ledger hooks attached) of two `idempotent_op` steps,
+``extract → load``, under the multiprocess executor: every step runs in a process of its own,
+which builds the ``ledger`` resource (`IdempotencyLedger`) from ``$ROCKY_LEDGER_URL`` (an
+`EnvVar`, as docs/running-across-machines.md recommends). The run's key is the run tag
+``rocky/idempotency_key``.
+
+The side effect of each body is rows inserted into ``warehouse_rows`` in PostgreSQL (one row
+per unit of work, with the run id and the pid of the step process), so a test can count the
+work that really happened independently of what the ledger and Dagster say: a second run that
+did the work would double the count.
+
+With the run tag ``test/hold`` set, `extract` marks ``in_body.<run id>`` in the work directory
+once it holds its claim and keeps it until the test creates ``go`` there (files, not sleeps).
+
+Step processes import this module by name (`reconstructable`), so it must stay importable
+from ``tests/postgres`` on ``sys.path`` / ``PYTHONPATH``.
 """
+
+from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from dagster import (
-    ConfigurableResource,
-    EnvVar,
-    OpExecutionContext,
-    job,
-    multiprocess_executor,
-    op,
+import psycopg
+from dagster import EnvVar, Failure, OpExecutionContext, multiprocess_executor
+
+from rocky_dagster import IdempotencyLedger, idempotent_op, ledger_job
+
+LEDGER_URL_ENV = "ROCKY_LEDGER_URL"
+WAREHOUSE_URL_ENV = "ROCKY_TEST_WAREHOUSE_URL"
+WORK_DIR_ENV = "ROCKY_TEST_WORK_DIR"
+HOLD_TAG = "test/hold"
+WAREHOUSE_TABLE = "warehouse_rows"
+EXTRACT_ROWS = 3
+GO_TIMEOUT_SECONDS = 300.0
+
+CREATE_WAREHOUSE = (
+    f"CREATE TABLE {WAREHOUSE_TABLE} "
+    "(op text NOT NULL, run_id text NOT NULL, pid integer NOT NULL, n integer NOT NULL)"
 )
 
-from rocky_dagster.ledger import EventKind, Ledger, Outcome, open_ledger
 
-KEY_TAG = "rocky/idempotency_key"
-WAIT_TAG = "test/wait_for_rival"
-WORK_DIR_ENV = "ROCKY_TEST_WORK_DIR"
+def work_dir() -> Path:
+    return Path(os.environ[WORK_DIR_ENV])
 
 
-class LedgerAt(ConfigurableResource):
-    url: str
-
-    def open(self) -> Ledger:
-        return open_ledger(self.url)
-
-
-def _wait_for_rival(ledger: Ledger, key: str, run_id: str, seconds: float = 180.0) -> None:
-    """Hold the claim until another run has been turned away by it (makes the overlap certain)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if any(
-            e.kind == EventKind.SKIPPED_IN_FLIGHT and e.run_id != run_id
-            for e in ledger.history(key)
-        ):
-            return
-        time.sleep(0.1)
+def _insert_rows(context: OpExecutionContext, op_name: str, count: int) -> int:
+    """The work itself: `count` rows in the warehouse, stamped with this run and process."""
+    with psycopg.connect(os.environ[WAREHOUSE_URL_ENV]) as conn:
+        conn.cursor().executemany(
+            f"INSERT INTO {WAREHOUSE_TABLE} (op, run_id, pid, n) VALUES (%s, %s, %s, %s)",
+            [(op_name, context.run_id, os.getpid(), i) for i in range(count)],
+        )
+    context.log.info(f"{op_name}: inserted {count} rows into {WAREHOUSE_TABLE}")
+    return count
 
 
-@op
-def guarded_work(context: OpExecutionContext, ledger: LedgerAt) -> dict[str, Any]:
-    key = f"{context.run.tags[KEY_TAG]}/{context.op_handle}"
-    with ledger.open() as store:
-        claim = store.claim(key, context.run_id, pipeline="guarded_work")
-        context.log.info(f"ledger decision for {key}: {claim.decision.value} (pid {os.getpid()})")
-        if not claim.should_run:
-            return {"decision": claim.decision.value, "worked": False}
-        assert claim.fence is not None
-        if context.run.tags.get(WAIT_TAG):
-            _wait_for_rival(store, key, context.run_id)
-        work_dir = Path(os.environ[WORK_DIR_ENV])
-        (work_dir / f"{context.run_id}.done").write_text(key)
-        store.finalize(key, claim.fence, Outcome.SUCCEEDED, result={"rows": 1})
-        return {"decision": claim.decision.value, "worked": True}
+def _hold_if_asked(context: OpExecutionContext) -> None:
+    """Keep the claim (we are inside the body) until the test says ``go``."""
+    if not context.run.tags.get(HOLD_TAG):
+        return
+    (work_dir() / f"in_body.{context.run_id}").touch()
+    deadline = time.monotonic() + GO_TIMEOUT_SECONDS
+    while not (work_dir() / "go").exists():
+        if time.monotonic() > deadline:
+            raise Failure(description="the test never created the 'go' file", allow_retries=False)
+        time.sleep(0.05)
 
 
-@op
-def downstream(context: OpExecutionContext, summary: dict[str, Any]) -> None:
-    context.log.info(f"upstream said {summary} (pid {os.getpid()})")
+@idempotent_op
+def extract(context: OpExecutionContext) -> dict[str, Any]:
+    _hold_if_asked(context)
+    rows = _insert_rows(context, "extract", EXTRACT_ROWS)
+    return {"rows": rows, "table": WAREHOUSE_TABLE}
 
 
-@job(
+@idempotent_op
+def load(context: OpExecutionContext, extracted: dict[str, Any]) -> dict[str, Any]:
+    rows = _insert_rows(context, "load", 2 * int(extracted["rows"]))
+    return {"rows": rows, "table": WAREHOUSE_TABLE}
+
+
+@ledger_job(
     executor_def=multiprocess_executor,
-    resource_defs={"ledger": LedgerAt(url=EnvVar("ROCKY_LEDGER_URL"))},
+    ledger=IdempotencyLedger(url=EnvVar(LEDGER_URL_ENV)),
 )
 def keyed_job() -> None:
-    downstream(guarded_work())
+    load(extract())

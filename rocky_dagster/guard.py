@@ -430,23 +430,31 @@ class StepGuard:
         log = self.op_ctx.log
         try:
             if isinstance(exc, (DagsterExecutionInterruptedError, KeyboardInterrupt)):
-                self.ledger.release(
+                released = self.ledger.release(
                     claim.key,
                     run_id=self.run_id,
                     fence=claim.fence,
                     reason=f"run {self.run_id} was interrupted (canceled) during the work",
                 )
-                log.info(f"rocky_dagster: run interrupted; released ledger key '{claim.key}'")
+                log.info(
+                    f"rocky_dagster: run interrupted; released ledger key '{claim.key}'"
+                    if released
+                    else f"rocky_dagster: run interrupted; ledger key '{claim.key}' was already "
+                    "released or taken over (nothing left to release)"
+                )
             elif self._will_retry(exc):
                 log.info(
                     f"rocky_dagster: attempt {self.op_ctx.retry_number + 1} failed; keeping the "
                     f"claim on '{claim.key}' for the retry (same run: it re-enters the claim)"
                 )
             else:
-                self.ledger.finalize(claim.key, claim.fence, Outcome.FAILED)
+                result = self.ledger.finalize(claim.key, claim.fence, Outcome.FAILED)
                 log.info(
                     f"rocky_dagster: step failed; ledger key '{claim.key}' finalized failed "
                     f"({_after_failure(self.ledger)})"
+                    if result.applied
+                    else f"rocky_dagster: step failed; ledger key '{claim.key}' was not changed "
+                    f"({result.reason.value}: another run or an operator settled it first)"
                 )
         except LedgerError as err:
             log.warning(

@@ -34,6 +34,7 @@ from .keys import (
     RUN_KEY_TAG,
     KeySource,
     ResolvedKey,
+    decision_run_tag,
     decision_tag,
     is_forced,
     resolve_key,
@@ -247,7 +248,17 @@ class StepGuard:
                 metadata={"rocky/ledger_key": key},
             ) from exc
         self.claim_result = claim
-        new_tags = {decision_tag(self.step_key): claim.decision.value}
+        new_tags = {
+            decision_tag(self.step_key): claim.decision.value,
+            decision_run_tag(self.step_key): (
+                claim.held_by_run_id
+                if claim.decision == Decision.SKIPPED_IN_FLIGHT
+                else claim.prior_run_id
+                if claim.decision == Decision.SKIPPED_COMPLETED
+                else self.run_id
+            )
+            or self.run_id,
+        }
         # the base goes on the run (and so on its retries) only when it names the whole run: an
         # op's own key_fn names that op's work, an asset partition that asset's
         run_wide = resolved.source in (KeySource.TAG, KeySource.RUN_KEY) or (

@@ -76,6 +76,17 @@ class ResolvedKey:
         return self.ledger_key is not None
 
 
+DECISION_RUN_TAG_PREFIX = "rocky/idempotency_run/"
+"""``rocky/idempotency_run/<step key>`` = the run behind the step's decision: the run that already
+completed the key (skipped_completed), holds it (skipped_in_flight), or this run when it works.
+Written with the decision tag, so a retry never shows its parent's value."""
+
+
+def decision_run_tag(step_key: str) -> str:
+    """The run tag naming the run behind one step's decision (link it from the runs list)."""
+    return f"{DECISION_RUN_TAG_PREFIX}{step_key}"
+
+
 def decision_tag(step_key: str) -> str:
     """The run tag that shows one step's decision in the UI."""
     return f"{DECISION_TAG_PREFIX}{step_key}"

@@ -16,7 +16,7 @@ from dagster_layer_jobs import (
 )
 
 from rocky_dagster import IdempotencyLedger, ledger_job
-from rocky_dagster.keys import KEY_TAG, RUN_KEY_TAG, decision_tag
+from rocky_dagster.keys import KEY_TAG, RUN_KEY_TAG, decision_run_tag, decision_tag
 from rocky_dagster.ledger import EventKind, Ledger, State
 
 
@@ -65,6 +65,9 @@ def test_f1_failed_run_releases_key_next_run_proceeds_third_skips(
     assert meta["rocky/prior_run_id"].value == second.run_id
     assert meta["rocky/ledger_key"].value == "orders-2024-06-01/work"
     assert instance.get_run_by_id(third.run_id).tags[decision_tag("work")] == "skipped_completed"
+    # the tags name the run that did the work, next to the decision (the UI's runs list shows it)
+    assert instance.get_run_by_id(third.run_id).tags[decision_run_tag("work")] == second.run_id
+    assert instance.get_run_by_id(second.run_id).tags[decision_run_tag("work")] == second.run_id
     assert [run for _, run in work_log(work_dir)] == [first.run_id, second.run_id]
 
 

@@ -569,7 +569,9 @@ class PostgresLedger(Ledger):
                 f"a ledger row in {self.url} stayed locked for {LOCK_TIMEOUT_SECONDS} s ({text}); "
                 "another session holds a long transaction; no work was done"
             )
-        return LedgerUnavailableError(f"PostgreSQL ledger {self.url} failed: {text}")
+        return LedgerUnavailableError(
+            f"PostgreSQL ledger {self.url} failed: {text}; no work was done"
+        )
 
     def _run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         """One autocommit read (or idempotent write) on a pooled connection."""
@@ -629,7 +631,7 @@ class PostgresLedger(Ledger):
         except psycopg.Error as exc:
             raise LedgerUnavailableError(
                 f"cannot set up the PostgreSQL ledger {self.url}: "
-                f"{_scrub(str(exc).strip(), self._password)}"
+                f"{_scrub(str(exc).strip(), self._password)}; no work was done"
             ) from None
 
     def _schema_version(self, conn: psycopg.Connection[Any]) -> int | None:

@@ -122,10 +122,7 @@ class Ledger(ABC):
         force: bool = False,
     ) -> Claim:
         """Atomically decide whether `run_id` may do the work named by `key` (DESIGN §1.3)."""
-        key = validate_key(key)
-        run_id = validate_key(run_id, "run_id")
-        pipeline = validate_optional_label(pipeline, "pipeline")
-        fingerprint = validate_optional_label(fingerprint, "fingerprint")
+        key, run_id, pipeline, fingerprint = validate_claim(key, run_id, pipeline, fingerprint)
         with self.transaction() as tx:
             while True:
                 existing = tx.load(key)
@@ -319,6 +316,18 @@ class Ledger(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+def validate_claim(
+    key: object, run_id: object, pipeline: object, fingerprint: object
+) -> tuple[str, str, str | None, str | None]:
+    """A claim's arguments checked before anything is written, by every backend's claim."""
+    return (
+        validate_key(key),
+        validate_key(run_id, "run_id"),
+        validate_optional_label(pipeline, "pipeline"),
+        validate_optional_label(fingerprint, "fingerprint"),
+    )
 
 
 def _outcome(value: Outcome | str) -> Outcome:

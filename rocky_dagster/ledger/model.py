@@ -112,6 +112,11 @@ class Entry(_Frozen):
         )
 
 
+ENTRY_COLUMNS: tuple[str, ...] = tuple(Entry.model_fields)
+"""An entry's stored columns, in the order every backend's SQL uses."""
+TIME_COLUMNS = ("claimed_at", "heartbeat_at", "lease_expires_at", "finalized_at", "expires_at")
+
+
 class Claim(_Frozen):
     """The answer to one claim; `fence` is set only when the caller should run."""
 

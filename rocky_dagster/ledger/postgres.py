@@ -38,7 +38,7 @@ import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .backend import Clock, Ledger, _outcome, redact_url
+from .backend import Clock, Ledger, _outcome, redact_url, validate_claim
 from .config import LedgerConfig
 from .errors import (
     LedgerConfigError,
@@ -47,6 +47,8 @@ from .errors import (
 )
 from .machine import decide
 from .model import (
+    ENTRY_COLUMNS,
+    TIME_COLUMNS,
     Claim,
     Entry,
     Event,
@@ -60,7 +62,6 @@ from .model import (
     encode_result,
     validate_fence,
     validate_key,
-    validate_optional_label,
 )
 
 SCHEMA_VERSION = 1
@@ -90,23 +91,6 @@ _NEW_CLAIM = decide(
 )
 """What the decision table says about a key with no row: the one case the fast claim handles."""
 
-_ENTRY_COLUMNS = (
-    "key",
-    "state",
-    "run_id",
-    "fence",
-    "pipeline",
-    "fingerprint",
-    "claimed_at",
-    "heartbeat_at",
-    "lease_expires_at",
-    "finalized_at",
-    "expires_at",
-    "dedup_on",
-    "result",
-    "prior_run_id",
-)
-_TIME_COLUMNS = ("claimed_at", "heartbeat_at", "lease_expires_at", "finalized_at", "expires_at")
 
 T = TypeVar("T")
 
@@ -141,8 +125,8 @@ class _Sql:
         self.events = f"{s}.{EVENTS}"
         self.meta = f"{s}.{META}"
         self.fences = f"{s}.{FENCES}"
-        cols = ", ".join(_ENTRY_COLUMNS)
-        placeholders = ", ".join(f"%({c})s" for c in _ENTRY_COLUMNS)
+        cols = ", ".join(ENTRY_COLUMNS)
+        placeholders = ", ".join(f"%({c})s" for c in ENTRY_COLUMNS)
         self.select = f"SELECT {cols} FROM {self.entries}"
         # The clock is read in the outer query, after the lateral subquery took the row lock,
         # so a claim that waited for the lock decides with the time it got it.
@@ -156,7 +140,7 @@ class _Sql:
         )
         self.update = (
             f"UPDATE {self.entries} SET "
-            + ", ".join(f"{c} = %({c})s" for c in _ENTRY_COLUMNS[1:])
+            + ", ".join(f"{c} = %({c})s" for c in ENTRY_COLUMNS[1:])
             + ", write_token = NULL WHERE key = %(key)s"
         )
         self.delete = f"DELETE FROM {self.entries} WHERE key = %s"
@@ -339,15 +323,15 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def _entry(row: tuple[Any, ...] | list[Any]) -> Entry:
-    data = dict(zip(_ENTRY_COLUMNS, row, strict=True))
-    for name in _TIME_COLUMNS:
+    data = dict(zip(ENTRY_COLUMNS, row, strict=True))
+    for name in TIME_COLUMNS:
         data[name] = _utc(data[name])
     data["result"] = decode_result(data["result"])
     return Entry.model_validate(data)
 
 
 def _entry_params(entry: Entry) -> dict[str, Any]:
-    params = {c: getattr(entry, c) for c in _ENTRY_COLUMNS}
+    params = {c: getattr(entry, c) for c in ENTRY_COLUMNS}
     params["state"] = entry.state.value
     params["result"] = encode_result(entry.result)
     return params
@@ -733,10 +717,7 @@ class PostgresLedger(Ledger):
         force: bool = False,
     ) -> Claim:
         """As `Ledger.claim`; a key with no row is claimed in one statement (one round trip)."""
-        key = validate_key(key)
-        run_id = validate_key(run_id, "run_id")
-        pipeline = validate_optional_label(pipeline, "pipeline")
-        fingerprint = validate_optional_label(fingerprint, "fingerprint")
+        key, run_id, pipeline, fingerprint = validate_claim(key, run_id, pipeline, fingerprint)
 
         def attempt() -> Claim:
             claim = self._fast_claim(key, run_id, pipeline, fingerprint)

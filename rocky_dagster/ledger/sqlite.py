@@ -29,7 +29,16 @@ from typing import Any, TypeVar
 from .backend import Clock, Ledger
 from .config import LedgerConfig
 from .errors import LedgerConfigError, LedgerSchemaError, LedgerUnavailableError
-from .model import Entry, Event, EventKind, State, Stats, decode_result, encode_result
+from .model import (
+    ENTRY_COLUMNS,
+    Entry,
+    Event,
+    EventKind,
+    State,
+    Stats,
+    decode_result,
+    encode_result,
+)
 
 SCHEMA_VERSION = 1
 ENTRIES = "rocky_ledger_entries"
@@ -39,28 +48,12 @@ BUSY_TIMEOUT_SECONDS = 30.0
 WRITABLE_RECHECK_SECONDS = 1.0
 WAL_AUTOCHECKPOINT_PAGES = 4000
 
-_ENTRY_COLUMNS = (
-    "key",
-    "state",
-    "run_id",
-    "fence",
-    "pipeline",
-    "fingerprint",
-    "claimed_at",
-    "heartbeat_at",
-    "lease_expires_at",
-    "finalized_at",
-    "expires_at",
-    "dedup_on",
-    "result",
-    "prior_run_id",
-)
-_SELECT_ENTRY = f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM {ENTRIES}"
+_SELECT_ENTRY = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM {ENTRIES}"
 # insert-if-absent (the protocol's `insert` reports a conflict) and a plain UPDATE: an
 # INSERT OR REPLACE would delete and re-insert the row, rewriting every index.
 _INSERT_ENTRY = (
-    f"INSERT INTO {ENTRIES} ({', '.join(_ENTRY_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _ENTRY_COLUMNS)}) ON CONFLICT (key) DO NOTHING"
+    f"INSERT INTO {ENTRIES} ({', '.join(ENTRY_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in ENTRY_COLUMNS)}) ON CONFLICT (key) DO NOTHING"
 )
 
 
@@ -104,7 +97,7 @@ def _dt(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
 
-_VALUE_FIELDS = _ENTRY_COLUMNS[1:]
+_VALUE_FIELDS = ENTRY_COLUMNS[1:]
 _TIME_FIELDS = frozenset(
     ("claimed_at", "heartbeat_at", "lease_expires_at", "finalized_at", "expires_at")
 )
@@ -124,7 +117,7 @@ def _column(name: str, value: Any) -> Any:
 
 
 def _row(entry: Entry) -> tuple[Any, ...]:
-    """All columns of an entry, in `_ENTRY_COLUMNS` order."""
+    """All columns of an entry, in `ENTRY_COLUMNS` order."""
     return (
         entry.key,
         entry.state.value,

@@ -188,10 +188,7 @@ class Ledger(ABC):
         result: dict[str, Any] | None = None,
     ) -> FinalizeResult:
         """Compare-and-set the claim `fence` to its outcome; one-shot, never touches a newer claim."""
-        key = validate_key(key)
-        fence = validate_fence(fence)
-        outcome = _outcome(outcome)
-        encoded = encode_result(result)
+        key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
         with self.transaction() as tx:
             row = tx.load(key)
             if row is None:
@@ -328,6 +325,13 @@ def validate_claim(
         validate_optional_label(pipeline, "pipeline"),
         validate_optional_label(fingerprint, "fingerprint"),
     )
+
+
+def validate_finalize(
+    key: object, fence: object, outcome: object, result: object
+) -> tuple[str, int, Outcome, str | None]:
+    """A finalize's arguments checked (and the result encoded) before anything is written."""
+    return validate_key(key), validate_fence(fence), _outcome(outcome), encode_result(result)
 
 
 def _outcome(value: Outcome | str) -> Outcome:

@@ -38,7 +38,7 @@ import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .backend import Clock, Ledger, _outcome, redact_url, validate_claim
+from .backend import Clock, Ledger, redact_url, validate_claim, validate_finalize
 from .config import LedgerConfig
 from .errors import (
     LedgerConfigError,
@@ -794,10 +794,7 @@ class PostgresLedger(Ledger):
         result: dict[str, Any] | None = None,
     ) -> FinalizeResult:
         """As `Ledger.finalize`; a live claim is finalized in one compare-and-set statement."""
-        key = validate_key(key)
-        fence = validate_fence(fence)
-        outcome = _outcome(outcome)
-        encoded = encode_result(result)
+        key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
         token = secrets.token_hex(8)
         params = {
             "now": self._clock_now(),

@@ -17,7 +17,7 @@ from dagster import AssetObservation, AssetsDefinition, MaterializeResult, Outpu
 
 from .guard import KeyFn, StepGuard
 from .keys import GUARDED_OP_TAG
-from .ops import FingerprintFn, guarded_signature
+from .ops import FingerprintFn, guarded_signature, present_as
 from .resource import RESOURCE_KEY
 
 
@@ -93,11 +93,7 @@ def idempotent_asset(
                 guard.fail(exc)
                 raise
 
-        guarded.__name__ = body.__name__
-        guarded.__qualname__ = body.__qualname__
-        guarded.__module__ = body.__module__
-        guarded.__doc__ = body.__doc__
-        guarded.__signature__ = signature  # type: ignore[attr-defined]
+        present_as(guarded, body, signature)
         op_tags = {**(asset_kwargs.pop("op_tags", None) or {}), GUARDED_OP_TAG: "true"}
         return asset(output_required=False, op_tags=op_tags, **asset_kwargs)(guarded)
 

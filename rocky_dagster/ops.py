@@ -191,11 +191,7 @@ def _wrap_op_body(
             guard.fail(exc)
             raise
 
-    guarded.__name__ = body.__name__
-    guarded.__qualname__ = body.__qualname__
-    guarded.__module__ = body.__module__
-    guarded.__doc__ = body.__doc__
-    guarded.__signature__ = signature  # type: ignore[attr-defined]
+    present_as(guarded, body, signature)
     return guarded
 
 
@@ -230,6 +226,22 @@ def guarded_signature(
     )
     ordered = sorted(resolved, key=lambda p: p.kind == inspect.Parameter.KEYWORD_ONLY)
     return inspect.Signature([context_param, *ordered]), takes_context, passes_ledger
+
+
+def present_as(wrapper: Callable[..., Any], body: Callable[..., Any], sig: inspect.Signature) -> None:
+    """Make Dagster see `body`'s name, docs and parameters on `wrapper`.
+
+    Dagster 1.13 reads a wrapper's ``__signature__``; 1.12 reads its ``__annotations__`` for
+    typed resource parameters, so both are set, with the annotations already resolved.
+    """
+    wrapper.__name__ = body.__name__
+    wrapper.__qualname__ = body.__qualname__
+    wrapper.__module__ = body.__module__
+    wrapper.__doc__ = body.__doc__
+    wrapper.__signature__ = sig  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {
+        p.name: p.annotation for p in sig.parameters.values() if p.annotation is not p.empty
+    }
 
 
 def _emit(result: Any, output_names: list[str], guard: StepGuard) -> Iterator[Any]:

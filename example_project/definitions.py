@@ -254,7 +254,9 @@ def _file_key(path: Path) -> str:
     return f"drop:{path.name}:{digest}"
 
 
-@sensor(job=load_job, minimum_interval_seconds=10)
+# job_name, not job=: a sensor holding the job object makes Dagster re-create the sensor to bind
+# the Definitions' resources to it, and that copy warns (BetaWarning) in every process.
+@sensor(job_name="load_job", minimum_interval_seconds=10)
 def payments_drop_sensor(context: SensorEvaluationContext, ledger: IdempotencyLedger):
     """One load run per dropped file content; a file that was loaded is never requested again."""
     files = sorted(p for p in DROPS_DIR.glob("payments_*") if p.is_file())

@@ -228,7 +228,9 @@ def guarded_signature(
     return inspect.Signature([context_param, *ordered]), takes_context, passes_ledger
 
 
-def present_as(wrapper: Callable[..., Any], body: Callable[..., Any], sig: inspect.Signature) -> None:
+def present_as(
+    wrapper: Callable[..., Any], body: Callable[..., Any], sig: inspect.Signature
+) -> None:
     """Make Dagster see `body`'s name, docs and parameters on `wrapper`.
 
     Dagster 1.13 reads a wrapper's ``__signature__``; 1.12 reads its ``__annotations__`` for

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
-from dagster import ConfigurableResource, EnvVar
+from dagster import ConfigurableResource, EnvVar, get_dagster_logger
 from pydantic import Field, PrivateAttr, field_validator
 
 from .ledger import (
     DedupPolicy,
     Ledger,
     LedgerConfig,
+    LedgerConfigError,
     MismatchPolicy,
+    check_url,
     default_ledger_url,
     open_ledger,
 )
+from .ledger.defaults import ENV_URL
 
 RESOURCE_KEY = "ledger"
+
+_warned_fallback: set[str] = set()
 
 _OPEN: dict[tuple[str, str], Ledger] = {}
 _OPEN_LOCK = threading.Lock()
@@ -93,16 +99,11 @@ class IdempotencyLedger(ConfigurableResource):
         """Catch a wrong scheme at definition time; the store itself is opened on first use."""
         if isinstance(value, EnvVar) or value is None or not isinstance(value, str):
             return value
-        text = value.strip()
-        if "://" in text:
-            scheme = text.split("://", 1)[0].lower()
-            if scheme not in ("sqlite", "postgresql", "postgres") and not scheme.startswith(
-                "postgresql+"
-            ):
-                raise ValueError(
-                    f"url: unknown scheme {scheme!r}; use sqlite:///path/to/ledger.db or "
-                    "postgresql://user:password@host:5432/dbname"
-                )
+        if value.strip():
+            try:
+                check_url(value.strip())
+            except LedgerConfigError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("dedup_on", mode="before")
@@ -129,7 +130,15 @@ class IdempotencyLedger(ConfigurableResource):
 
     def resolved_url(self) -> str:
         """The URL in force: the configured one, else the default location rule."""
-        return self.url.strip() if self.url and self.url.strip() else default_ledger_url()
+        if self.url and self.url.strip():
+            return self.url.strip()
+        url = default_ledger_url()
+        if (
+            not os.environ.get(ENV_URL, "").strip()
+            and not os.environ.get("DAGSTER_HOME", "").strip()
+        ):
+            _warn_fallback(url)
+        return url
 
     def open(self) -> Ledger:
         """The ledger, opened on first use and shared per process (callers must not close it)."""
@@ -144,6 +153,20 @@ class IdempotencyLedger(ConfigurableResource):
                     _OPEN[cache_key] = ledger
             self._ledger = ledger
         return self._ledger
+
+
+def _warn_fallback(url: str) -> None:
+    """Say once per process that the ledger is a file in the working directory: runs launched
+    without $DAGSTER_HOME (a throwaway instance) and a `dagster dev` with it would each see a
+    different ledger, so a rerun could not find the run it names."""
+    if url in _warned_fallback:
+        return
+    _warned_fallback.add(url)
+    get_dagster_logger("rocky_dagster").warning(
+        f"rocky_dagster: neither ${ENV_URL} nor $DAGSTER_HOME is set, so the ledger is "
+        f"{url.removeprefix('sqlite:///')} in the working directory. Set DAGSTER_HOME (as for "
+        f"`dagster dev`) or IdempotencyLedger(url=...) so every process uses one ledger."
+    )
 
 
 def _check_choice(field: str, value: Any, choices: type[DedupPolicy] | type[MismatchPolicy]) -> Any:

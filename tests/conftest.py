@@ -46,7 +46,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.postgres)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under CI's requirements (a server and a browser are promised) a skip is a failure, so a
+    test that quietly stops running cannot pass as green."""
+    if not any(os.environ.get(flag) == "1" for flag in (REQUIRE_ENV, "ROCKY_REQUIRE_BROWSER")):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        session.config.stash[_SKIPS_FAILED] = [report.nodeid for report in skipped]
+
+
+_SKIPS_FAILED = pytest.StashKey[list[str]]()
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    failed_skips = terminalreporter.config.stash.get(_SKIPS_FAILED, [])
+    if failed_skips:
+        terminalreporter.write_sep("!", "tests were SKIPPED under CI: failing", red=True, bold=True)
+        for nodeid in failed_skips:
+            terminalreporter.write_line(f"skipped: {nodeid}")
     reason = _missing_reason()
     if reason is not None and os.environ.get(REQUIRE_ENV) != "1":
         terminalreporter.write_sep("!", "PostgreSQL tests were SKIPPED", red=True, bold=True)

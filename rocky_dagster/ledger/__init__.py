@@ -55,6 +55,7 @@ __all__ = [
     "Outcome",
     "State",
     "Stats",
+    "check_url",
     "default_ledger_url",
     "open_ledger",
     "redact_url",
@@ -81,14 +82,33 @@ def open_ledger(
     """
     config = LedgerConfig.parse(config)
     text = os.fspath(url)
+    backend = check_url(text)
+    if backend == "postgresql":
+        try:
+            from .postgres import PostgresLedger
+        except ImportError as exc:
+            raise LedgerConfigError(
+                f"url: {redact_url(text)!r} needs the PostgreSQL backend, which is not installed "
+                f"({exc}); install it with: pip install 'rocky-dagster[postgres]'"
+            ) from None
+        return PostgresLedger(text, config, clock)
+    from .sqlite import SQLiteLedger
+
+    if "://" not in text:
+        return SQLiteLedger(sqlite_url(text), text, config, clock)
+    return SQLiteLedger(text, text.partition("://")[2][1:], config, clock)
+
+
+def check_url(url: str) -> str:
+    """Which backend `url` names ("sqlite" or "postgresql"), or `LedgerConfigError` saying why
+    none: run where definitions load, so a typo fails there and not in the first step."""
+    text = url
     if not isinstance(text, str) or not text.strip():
         raise LedgerConfigError(
             "url: empty ledger url; give sqlite:///path/to/ledger.db or postgresql://user@host/db"
         )
     if "://" not in text:
-        from .sqlite import SQLiteLedger
-
-        return SQLiteLedger(sqlite_url(text), text, config, clock)
+        return "sqlite"
     scheme, _, rest = text.partition("://")
     scheme = scheme.lower()
     if scheme == "sqlite":
@@ -99,18 +119,9 @@ def open_ledger(
                 "sqlite:////absolute/ledger.db (an in-memory ledger cannot be shared by Dagster's "
                 "processes)"
             )
-        from .sqlite import SQLiteLedger
-
-        return SQLiteLedger(text, path, config, clock)
+        return "sqlite"
     if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
-        try:
-            from .postgres import PostgresLedger
-        except ImportError as exc:
-            raise LedgerConfigError(
-                f"url: {redact_url(text)!r} needs the PostgreSQL backend, which is not installed "
-                f"({exc}); install it with: pip install 'rocky-dagster[postgres]'"
-            ) from None
-        return PostgresLedger(text, config, clock)
+        return "postgresql"
     raise LedgerConfigError(
         f"url: unknown scheme {scheme!r} in {redact_url(text)!r}; use sqlite:///path/to/ledger.db "
         "or postgresql://user:password@host:5432/dbname"

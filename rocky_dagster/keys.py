@@ -1,4 +1,4 @@
-"""Tag names and idempotency-key resolution (DESIGN §2 "Keys").
+"""Tag names and idempotency-key resolution (docs/contract.md, "Keys").
 
 Pure functions of run tags, a step key and a partition, so the rules can be
 tested (and reasoned about) without Dagster objects. The Dagster layer feeds
@@ -124,7 +124,7 @@ def resolve_key(
     partition: str | None = None,
     asset_key: str | None = None,
 ) -> ResolvedKey:
-    """Resolve one step's base and ledger key (DESIGN §2 "Keys").
+    """Resolve one step's base and ledger key (docs/contract.md, "Keys").
 
     `user_key` is what a `key_fn` returned (None: no opinion); `asset_key` is set only for a
     guarded asset, whose partition is then a key of last resort.

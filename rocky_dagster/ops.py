@@ -1,4 +1,4 @@
-"""`idempotent_op`: an `@op` whose body runs at most once per key (DESIGN §2).
+"""`idempotent_op`: an `@op` whose body runs at most once per key (see docs/contract.md).
 
 The decorated function keeps its own signature (context, inputs, `config`, typed resources);
 the wrapper adds the ledger resource and does, around the body:

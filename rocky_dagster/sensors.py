@@ -45,7 +45,7 @@ def ledger_run_status_sensors(
     default_status: DefaultSensorStatus = DefaultSensorStatus.RUNNING,
     monitor_all_code_locations: bool = True,
 ) -> list[RunStatusSensorDefinition]:
-    """Three sensors settling the in-flight claims of finished runs (DESIGN §2).
+    """Three sensors settling the claims of finished runs (docs/contract.md, "Dead holders").
 
     FAILURE → the run's claims are finalized failed; CANCELED → released; SUCCESS → claims still
     in flight are stamped succeeded. They take the ``ledger`` resource from Definitions, start

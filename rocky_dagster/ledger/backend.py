@@ -121,7 +121,7 @@ class Ledger(ABC):
         fingerprint: str | None = None,
         force: bool = False,
     ) -> Claim:
-        """Atomically decide whether `run_id` may do the work named by `key` (DESIGN §1.3)."""
+        """Decide atomically if `run_id` may do `key`'s work (docs/contract.md "Claim decisions")."""
         key, run_id, pipeline, fingerprint = validate_claim(key, run_id, pipeline, fingerprint)
         with self.transaction() as tx:
             while True:

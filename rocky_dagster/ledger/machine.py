@@ -1,4 +1,4 @@
-"""The claim decision table (DESIGN §1.3) as one pure function.
+"""The claim decision table (docs/contract.md, "Claim decisions") as one pure function.
 
 Backends lock the key's row, call `decide`, and write what it says, so every
 backend makes the same decision from the same row.

@@ -1,4 +1,4 @@
-"""The ledger contract (DESIGN §1), written against the `Ledger` API only.
+"""The ledger contract (docs/contract.md, "Ledger contract"), written against the `Ledger` API only.
 
 Every test runs once per backend (`ledger_url`); time moves only through the injected
 `FakeClock`, and boundaries are probed one microsecond either side.
@@ -47,7 +47,7 @@ def claim_and_finish(ledger: Ledger, key: str, run_id: str, outcome: Outcome, **
     return claim.fence
 
 
-# --- the decision table (DESIGN §1.3), one row at a time ------------------------------------------
+# --- the decision table (docs/contract.md, "Claim decisions"), one row at a time ------------------
 
 
 def test_first_claim_proceeds_and_writes_an_in_flight_entry(ledger: Ledger, clock: FakeClock):
@@ -219,7 +219,7 @@ def test_a_ttl_shorter_than_the_lease_caps_the_first_lease(
     assert ledger.claim("k", "run-2").decision == Decision.ADOPTED_STALE
 
 
-# --- finalize (DESIGN §1.4) ---------------------------------------------------------------------
+# --- finalize (docs/contract.md, "Finalize") ------------------------------------------------------
 
 
 def test_finalize_success_sets_state_expiry_and_result(ledger: Ledger, clock: FakeClock):
@@ -301,7 +301,7 @@ def test_finalize_after_an_operator_release_is_not_found(ledger: Ledger):
     assert kinds(ledger, "k") == ["claimed", "released", "lost"]
 
 
-# --- heartbeat (DESIGN §1.5) and the zombie ------------------------------------------------------
+# --- heartbeat (docs/contract.md, "Leases, heartbeats and the in-flight TTL") and the zombie ------
 
 
 def test_heartbeat_extends_the_lease_from_now(ledger: Ledger, clock: FakeClock):

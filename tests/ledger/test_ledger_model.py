@@ -5,7 +5,8 @@ reset / release / reopen-under-the-other-policy on two keys and three runs, with
 durations and whole-second clock steps so that every `<=` boundary is hit exactly. After each
 step every entry, every key's event log and the stats must match the reference.
 
-The reference restates DESIGN §1 on plain dicts; it shares no code with the ledger.
+The reference restates the ledger contract (docs/contract.md) on plain dicts; it shares no
+code with the ledger.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Row:
 
 @dataclass
 class Reference:
-    """DESIGN §1 as plain data: rows by key, each key's events, the clock, the fences seen."""
+    """The contract as plain data: rows by key, each key's events, the clock, the fences seen."""
 
     policy: str
     lease: timedelta

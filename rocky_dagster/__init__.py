@@ -35,6 +35,11 @@ _EXPORTS: dict[str, str] = {
     "LedgerConfig": ".ledger",
     "Decision": ".ledger",
     "Outcome": ".ledger",
+    "LedgerError": ".ledger",
+    "LedgerUnavailableError": ".ledger",
+    "LedgerConfigError": ".ledger",
+    "LedgerSchemaError": ".ledger",
+    "FingerprintMismatchError": ".ledger",
     # the pipelines
     "ReplicationPipeline": ".pipelines",
     "TransformationPipeline": ".pipelines",
@@ -44,39 +49,21 @@ _EXPORTS: dict[str, str] = {
     "PipelineResult": ".pipelines",
     "QualityChecksFailed": ".pipelines",
 }
+"""Every public name and the module it lives in: the one export list (``__all__`` is its keys)."""
 
-__all__ = [
-    "FORCE_TAG",
-    "KEY_TAG",
-    "Decision",
-    "IdempotencyLedger",
-    "LedgerConfig",
-    "LoadPipeline",
-    "Outcome",
-    "PipelineResult",
-    "QualityChecksFailed",
-    "QualityPipeline",
-    "ReplicationPipeline",
-    "SnapshotPipeline",
-    "TransformationPipeline",
-    "guard_run_requests",
-    "idempotent_asset",
-    "idempotent_op",
-    "ledger_failure_hook",
-    "ledger_hook",
-    "ledger_hooks",
-    "ledger_job",
-    "ledger_run_status_sensors",
-    "ledger_success_hook",
-    "load_op",
-    "open_ledger",
-    "quality_checks",
-    "quality_op",
-    "replication_op",
-    "snapshot_op",
-    "transformation_op",
-    "with_ledger",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rocky-dagster")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _package_version()
 
 
 def __getattr__(name: str) -> Any:
@@ -93,28 +80,108 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .assets import idempotent_asset
-    from .hooks import ledger_failure_hook, ledger_hook, ledger_hooks, ledger_success_hook
-    from .jobs import ledger_job, with_ledger
-    from .keys import FORCE_TAG, KEY_TAG
-    from .ledger import Decision, LedgerConfig, Outcome, open_ledger
-    from .ops import idempotent_op
+    from .assets import (
+        idempotent_asset as idempotent_asset,
+    )
+    from .hooks import (
+        ledger_failure_hook as ledger_failure_hook,
+    )
+    from .hooks import (
+        ledger_hook as ledger_hook,
+    )
+    from .hooks import (
+        ledger_hooks as ledger_hooks,
+    )
+    from .hooks import (
+        ledger_success_hook as ledger_success_hook,
+    )
+    from .jobs import (
+        ledger_job as ledger_job,
+    )
+    from .jobs import (
+        with_ledger as with_ledger,
+    )
+    from .keys import (
+        FORCE_TAG as FORCE_TAG,
+    )
+    from .keys import (
+        KEY_TAG as KEY_TAG,
+    )
+    from .ledger import (
+        Decision as Decision,
+    )
+    from .ledger import (
+        FingerprintMismatchError as FingerprintMismatchError,
+    )
+    from .ledger import (
+        LedgerConfig as LedgerConfig,
+    )
+    from .ledger import (
+        LedgerConfigError as LedgerConfigError,
+    )
+    from .ledger import (
+        LedgerError as LedgerError,
+    )
+    from .ledger import (
+        LedgerSchemaError as LedgerSchemaError,
+    )
+    from .ledger import (
+        LedgerUnavailableError as LedgerUnavailableError,
+    )
+    from .ledger import (
+        Outcome as Outcome,
+    )
+    from .ledger import (
+        open_ledger as open_ledger,
+    )
+    from .ops import (
+        idempotent_op as idempotent_op,
+    )
     from .pipeline_ops import (
-        load_op,
-        quality_checks,
-        quality_op,
-        replication_op,
-        snapshot_op,
-        transformation_op,
+        load_op as load_op,
+    )
+    from .pipeline_ops import (
+        quality_checks as quality_checks,
+    )
+    from .pipeline_ops import (
+        quality_op as quality_op,
+    )
+    from .pipeline_ops import (
+        replication_op as replication_op,
+    )
+    from .pipeline_ops import (
+        snapshot_op as snapshot_op,
+    )
+    from .pipeline_ops import (
+        transformation_op as transformation_op,
     )
     from .pipelines import (
-        LoadPipeline,
-        PipelineResult,
-        QualityChecksFailed,
-        QualityPipeline,
-        ReplicationPipeline,
-        SnapshotPipeline,
-        TransformationPipeline,
+        LoadPipeline as LoadPipeline,
     )
-    from .resource import IdempotencyLedger
-    from .sensors import guard_run_requests, ledger_run_status_sensors
+    from .pipelines import (
+        PipelineResult as PipelineResult,
+    )
+    from .pipelines import (
+        QualityChecksFailed as QualityChecksFailed,
+    )
+    from .pipelines import (
+        QualityPipeline as QualityPipeline,
+    )
+    from .pipelines import (
+        ReplicationPipeline as ReplicationPipeline,
+    )
+    from .pipelines import (
+        SnapshotPipeline as SnapshotPipeline,
+    )
+    from .pipelines import (
+        TransformationPipeline as TransformationPipeline,
+    )
+    from .resource import (
+        IdempotencyLedger as IdempotencyLedger,
+    )
+    from .sensors import (
+        guard_run_requests as guard_run_requests,
+    )
+    from .sensors import (
+        ledger_run_status_sensors as ledger_run_status_sensors,
+    )

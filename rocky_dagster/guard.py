@@ -21,14 +21,13 @@ from datetime import datetime
 from typing import Any
 
 from dagster import (
+    DagsterExecutionInterruptedError,
     DagsterRunStatus,
     Failure,
     MetadataValue,
-    RetryRequested,
 )
-from dagster._core.errors import DagsterExecutionInterruptedError
-from dagster._core.events import EngineEventData
 
+from . import _compat
 from .keys import (
     KEY_TAG,
     RUN_KEY_TAG,
@@ -189,7 +188,7 @@ class StepGuard:
         self.pipeline = pipeline
         self.asset_key = asset_key
         self.run_id: str = self.op_ctx.run_id
-        self.step_key: str = self.op_ctx.get_step_execution_context().step.key
+        self.step_key: str = _compat.step_key(self.op_ctx)
         self.resolved: ResolvedKey | None = None
         self.claim_result: Claim | None = None
         self.reaped: tuple[str, DagsterRunStatus, bool] | None = None
@@ -498,18 +497,7 @@ class StepGuard:
         )
 
     def _will_retry(self, exc: BaseException) -> bool:
-        step = self.op_ctx.get_step_execution_context()
-        if not step.retry_mode.enabled:
-            return False
-        attempt = self.op_ctx.retry_number
-        if isinstance(exc, RetryRequested):
-            return attempt < exc.max_retries
-        if isinstance(exc, Failure) and not exc.allow_retries:
-            return False
-        if not isinstance(exc, Exception):
-            return False
-        policy = step.op_retry_policy
-        return policy is not None and attempt < policy.max_retries
+        return _compat.will_retry(self.op_ctx, exc)
 
     def _stop_heartbeat(self) -> None:
         if self._heartbeat is not None:
@@ -578,7 +566,7 @@ class StepGuard:
         if not tags:
             return
         try:
-            self.op_ctx.instance.add_run_tags(self.run_id, tags)
+            _compat.add_run_tags(self.op_ctx.instance, self.run_id, tags)
         except Exception as exc:  # tags are for people; never fail the work over them
             self.op_ctx.log.warning(f"rocky_dagster: could not set run tags {tags}: {exc}")
 
@@ -617,11 +605,8 @@ class StepGuard:
             )
             # no output carries this step's metadata, so the line itself does (run link included)
             try:
-                self.op_ctx.instance.report_engine_event(
-                    message,
-                    self.op_ctx.run,
-                    EngineEventData(metadata=self.metadata()),
-                    step_key=self.step_key,
+                _compat.report_engine_event(
+                    self.op_ctx.instance, message, self.op_ctx.run, self.metadata(), self.step_key
                 )
             except Exception:
                 log.warning(message)

@@ -19,11 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dagster import HookContext, HookDefinition, failure_hook, success_hook
-from dagster._core.definitions.decorators.hook_decorator import event_list_hook
-from dagster._core.definitions.events import HookExecutionResult
-from dagster._core.events import DagsterEvent
+from dagster import (
+    DagsterEvent,
+    HookContext,
+    HookDefinition,
+    HookExecutionResult,
+    failure_hook,
+    success_hook,
+)
 
+from ._compat import event_list_hook
 from .guard import take_active
 from .ledger import LedgerError, Outcome
 

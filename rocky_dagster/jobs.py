@@ -12,11 +12,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from dagster import AssetsDefinition, GraphDefinition, HookDefinition, JobDefinition, job
-from dagster._core.definitions.unresolved_asset_job_definition import (
-    UnresolvedAssetJobDefinition,
-)
-from dagster_shared.record import copy as copy_record
 
+from ._compat import UnresolvedAssetJobDefinition, copy_record
 from .guard import KeyFn, register_job_key_fn
 from .hooks import ledger_hooks
 from .resource import RESOURCE_KEY, IdempotencyLedger

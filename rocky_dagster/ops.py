@@ -33,6 +33,7 @@ from dagster import (
     op,
 )
 
+from ._compat import optional_out
 from .guard import KeyFn, StepGuard, replay_value
 from .keys import GUARDED_OP_TAG
 from .ledger import Decision
@@ -148,9 +149,9 @@ def _optional_outs(out: Out | Mapping[str, Out] | None, op_name: str) -> dict[st
             "guard the mapped op instead (each mapped step gets its own ledger key)"
         )
     if isinstance(out, Out):
-        return {"result": out._replace(is_required=False)}
+        return {"result": optional_out(out)}
     if isinstance(out, Mapping):
-        return {n: o._replace(is_required=False) for n, o in out.items()}
+        return {n: optional_out(o) for n, o in out.items()}
     raise TypeError(f"idempotent_op {op_name!r}: out must be an Out or a dict of Outs, got {out!r}")
 
 

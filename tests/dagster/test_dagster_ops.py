@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, ReexecutionOptions, execute_job, in_process_executor
-from dagster._core.definitions.reconstruct import reconstructable
+from dagster import (
+    DagsterInstance,
+    ReexecutionOptions,
+    execute_job,
+    in_process_executor,
+    reconstructable,
+)
 from dagster_layer_jobs import (
     fail_config,
     flaky_once,

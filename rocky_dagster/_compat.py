@@ -1,0 +1,134 @@
+"""Every use of Dagster's private API, in one place: what a Dagster upgrade can break.
+
+rocky_dagster uses Dagster's public API everywhere else. What follows has no public equivalent
+in Dagster 1.12 or 1.13; each item says why it is needed and what it reaches. Tested on Dagster
+1.12.22 and 1.13.29. When upgrading Dagster, this file is the checklist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from dagster import DagsterEvent, DagsterInstance, DagsterRun, Failure, Out, RetryRequested
+
+# The only hook decorator that sees the step's events, so one hook settles either outcome:
+# `success_hook` + `failure_hook` would be two hooks, hence two hook events per step.
+from dagster._core.definitions.decorators.hook_decorator import event_list_hook
+
+# What `define_asset_job` returns; dagster exports the function but not its return type, and
+# `with_ledger` must recognise it to add hooks.
+from dagster._core.definitions.unresolved_asset_job_definition import (
+    UnresolvedAssetJobDefinition,
+)
+
+# `report_engine_event` takes its metadata wrapped in this record, and a step that yields no
+# output (a skip) can carry its decision's metadata only on an engine event; dagster exports no
+# public constructor for it.
+from dagster._core.events import EngineEventData
+
+# `UnresolvedAssetJobDefinition` is an immutable record with no `with_hooks`; this is how
+# Dagster itself copies one with a field replaced.
+from dagster_shared.record import copy as copy_record
+
+__all__ = [
+    "UnresolvedAssetJobDefinition",
+    "add_run_tags",
+    "copy_record",
+    "event_list_hook",
+    "event_metadata",
+    "optional_out",
+    "report_engine_event",
+    "step_exception",
+    "step_key",
+    "will_retry",
+]
+
+
+def _step_context(op_ctx: Any) -> Any:
+    # `OpExecutionContext.get_step_execution_context()` is undocumented (Dagster marks it
+    # internal); it is the only way to the step key, the step's retry policy and the exception
+    # Dagster captured for the step.
+    return op_ctx.get_step_execution_context()
+
+
+def step_key(op_ctx: Any) -> str:
+    """The running step's key (an op's handle; an asset's op name). No public accessor exists."""
+    return str(_step_context(op_ctx).step.key)
+
+
+def will_retry(op_ctx: Any, exc: BaseException) -> bool:
+    """Whether Dagster will run this step again in the same run after `exc`.
+
+    Reads `retry_mode` and `op_retry_policy` of the step execution context (private
+    attributes): the public `RetryPolicy` is on the definition, but a job-level
+    `op_retry_policy` and the run's retry mode are only known to the step context.
+    """
+    step = _step_context(op_ctx)
+    if not step.retry_mode.enabled:
+        return False
+    attempt = op_ctx.retry_number
+    if isinstance(exc, RetryRequested):
+        return attempt < exc.max_retries
+    if isinstance(exc, Failure) and not exc.allow_retries:
+        return False
+    if not isinstance(exc, Exception):
+        return False
+    policy = step.op_retry_policy
+    return policy is not None and attempt < policy.max_retries
+
+
+def step_exception(op_ctx: Any) -> BaseException | None:
+    """The exception Dagster recorded for the step (`step_exception`, a private attribute).
+
+    When storing an output fails, the wrapper's generator is closed without being told why;
+    this is the only place the reason (and so whether a retry follows) can be read.
+    """
+    return _step_context(op_ctx).step_exception
+
+
+def add_run_tags(instance: DagsterInstance, run_id: str, tags: Mapping[str, str]) -> None:
+    # `DagsterInstance.add_run_tags` is not part of Dagster's documented API (the UI and the
+    # GraphQL layer use it), but it is the only way to tag a run after it started.
+    instance.add_run_tags(run_id, dict(tags))
+
+
+def report_engine_event(
+    instance: DagsterInstance,
+    message: str,
+    run: DagsterRun,
+    metadata: Mapping[str, Any],
+    step_key: str | None,
+) -> None:
+    # `report_engine_event` is undocumented; with `EngineEventData` (above) it is the only way to
+    # put a step-scoped event with metadata (a run link) in the run's log without an output.
+    instance.report_engine_event(
+        message, run, EngineEventData(metadata=dict(metadata)), step_key=step_key
+    )
+
+
+def event_metadata(event: DagsterEvent) -> Mapping[str, Any]:
+    """The metadata a step attached to one of its events (output, engine event, observation,
+    check evaluation, materialization), or {}.
+
+    `event_specific_data` is public on `DagsterEvent`, but its record types are not exported, so
+    their fields are read by name.
+    """
+    data = event.event_specific_data
+    if data is None:
+        return {}
+    for path in (("metadata",), ("asset_observation", "metadata"), ("materialization", "metadata")):
+        value: Any = data
+        for attr in path:
+            value = getattr(value, attr, None)
+            if value is None:
+                break
+        if isinstance(value, Mapping):
+            return value
+    return {}
+
+
+def optional_out(out: Out) -> Out:
+    # `Out` is a NamedTuple in Dagster 1.12/1.13 (`_replace` is the NamedTuple API): copying it
+    # field by field would drop fields later Dagster versions add.
+    return out._replace(is_required=False)

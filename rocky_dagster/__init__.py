@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "idempotent_asset": ".assets",
     "KEY_TAG": ".keys",
     "FORCE_TAG": ".keys",
+    # components (defs.yaml, dg)
+    "IdempotencyLedgerComponent": ".components",
     # the ledger
     "open_ledger": ".ledger",
     "LedgerConfig": ".ledger",
@@ -80,6 +82,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .components import (
+        IdempotencyLedgerComponent as IdempotencyLedgerComponent,
+    )
     from .assets import (
         idempotent_asset as idempotent_asset,
     )

@@ -1,0 +1,6 @@
+"""Components: the ledger and the pipelines declared in ``defs.yaml`` for ``dg``."""
+
+from .ledger import IdempotencyLedgerComponent as IdempotencyLedgerComponent
+from .ledger import LedgerSettings as LedgerSettings
+
+__all__ = ["IdempotencyLedgerComponent", "LedgerSettings"]

@@ -1,0 +1,105 @@
+"""The YAML front door through the real `dg` CLI: list, scaffold, check yaml, check defs.
+
+`dg` (dagster-dg-cli) pins one exact dagster, so this module runs where a matching release is
+installed (scripts/test: the floor venv).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("dagster_dg_cli", reason="dagster-dg-cli is not installed beside this dagster")
+
+DG = str(Path(sys.executable).with_name("dg"))
+
+PYPROJECT = """\
+[project]
+name = "{name}"
+version = "0.0.1"
+requires-python = ">=3.11"
+
+[tool.dg]
+directory_type = "project"
+
+[tool.dg.project]
+root_module = "{name}"
+"""
+
+DEFINITIONS = """\
+from pathlib import Path
+
+import dagster as dg
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
+"""
+
+
+def _project(root: Path, name: str = "shop_project") -> Path:
+    """A minimal dg project as `create-dagster project` lays it out, using this interpreter."""
+    package = root / "src" / name
+    (package / "defs").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "defs" / "__init__.py").write_text("")
+    (package / "definitions.py").write_text(DEFINITIONS)
+    (root / "pyproject.toml").write_text(PYPROJECT.format(name=name))
+    (root / ".env").write_text(f"DG_PROJECT_PYTHON_EXECUTABLE={sys.executable}\n")
+    return package / "defs"
+
+
+def _dg(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "ROCKY_LEDGER_URL")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["NO_COLOR"] = "1"
+    done = subprocess.run(
+        [DG, *args], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
+    if check:
+        assert done.returncode == 0, f"dg {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def test_dg_lists_the_components_with_their_summaries(tmp_path: Path) -> None:
+    _project(tmp_path)
+    items = json.loads(_dg(tmp_path, "list", "components", "--json").stdout)["items"]
+    ours = {item["key"]: item["summary"] for item in items if item["key"].startswith("rocky_")}
+    assert "rocky_dagster.IdempotencyLedgerComponent" in ours
+    assert "ledger" in ours["rocky_dagster.IdempotencyLedgerComponent"]
+
+
+def test_scaffolded_ledger_passes_dg_check_yaml_and_defs(tmp_path: Path) -> None:
+    defs_dir = _project(tmp_path)
+    _dg(tmp_path, "scaffold", "defs", "rocky_dagster.IdempotencyLedgerComponent", "ledger")
+    written = (defs_dir / "ledger" / "defs.yaml").read_text()
+    assert written.startswith("type: rocky_dagster.IdempotencyLedgerComponent")
+    assert "url_env: ROCKY_LEDGER_URL" in written
+    _dg(tmp_path, "check", "yaml")
+    _dg(tmp_path, "check", "defs")
+
+
+@pytest.mark.parametrize(
+    ("attribute", "command"),
+    [
+        ("unknown_field: 1", "yaml"),  # the schema: no such attribute
+        ("lease_seconds: -1", "yaml"),  # the schema: must be > 0
+        ("dedup_on: sometimes", "defs"),  # the model, when the definitions load
+        ("url: sqlite://ledger.db", "defs"),  # a url naming no file
+    ],
+)
+def test_dg_check_names_a_bad_attribute(tmp_path: Path, attribute: str, command: str) -> None:
+    defs_dir = _project(tmp_path)
+    (defs_dir / "ledger").mkdir()
+    (defs_dir / "ledger" / "defs.yaml").write_text(
+        f"type: rocky_dagster.IdempotencyLedgerComponent\nattributes:\n  {attribute}\n"
+    )
+    done = _dg(tmp_path, "check", command, check=False)
+    assert done.returncode != 0
+    assert attribute.split(":")[0] in done.stdout + done.stderr

@@ -82,11 +82,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .components import (
-        IdempotencyLedgerComponent as IdempotencyLedgerComponent,
-    )
     from .assets import (
         idempotent_asset as idempotent_asset,
+    )
+    from .components import (
+        IdempotencyLedgerComponent as IdempotencyLedgerComponent,
     )
     from .hooks import (
         ledger_failure_hook as ledger_failure_hook,

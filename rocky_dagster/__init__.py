@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "ledger_run_status_sensors": ".sensors",
     "guard_run_requests": ".sensors",
     "idempotent_asset": ".assets",
+    "input_versions_key": ".input_versions",
     "KEY_TAG": ".keys",
     "FORCE_TAG": ".keys",
     # components (defs.yaml, dg)
@@ -99,6 +100,9 @@ if TYPE_CHECKING:
     )
     from .hooks import (
         ledger_success_hook as ledger_success_hook,
+    )
+    from .input_versions import (
+        input_versions_key as input_versions_key,
     )
     from .jobs import (
         ledger_job as ledger_job,

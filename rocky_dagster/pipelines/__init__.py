@@ -12,6 +12,8 @@ from .errors import (
     PipelineError,
     QualityChecksFailed,
     SchemaConflictError,
+    ViewValidationError,
+    WarehouseError,
 )
 from .load import LoadPipeline
 from .quality import (
@@ -59,6 +61,8 @@ __all__ = [
     "TableStats",
     "TransformationPipeline",
     "UniqueCheck",
+    "ViewValidationError",
+    "WarehouseError",
     "connect_warehouse",
     "pipeline_from_dict",
     "pipeline_from_yaml",

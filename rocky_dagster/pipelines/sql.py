@@ -75,6 +75,24 @@ def user_tables(conn: sqlite3.Connection, schema: str = "main") -> list[str]:
     return [str(row[0]) for row in rows]
 
 
+def broken_views(conn: sqlite3.Connection, schema: str = "main") -> dict[str, str]:
+    """Views of a schema that no longer compile, with SQLite's reason.
+
+    SQLite lets a table be dropped or rebuilt under a view and only fails when the view is
+    read, so a run that changes tables must ask every view itself.
+    """
+    names = conn.execute(
+        f"SELECT name FROM {qi(schema)}.sqlite_master WHERE type = 'view' ORDER BY name"
+    ).fetchall()
+    broken: dict[str, str] = {}
+    for (name,) in names:
+        try:
+            conn.execute(f"SELECT * FROM {qi(schema)}.{qi(name)} LIMIT 0").fetchall()
+        except sqlite3.Error as exc:
+            broken[str(name)] = str(exc)
+    return broken
+
+
 def count_rows(conn: sqlite3.Connection, table: str, schema: str = "main") -> int:
     return int(conn.execute(f"SELECT count(*) FROM {qi(schema)}.{qi(table)}").fetchone()[0])
 

@@ -155,7 +155,10 @@ def _meta(path: Path, text: str) -> _ModelMeta:
     for suffix in (".yml", ".yaml"):
         side = path.with_suffix(suffix)
         if side.is_file():
-            loaded = yaml.safe_load(side.read_text(encoding="utf-8")) or {}
+            try:
+                loaded = yaml.safe_load(side.read_text(encoding="utf-8")) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise PipelineError(f"model sidecar {side}: {exc}", path=str(side)) from exc
             if not isinstance(loaded, dict):
                 raise PipelineError(f"model sidecar {side}: must be a mapping")
             sidecar = loaded
@@ -176,16 +179,23 @@ def discover(models_dir: str, default: Materialization) -> list[SqlModel]:
         if name.lower() in found:
             other = found[name.lower()].path
             raise ModelGraphError(f"two models are named {name!r}: {other} and {path}")
-        text = path.read_text(encoding="utf-8")
-        meta = _meta(path, text)
-        body = single_select(text, f"model {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"model {path}: cannot read it: {exc}", path=str(path)) from exc
+        try:
+            meta = _meta(path, text)
+            body = single_select(text, f"model {path}")
+            references = tuple(referenced_tables(body, label=f"model {path}"))
+        except PipelineError as exc:
+            raise exc.locate(table=name, path=str(path)) from None
         found[name.lower()] = SqlModel(
             name=name,
             path=str(path),
             sql=body,
             materialized=meta.materialized or default,
             description=meta.description or "",
-            references=tuple(referenced_tables(body, label=f"model {path}")),
+            references=references,
         )
     deps = {
         m.name: sorted({found[r].name for r in m.references if r in found}) for m in found.values()

@@ -10,7 +10,12 @@ from hypothesis import strategies as st
 from pipeline_helpers import dump, execute, query, scratch_dir, table_rows
 from pydantic import ValidationError
 
-from rocky_dagster.pipelines import ModelGraphError, PipelineError, TransformationPipeline
+from rocky_dagster.pipelines import (
+    ModelGraphError,
+    PipelineError,
+    TransformationPipeline,
+    ViewValidationError,
+)
 from rocky_dagster.pipelines.sqlmodels import referenced_tables
 
 RAW = "CREATE TABLE raw_orders (id INTEGER, customer TEXT, amount REAL);"
@@ -299,3 +304,46 @@ def test_sql_that_cannot_be_parsed_is_an_error_naming_the_model(
     models = write_models(tmp_path / "m", {"bad.sql": "SELECT * FROM (a JOIN"})
     with pytest.raises(PipelineError, match=r"model .*bad\.sql.*cannot parse"):
         TransformationPipeline(warehouse=warehouse, models_dir=str(models)).models()
+
+
+def test_a_view_broken_by_a_model_change_fails_the_run_naming_it_and_rolls_back(
+    tmp_path: Path, warehouse: str
+) -> None:
+    execute(warehouse, RAW, {"raw_orders": [(1, "ann", 5.0)]})
+    models = write_models(
+        tmp_path / "m",
+        {
+            "orders.sql": "SELECT id, customer, amount FROM raw_orders",
+            "by_customer.sql": "-- materialized: view\nSELECT customer, amount FROM orders",
+        },
+    )
+    pipeline = TransformationPipeline(warehouse=warehouse, models_dir=str(models))
+    pipeline.run()
+    # a view the models do not manage, reading the same model
+    execute(warehouse, "CREATE VIEW hand_made AS SELECT id, amount FROM orders;")
+    before = dump(warehouse)
+    write_models(models, {"orders.sql": "SELECT id, customer FROM raw_orders"})  # drops amount
+    with pytest.raises(ViewValidationError) as caught:
+        pipeline.run()
+    error = caught.value
+    assert (error.pipeline, error.table) == ("transformation", "by_customer")
+    assert "'by_customer'" in str(error) and "'hand_made'" in str(error)
+    assert "amount" in str(error)
+    assert dump(warehouse) == before
+    assert table_rows(warehouse, "by_customer") == [("ann", 5.0)]
+
+
+def test_a_view_broken_before_the_run_does_not_block_it(tmp_path: Path, warehouse: str) -> None:
+    execute(
+        warehouse,
+        "CREATE TABLE gone (x INTEGER); CREATE VIEW stale AS SELECT x FROM gone; DROP TABLE gone;",
+    )
+    models = write_models(tmp_path / "m", {"t.sql": "SELECT 1 AS x"})
+    result = TransformationPipeline(warehouse=warehouse, models_dir=str(models)).run()
+    assert result.details["order"] == ["t"]
+    # ...but a view model that is broken is this run's business
+    write_models(
+        models, {"v.sql": "-- materialized: view\nSELECT x FROM t", "t.sql": "SELECT 2 AS y"}
+    )
+    with pytest.raises(ViewValidationError, match="view 'v'"):
+        TransformationPipeline(warehouse=warehouse, models_dir=str(models)).run()

@@ -6,6 +6,7 @@ PipelineResult, and `fingerprint()` identifies a config for the idempotency ledg
 
 from .base import PipelineConfig, connect_warehouse
 from .errors import (
+    KeyChangeError,
     LoadError,
     ModelGraphError,
     PipelineConfigError,
@@ -40,6 +41,7 @@ __all__ = [
     "ExpressionCheck",
     "FileRecord",
     "FreshnessCheck",
+    "KeyChangeError",
     "LoadError",
     "LoadPipeline",
     "ModelGraphError",

@@ -86,6 +86,10 @@ class ModelGraphError(PipelineError):
     """SQL models form a cycle or reference a table that neither a model nor the warehouse has."""
 
 
+class KeyChangeError(PipelineError):
+    """`key_columns` changed and the rows already in the warehouse are not unique on the new key."""
+
+
 class ViewValidationError(PipelineError):
     """A view no longer compiles after the run (e.g. it selects a column a model dropped)."""
 

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from sqlite_utils import Database
 
 from . import fileformats as ff
-from .base import PipelineConfig, check_identifier, write_transaction
+from .base import PipelineConfig, check_identifier, failure_context, write_transaction
 from .errors import LoadError, PipelineError
 from .results import FileRecord, PipelineResult, TableStats, utcnow
 from .sql import affinity, object_type, qi, table_columns
@@ -123,10 +123,17 @@ class LoadPipeline(PipelineConfig):
         """Load new files in one transaction; a bad row anywhere leaves the warehouse as it was."""
         directory = Path(self.directory)
         if not directory.is_dir():
-            raise PipelineError(f"directory: {self.directory!r} does not exist")
-        inputs = [self._scan(p) for p in sorted(directory.glob(self.pattern)) if p.is_file()]
+            raise PipelineError(
+                f"directory: {self.directory!r} does not exist", path=self.directory
+            )
+        with failure_context(f"scanning {self.directory!r}", table=self.table):
+            inputs = [self._scan(p) for p in sorted(directory.glob(self.pattern)) if p.is_file()]
         result = PipelineResult(pipeline_type=self.pipeline_type)
-        with self._session() as (conn, db), write_transaction(conn):
+        with (
+            self._session() as (conn, db),
+            write_transaction(conn),
+            failure_context(f"loading into {self.table!r}", table=self.table),
+        ):
             started = time.perf_counter()
             stats = result.table(self.table)
             _ensure_loaded_files(db)
@@ -160,9 +167,12 @@ class LoadPipeline(PipelineConfig):
 
     def _scan(self, path: Path) -> InputFile:
         fmt = self.format if self.format != "auto" else _format_of(path)
-        with path.open("rb") as handle:
-            stat = os.fstat(handle.fileno())
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        try:
+            with path.open("rb") as handle:
+                stat = os.fstat(handle.fileno())
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError as exc:
+            raise LoadError(f"cannot read the file: {exc}", path=str(path)) from exc
         return InputFile(path, fmt, stat.st_size, digest, stat.st_mtime_ns)
 
     def _plan(

@@ -149,8 +149,9 @@ class ReplicationPipeline(PipelineConfig):
         added: dict[str, list[str]] = {}
         with self._session() as (conn, db):
             uri = "file:" + urllib.parse.quote(self.source) + "?mode=ro"
-            conn.execute(f"ATTACH DATABASE ? AS {SRC}", (uri,))
-            plans = [self.plan(name) for name in self._selected(conn)]
+            with failure_context("reading the source database", path=self.source):
+                conn.execute(f"ATTACH DATABASE ? AS {SRC}", (uri,))
+                plans = [self.plan(name) for name in self._selected(conn)]
             with write_transaction(conn):
                 _ensure_watermarks(db)
                 for plan in plans:

@@ -216,7 +216,7 @@ def toposort(deps: dict[str, list[str]]) -> list[str]:
         first = cycle.index(min(cycle))
         cycle = cycle[first:] + cycle[:first]
         raise ModelGraphError(
-            f"models form a dependency cycle: {' -> '.join([*cycle, cycle[0]])}"
+            f"models form a dependency cycle: {' -> '.join([*cycle, cycle[0]])}", table=cycle[0]
         ) from None
     ready: list[str] = []
     order: list[str] = []

@@ -81,7 +81,9 @@ class TransformationPipeline(PipelineConfig):
             matched = [m.name for m in models if fnmatchcase(m.name.lower(), pattern)]
             if not matched:
                 names = ", ".join(m.name for m in models) or "none"
-                raise PipelineError(f"select: {spec!r} matches no model (models: {names})")
+                raise PipelineError(
+                    f"select: {spec!r} matches no model (models: {names})", table=spec
+                )
             chosen.update(matched)
             if spec.startswith("+"):
                 chosen.update(_closure(matched, upstream))

@@ -6,12 +6,15 @@ PipelineResult, and `fingerprint()` identifies a config for the idempotency ledg
 
 from .base import PipelineConfig, connect_warehouse
 from .errors import (
+    KeyChangeError,
     LoadError,
     ModelGraphError,
     PipelineConfigError,
     PipelineError,
     QualityChecksFailed,
     SchemaConflictError,
+    ViewValidationError,
+    WarehouseError,
 )
 from .load import LoadPipeline
 from .quality import (
@@ -38,6 +41,7 @@ __all__ = [
     "ExpressionCheck",
     "FileRecord",
     "FreshnessCheck",
+    "KeyChangeError",
     "LoadError",
     "LoadPipeline",
     "ModelGraphError",
@@ -59,6 +63,8 @@ __all__ = [
     "TableStats",
     "TransformationPipeline",
     "UniqueCheck",
+    "ViewValidationError",
+    "WarehouseError",
     "connect_warehouse",
     "pipeline_from_dict",
     "pipeline_from_yaml",

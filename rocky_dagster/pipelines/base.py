@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -14,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlite_utils import Database
 
-from .errors import PipelineConfigError, PipelineError
+from .errors import PipelineConfigError, PipelineError, WarehouseError
 from .results import PipelineResult
 from .sql import INTERNAL_PREFIX
 
@@ -56,12 +57,45 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 @contextmanager
-def failure_context(label: str) -> Iterator[None]:
-    """Re-raise SQLite errors as PipelineError naming what was being done."""
+def failure_context(
+    label: str, *, table: str | None = None, path: str | None = None
+) -> Iterator[None]:
+    """Re-raise SQLite errors as WarehouseError naming what was being done, and give any
+    PipelineError raised inside the table / file it concerns."""
     try:
         yield
+    except PipelineError as exc:
+        exc.locate(table=table, path=path)
+        raise
     except sqlite3.Error as exc:
-        raise PipelineError(f"{label}: {exc}") from exc
+        raise WarehouseError(f"{label}: {exc}", table=table, path=path) from exc
+
+
+def _guarded_run(run: Callable[..., PipelineResult]) -> Callable[..., PipelineResult]:
+    """Wrap a pipeline's `run` so every failure is a PipelineError naming the pipeline.
+
+    Runs write in one transaction that a failure rolls back, so the error is all that is left;
+    an unexpected exception type is kept as the cause rather than leaking out raw.
+    """
+
+    @functools.wraps(run)
+    def guarded(self: PipelineConfig, *args: Any, **kwargs: Any) -> PipelineResult:
+        try:
+            return run(self, *args, **kwargs)
+        except PipelineError as exc:
+            exc.locate(pipeline=self.pipeline_type)
+            raise
+        except sqlite3.Error as exc:
+            raise WarehouseError(
+                f"{type(exc).__name__}: {exc}", pipeline=self.pipeline_type
+            ) from exc
+        except Exception as exc:
+            raise PipelineError(
+                f"unexpected {type(exc).__name__}: {exc}", pipeline=self.pipeline_type
+            ) from exc
+
+    guarded.__rocky_guarded__ = True  # type: ignore[attr-defined]
+    return guarded
 
 
 def check_identifier(value: str, field: str) -> str:
@@ -83,6 +117,12 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     pipeline_type: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        run = cls.__dict__.get("run")
+        if run is not None and not getattr(run, "__rocky_guarded__", False):
+            cls.run = _guarded_run(run)  # type: ignore[method-assign]
 
     warehouse: str = Field(
         description="Path of the warehouse SQLite file; created if missing, its directory must exist."

@@ -7,10 +7,12 @@ names that line.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -18,6 +20,51 @@ from .errors import LoadError
 
 _INT = re.compile(r"^[+-]?(0|[1-9]\d{0,17})$")
 _REAL = re.compile(r"^[+-]?((0|[1-9]\d*)(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+# SQLite's default SQLITE_MAX_LENGTH: any field SQLite can store loads; csv's default is 128 KiB.
+FIELD_LIMIT = 1_000_000_000
+INT64 = (-(2**63), 2**63 - 1)
+
+
+@contextmanager
+def large_fields() -> Iterator[None]:
+    """Raise the csv module's (process-wide) field size limit while a file is read."""
+    previous = csv.field_size_limit(FIELD_LIMIT)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def csv_reader(text: IO[str], delimiter: str) -> Any:
+    """A strict RFC 4180 reader: an unterminated quote or text after a closing quote is an
+    error instead of silently merging lines into one field."""
+    return csv.reader(text, delimiter=delimiter, strict=True)
+
+
+def csv_error_line(path: str, encoding: str, delimiter: str) -> int:
+    """Line where the record that a strict read rejects starts (slow path, errors only)."""
+    with large_fields(), open(path, encoding=encoding, newline="") as text:
+        reader = csv_reader(text, delimiter)
+        last = 0
+        try:
+            for _ in reader:
+                last = reader.line_num
+        except csv.Error:
+            return last + 1
+    return last + 1
+
+
+def decode_error_line(path: str, encoding: str) -> int:
+    """First line holding bytes that are not valid `encoding` (slow path, errors only)."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    line = 1
+    with open(path, "rb") as raw:
+        for chunk in raw:
+            try:
+                line += decoder.decode(chunk).count("\n")
+            except UnicodeDecodeError:
+                return line
+    return line
 
 
 @dataclass
@@ -32,11 +79,12 @@ class Tracker:
 def csv_header(
     text: IO[str], *, delimiter: str, header: bool, names: list[str] | None, path: str
 ) -> tuple[Iterator[list[str]], list[str]]:
-    """The csv reader positioned at the first data row, and the file's column names."""
-    reader = csv.reader(text, delimiter=delimiter)
+    """The csv reader positioned at the first data row, and the file's column names
+    (none for an empty file with a header and no `names`)."""
+    reader = csv_reader(text, delimiter)
     columns = list(names or [])
     if header:
-        first = next(reader, None)
+        first = next(filter(None, reader), None)  # blank lines before the header are skipped
         if first is None:
             return reader, columns
         columns = columns or [c.strip() for c in first]
@@ -54,8 +102,8 @@ def csv_rows(reader: Any) -> Iterator[list[str]]:
 
 def csv_row_at(path: str, encoding: str, delimiter: str, line: int) -> list[str]:
     """Re-read the row that ends on `line`: the slow path that explains a rejected row."""
-    with open(path, encoding=encoding, newline="") as text:
-        reader = csv.reader(text, delimiter=delimiter)
+    with large_fields(), open(path, encoding=encoding, newline="") as text:
+        reader = csv_reader(text, delimiter)
         for row in reader:
             if reader.line_num >= line:
                 return row
@@ -68,7 +116,7 @@ def json_objects(text: IO[str], tracker: Tracker) -> Iterator[tuple[int, dict[st
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_constant=_not_json)
         except ValueError as exc:
             raise LoadError(f"invalid JSON: {exc}", path=tracker.path, line=number) from exc
         if not isinstance(obj, dict):
@@ -76,6 +124,11 @@ def json_objects(text: IO[str], tracker: Tracker) -> Iterator[tuple[int, dict[st
                 f"expected a JSON object, got {type(obj).__name__}", path=tracker.path, line=number
             )
         yield number, obj
+
+
+def _not_json(name: str) -> Any:
+    """NaN and Infinity are Python's extensions, not JSON."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def json_records(

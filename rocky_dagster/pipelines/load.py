@@ -8,6 +8,7 @@ was already loaded into the table is skipped unless `reload` is set.
 from __future__ import annotations
 
 import codecs
+import csv
 import hashlib
 import io
 import itertools
@@ -15,6 +16,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
@@ -23,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from sqlite_utils import Database
 
 from . import fileformats as ff
-from .base import PipelineConfig, check_identifier, write_transaction
+from .base import PipelineConfig, check_identifier, failure_context, write_transaction
 from .errors import LoadError, PipelineError
 from .results import FileRecord, PipelineResult, TableStats, utcnow
 from .sql import affinity, object_type, qi, table_columns
@@ -121,10 +123,17 @@ class LoadPipeline(PipelineConfig):
         """Load new files in one transaction; a bad row anywhere leaves the warehouse as it was."""
         directory = Path(self.directory)
         if not directory.is_dir():
-            raise PipelineError(f"directory: {self.directory!r} does not exist")
-        inputs = [self._scan(p) for p in sorted(directory.glob(self.pattern)) if p.is_file()]
+            raise PipelineError(
+                f"directory: {self.directory!r} does not exist", path=self.directory
+            )
+        with failure_context(f"scanning {self.directory!r}", table=self.table):
+            inputs = [self._scan(p) for p in sorted(directory.glob(self.pattern)) if p.is_file()]
         result = PipelineResult(pipeline_type=self.pipeline_type)
-        with self._session() as (conn, db), write_transaction(conn):
+        with (
+            self._session() as (conn, db),
+            write_transaction(conn),
+            failure_context(f"loading into {self.table!r}", table=self.table),
+        ):
             started = time.perf_counter()
             stats = result.table(self.table)
             _ensure_loaded_files(db)
@@ -133,11 +142,22 @@ class LoadPipeline(PipelineConfig):
                 stats.rows_deleted = conn.execute(f"DELETE FROM main.{qi(self.table)}").rowcount
                 conn.execute(f"DELETE FROM {LOADED_FILES} WHERE target_table = ?", (self.table,))
             loaded: list[dict[str, Any]] = []
+            schemaless: list[InputFile] = []
             for item in todo:
-                self._prepare_table(conn, db, item)
-                rows = _FileLoader(self, conn, item, stats).load()
+                with self._file_context(item), ff.large_fields():
+                    if not self._prepare_table(conn, db, item):
+                        schemaless.append(item)
+                    rows = _FileLoader(self, conn, item, stats).load()
                 records[item.path] = item.record(rows, "loaded")
                 loaded.append(self._ledger_row(item, rows))
+            if schemaless and object_type(conn, self.table) is None:
+                raise LoadError(
+                    f"the file is empty, so there are no columns to create table "
+                    f"{self.table!r} from; give column_names, or load a file with "
+                    "a header or a record first",
+                    path=str(schemaless[0].path),
+                    table=self.table,
+                )
             if loaded:
                 db[LOADED_FILES].upsert_all(loaded, pk=("target_table", "path", "sha256"))  # type: ignore[union-attr]
             stats.duration_seconds = round(time.perf_counter() - started, 6)
@@ -147,9 +167,12 @@ class LoadPipeline(PipelineConfig):
 
     def _scan(self, path: Path) -> InputFile:
         fmt = self.format if self.format != "auto" else _format_of(path)
-        with path.open("rb") as handle:
-            stat = os.fstat(handle.fileno())
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        try:
+            with path.open("rb") as handle:
+                stat = os.fstat(handle.fileno())
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError as exc:
+            raise LoadError(f"cannot read the file: {exc}", path=str(path)) from exc
         return InputFile(path, fmt, stat.st_size, digest, stat.st_mtime_ns)
 
     def _plan(
@@ -188,8 +211,9 @@ class LoadPipeline(PipelineConfig):
             todo.append(item)
         return todo, records
 
-    def _prepare_table(self, conn: sqlite3.Connection, db: Database, item: InputFile) -> None:
-        """Create the table from the first file (inferred + declared types) or vet the existing one."""
+    def _prepare_table(self, conn: sqlite3.Connection, db: Database, item: InputFile) -> bool:
+        """Create the table from the first file (inferred + declared types) or vet the existing
+        one; False when the table is missing and this file names no column (it is empty)."""
         kind = object_type(conn, self.table)
         if kind == "view":
             raise PipelineError(f"table: {self.table!r} is a view")
@@ -200,9 +224,11 @@ class LoadPipeline(PipelineConfig):
                 )
             declared = {k.lower(): v for k, v in self.column_types.items()}
             inferred = self._infer(item)
+            if not inferred:
+                return False
             columns = {name: declared.get(name.lower(), typ) for name, typ in inferred.items()}
             db[self.table].create(columns, strict=True)  # type: ignore[union-attr]
-            return
+            return True
         existing = {c.name.lower(): c.type.upper() for c in table_columns(conn, self.table)}
         for name, wanted in self.column_types.items():
             if name.lower() in existing and existing[name.lower()] != wanted:
@@ -210,6 +236,36 @@ class LoadPipeline(PipelineConfig):
                     f"column_types: {name!r} is {wanted} but table {self.table!r} declares it "
                     f"{existing[name.lower()] or 'untyped'}"
                 )
+        return True
+
+    @contextmanager
+    def _file_context(self, item: InputFile) -> Iterator[None]:
+        """Turn whatever reading one file raises into a LoadError naming the file and line."""
+        path = str(item.path)
+        try:
+            yield
+        except PipelineError as exc:
+            exc.locate(table=self.table, path=path)
+            raise
+        except csv.Error as exc:
+            line = ff.csv_error_line(path, self.encoding, self.delimiter)
+            raise LoadError(
+                f"malformed CSV in the record starting here: {exc}",
+                path=path,
+                line=line,
+                table=self.table,
+            ) from exc
+        except UnicodeDecodeError as exc:
+            raise LoadError(
+                f"not valid {self.encoding}: {exc.reason}",
+                path=path,
+                line=ff.decode_error_line(path, self.encoding),
+                table=self.table,
+            ) from exc
+        except sqlite3.Error as exc:
+            raise LoadError(f"{type(exc).__name__}: {exc}", path=path, table=self.table) from exc
+        except OSError as exc:
+            raise LoadError(f"cannot read the file: {exc}", path=path, table=self.table) from exc
 
     def _infer(self, item: InputFile) -> dict[str, str]:
         tracker = ff.Tracker(path=str(item.path))
@@ -297,11 +353,15 @@ class _FileLoader:
                     names=self.cfg.column_names,
                     path=self.path,
                 )
+                if not columns or not self.table_cols:
+                    return 0  # an empty file: no header, so no rows either
                 names = self._table_names(columns)
                 records: Iterator[list[Any]] = ff.csv_rows(reader)
                 wrap = "NULLIF(?, '')" if self.cfg.empty_as_null else "?"
                 self.position = lambda: reader.line_num
             else:
+                if not self.table_cols:
+                    return 0  # no table: _prepare_table found no record in the file
                 names = list(self.table_cols.values())
                 records = ff.json_records(ff.json_objects(text, self.tracker), names, self.tracker)
                 wrap = "?"
@@ -341,11 +401,12 @@ class _FileLoader:
         except sqlite3.Error as exc:
             line = self.position()
             raise LoadError(self._explain(exc, names, line), path=self.path, line=line) from exc
-        except UnicodeDecodeError as exc:
+        except OverflowError as exc:
+            line = self.position()
             raise LoadError(
-                f"not valid {self.cfg.encoding}: {exc.reason}",
+                f"an integer beyond SQLite's 64-bit range ({exc}); write it as a JSON string",
                 path=self.path,
-                line=self.position() + 1,
+                line=line,
             ) from exc
         finally:
             if checked:

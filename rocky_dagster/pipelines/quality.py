@@ -24,7 +24,7 @@ from .sqlmodels import single_select
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.I)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_UNIX_EPOCH_JD = 2440587.5
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -79,12 +79,13 @@ class _Check(BaseModel):
         raise NotImplementedError
 
     def evaluate(self, conn: sqlite3.Connection, now: datetime) -> CheckResult:
-        """Run the check; an SQL error is a failed check at this check's severity."""
+        """Run the check; any error (SQL or a value it cannot read) is a failed check at this
+        check's severity, so one broken check never hides the results of the others."""
         error = None
         try:
             self.validate(conn)
             outcome = self.outcome(conn, now)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # reported as a failed check; the run then fails on it
             outcome, error = Outcome(passed=False), f"{type(exc).__name__}: {exc}"
         return CheckResult(
             name=self.name,
@@ -237,8 +238,14 @@ class FreshnessCheck(_TableCheck):
             f"CASE WHEN typeof({col}) IN ('integer', 'real') THEN julianday({col}, 'unixepoch') "
             f"ELSE julianday({col}) END"
         )
-        newest, unparsed = conn.execute(
-            f"SELECT max({jd}), coalesce(sum({col} IS NOT NULL AND {jd} IS NULL), 0) {self._from()}"
+        unparsed = conn.execute(
+            f"SELECT coalesce(sum({col} IS NOT NULL AND {jd} IS NULL), 0) {self._from()}"
+        ).fetchone()[0]
+        # julianday() is a float, too coarse to compare an age exactly: SQLite only picks the
+        # newest value, which is then read exactly (below) and compared as a datetime.
+        newest = conn.execute(
+            f"SELECT {col}, strftime('%Y-%m-%d %H:%M:%f', {col}) "
+            f"{self._from(f'{jd} IS NOT NULL')} ORDER BY {jd} DESC, {col} DESC LIMIT 1"
         ).fetchone()
         details: dict[str, Any] = {"max_age_seconds": self.max_age.total_seconds()}
         if unparsed:
@@ -246,10 +253,37 @@ class FreshnessCheck(_TableCheck):
         if newest is None:
             details["latest"] = None
             return Outcome(passed=False, details=details)
-        latest = datetime.fromtimestamp((newest - _UNIX_EPOCH_JD) * 86400, UTC)
+        latest = _exact_timestamp(newest[0], newest[1], self.column)
         age = now - latest
         details.update(latest=latest.isoformat(), age_seconds=round(age.total_seconds(), 3))
         return Outcome(passed=age <= self.max_age, details=details)
+
+
+def _exact_timestamp(value: Any, sqlite_text: str | None, column: str) -> datetime:
+    """The newest stored timestamp as an exact UTC datetime.
+
+    Unix seconds are converted exactly; text is read the way SQLite read it to pick the
+    newest (its own parse, to the millisecond), refined to Python's parse when the two agree
+    (microseconds survive). A date outside years 1-9999 raises ValueError naming the value.
+    """
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return _UNIX_EPOCH + timedelta(seconds=value)
+        by_sqlite = _as_utc(datetime.fromisoformat(str(sqlite_text)))
+    except (OverflowError, ValueError) as exc:
+        raise ValueError(
+            f"newest {column} value {value!r} is a date outside years 1-9999 "
+            f"(SQLite reads it as {sqlite_text!r}); fix the value or filter it out with `where`"
+        ) from exc
+    try:
+        by_python = _as_utc(datetime.fromisoformat(str(value).strip()))
+    except ValueError:
+        return by_sqlite
+    return by_python if abs(by_python - by_sqlite) < timedelta(milliseconds=1) else by_sqlite
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 class ExpressionCheck(_Check):

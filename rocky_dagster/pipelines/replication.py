@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlite_utils import Database
 
 from .base import PipelineConfig, as_list, check_identifier, failure_context, write_transaction
-from .errors import PipelineError
+from .errors import KeyChangeError, PipelineError
 from .results import PipelineResult, TableStats, utcnow
 from .sql import (
     align_columns,
@@ -30,6 +30,7 @@ from .sql import (
     key_is_unique,
     object_type,
     qi,
+    rekey,
     same_rows,
     table_columns,
     user_tables,
@@ -136,20 +137,27 @@ class ReplicationPipeline(PipelineConfig):
         """Replicate every selected table in one transaction; a failure changes nothing."""
         source = Path(self.source)
         if not source.is_file():
-            raise PipelineError(f"source: database file {self.source!r} does not exist")
+            raise PipelineError(
+                f"source: database file {self.source!r} does not exist", path=self.source
+            )
         if Path(self.warehouse).exists() and source.resolve() == Path(self.warehouse).resolve():
-            raise PipelineError("source: must be a different database than the warehouse")
+            raise PipelineError(
+                "source: must be a different database than the warehouse", path=self.source
+            )
         result = PipelineResult(pipeline_type=self.pipeline_type)
         watermarks: dict[str, Any] = {}
         added: dict[str, list[str]] = {}
         with self._session() as (conn, db):
             uri = "file:" + urllib.parse.quote(self.source) + "?mode=ro"
-            conn.execute(f"ATTACH DATABASE ? AS {SRC}", (uri,))
-            plans = [self.plan(name) for name in self._selected(conn)]
+            with failure_context("reading the source database", path=self.source):
+                conn.execute(f"ATTACH DATABASE ? AS {SRC}", (uri,))
+                plans = [self.plan(name) for name in self._selected(conn)]
             with write_transaction(conn):
                 _ensure_watermarks(db)
                 for plan in plans:
-                    with failure_context(f"replicating {plan.source!r} into {plan.target!r}"):
+                    with failure_context(
+                        f"replicating {plan.source!r} into {plan.target!r}", table=plan.target
+                    ):
                         new_cols, mark = _replicate(conn, db, plan, result, self.source)
                     if new_cols:
                         added[plan.target] = new_cols
@@ -160,21 +168,20 @@ class ReplicationPipeline(PipelineConfig):
 
     def _selected(self, conn: sqlite3.Connection) -> list[str]:
         available = user_tables(conn, SRC)
-        by_lower = {name.lower(): name for name in available}
         chosen: set[str] = set()
         for pattern in self.tables:
-            if any(ch in pattern for ch in "*?["):
-                chosen.update(n for n in available if fnmatchcase(n.lower(), pattern.lower()))
-            elif pattern.lower() in by_lower:
-                chosen.add(by_lower[pattern.lower()])
-            else:
+            matched = _matching(pattern, available)
+            if not matched and not _is_glob(pattern):
                 raise PipelineError(
                     f"tables: source {self.source!r} has no table {pattern!r} "
-                    f"(it has: {', '.join(available) or 'no tables'})"
+                    f"(it has: {', '.join(available) or 'no tables'})",
+                    table=pattern,
                 )
-        selected = sorted(
-            n for n in chosen if not any(fnmatchcase(n.lower(), p.lower()) for p in self.exclude)
-        )
+            chosen.update(matched)
+        excluded: set[str] = set()
+        for pattern in self.exclude:
+            excluded.update(_matching(pattern, sorted(chosen)))
+        selected = sorted(chosen - excluded)
         if not selected:
             raise PipelineError(f"tables: {self.tables} minus exclude selected no source table")
         unknown = {k for k in self.table_options if k.lower() not in {s.lower() for s in selected}}
@@ -183,8 +190,24 @@ class ReplicationPipeline(PipelineConfig):
         targets = [self.plan(n).target.lower() for n in selected]
         clashes = sorted({t for t in targets if targets.count(t) > 1})
         if clashes:
-            raise PipelineError(f"table_options: several source tables map to {clashes}")
+            raise PipelineError(
+                f"table_options: several source tables map to {clashes}", table=clashes[0]
+            )
         return selected
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def _matching(pattern: str, names: list[str]) -> set[str]:
+    """Names a `tables`/`exclude` entry selects, case-insensitively. A table whose name is
+    exactly the entry is that table, even when the name holds glob characters (`weird[1]`);
+    otherwise the entry is a glob pattern."""
+    exact = {n for n in names if n.lower() == pattern.lower()}
+    if exact or not _is_glob(pattern):
+        return exact
+    return {n for n in names if fnmatchcase(n.lower(), pattern.lower())}
 
 
 def _ensure_watermarks(db: Database) -> None:
@@ -220,18 +243,43 @@ def _replicate(
     kind = object_type(conn, plan.target)
     added: list[str] = []
     if kind is None:
+        # A missing target is built in full, as dbt does: a watermark left by a dropped
+        # table would otherwise make the next incremental run skip every older row.
+        conn.execute(f"DELETE FROM {WATERMARKS} WHERE target_table = ?", (plan.target,))
         create_like(conn, plan.target, columns, key)
     elif kind == "view":
         raise PipelineError(f"warehouse object {plan.target!r} is a view, not a table")
     else:
         added = align_columns(conn, plan.target, columns, context=f"source table {plan.source!r}")
-    if key:
-        ensure_unique_key(conn, plan.target, key)
     stats = result.table(plan.target)
+    if key and kind is not None:
+        _rekey(conn, plan, key, stats)
+    elif key:
+        ensure_unique_key(conn, plan.target, key)
     copier = _Copier(conn, plan, [c.name for c in columns], key, stats)
     mark = copier.incremental(db, source) if plan.strategy == "incremental" else copier.full()
     stats.duration_seconds = round(time.perf_counter() - started, 6)
     return added, mark
+
+
+def _rekey(conn: sqlite3.Connection, plan: TablePlan, key: list[str], stats: TableStats) -> None:
+    """Fit an existing target to the current key. When its rows share a value of a new key,
+    a full refresh empties it first (it is about to equal the source anyway); an incremental
+    run cannot rebuild what it no longer reads, so the KeyChangeError stands."""
+    conn.execute("SAVEPOINT rocky_rekey")
+    try:
+        rekey(conn, plan.target, key)
+        ensure_unique_key(conn, plan.target, key)
+    except KeyChangeError:
+        conn.execute("ROLLBACK TO rocky_rekey")
+        conn.execute("RELEASE rocky_rekey")
+        if plan.strategy != "full_refresh":
+            raise
+        stats.rows_deleted += conn.execute(f"DELETE FROM main.{qi(plan.target)}").rowcount
+        rekey(conn, plan.target, key)
+        ensure_unique_key(conn, plan.target, key)
+    else:
+        conn.execute("RELEASE rocky_rekey")
 
 
 @dataclass

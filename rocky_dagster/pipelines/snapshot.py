@@ -101,7 +101,10 @@ class SnapshotPipeline(PipelineConfig):
         with self._session() as (conn, _db), write_transaction(conn):
             started = time.perf_counter()
             stats = result.table(self.target_table)
-            with failure_context(f"snapshot of {self.source_table!r} into {self.target_table!r}"):
+            with failure_context(
+                f"snapshot of {self.source_table!r} into {self.target_table!r}",
+                table=self.target_table,
+            ):
                 added = _Snapshot(self, conn, stats, moment).apply()
             stats.duration_seconds = round(time.perf_counter() - started, 6)
         result.details = {"added_columns": added, "snapshot_time": moment}
@@ -166,7 +169,10 @@ class _Snapshot:
     def _source_columns(self) -> list[Column]:
         columns = table_columns(self.conn, self.cfg.source_table)
         if not columns:
-            raise PipelineError(f"source_table: {self.cfg.source_table!r} is not in the warehouse")
+            raise PipelineError(
+                f"source_table: {self.cfg.source_table!r} is not in the warehouse",
+                table=self.cfg.source_table,
+            )
         names = {c.name.lower() for c in columns}
         clash = [c for c in SCD_COLUMNS if c in names]
         if clash:

@@ -10,7 +10,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SchemaConflictError
+from .errors import KeyChangeError, SchemaConflictError
 
 INTERNAL_PREFIX = "_rocky_"
 SAMPLE_LIMIT = 5
@@ -75,6 +75,24 @@ def user_tables(conn: sqlite3.Connection, schema: str = "main") -> list[str]:
     return [str(row[0]) for row in rows]
 
 
+def broken_views(conn: sqlite3.Connection, schema: str = "main") -> dict[str, str]:
+    """Views of a schema that no longer compile, with SQLite's reason.
+
+    SQLite lets a table be dropped or rebuilt under a view and only fails when the view is
+    read, so a run that changes tables must ask every view itself.
+    """
+    names = conn.execute(
+        f"SELECT name FROM {qi(schema)}.sqlite_master WHERE type = 'view' ORDER BY name"
+    ).fetchall()
+    broken: dict[str, str] = {}
+    for (name,) in names:
+        try:
+            conn.execute(f"SELECT * FROM {qi(schema)}.{qi(name)} LIMIT 0").fetchall()
+        except sqlite3.Error as exc:
+            broken[str(name)] = str(exc)
+    return broken
+
+
 def count_rows(conn: sqlite3.Connection, table: str, schema: str = "main") -> int:
     return int(conn.execute(f"SELECT count(*) FROM {qi(schema)}.{qi(table)}").fetchone()[0])
 
@@ -94,13 +112,73 @@ def key_is_unique(conn: sqlite3.Connection, table: str, key: list[str], schema: 
     return False
 
 
+def key_index_name(table: str) -> str:
+    return f"{INTERNAL_PREFIX}key_{table}"
+
+
 def ensure_unique_key(conn: sqlite3.Connection, table: str, key: list[str]) -> None:
-    """Give a warehouse table the unique index that ON CONFLICT upserts on `key` need."""
+    """Give a warehouse table the unique index that ON CONFLICT upserts on `key` need.
+
+    The index rocky made for an earlier `key_columns` is replaced, not kept: it would go on
+    rejecting rows the new key tells apart.
+    """
+    index = key_index_name(table)
+    current = [
+        str(row[2]).lower()
+        for row in conn.execute(f"PRAGMA main.index_info({qi(index)})").fetchall()
+    ]
+    if current and sorted(current) != sorted(k.lower() for k in key):
+        conn.execute(f"DROP INDEX main.{qi(index)}")
     if key_is_unique(conn, table, key, "main"):
         return
     cols = ", ".join(qi(k) for k in key)
-    index = qi(f"{INTERNAL_PREFIX}key_{table}")
-    conn.execute(f"CREATE UNIQUE INDEX main.{index} ON {qi(table)} ({cols})")
+    try:
+        conn.execute(f"CREATE UNIQUE INDEX main.{qi(index)} ON {qi(table)} ({cols})")
+    except sqlite3.IntegrityError as exc:
+        raise KeyChangeError(
+            f"key columns {key}: warehouse table {table!r} already holds rows sharing a key "
+            f"({exc}); drop the table (the next run rebuilds it) or keep the old key_columns",
+            table=table,
+        ) from exc
+
+
+def rekey(conn: sqlite3.Connection, table: str, key: list[str]) -> bool:
+    """Rebuild a table whose PRIMARY KEY would reject rows that `key` tells apart.
+
+    A table is created with its key as PRIMARY KEY; after `key_columns` change, a primary key
+    that does not contain the new key can refuse rows the new key calls distinct. The table
+    is re-created with the new key (its indexes and triggers re-applied) and its rows copied.
+    """
+    wanted = {k.lower() for k in key}
+    columns = table_columns(conn, table)
+    pk = [c for c in sorted(columns, key=lambda c: c.pk) if c.pk]
+    if not pk or wanted <= {c.name.lower() for c in pk}:
+        return False  # rows distinct on the new key are distinct on the primary key too
+    extras = conn.execute(
+        "SELECT sql FROM main.sqlite_master WHERE tbl_name = ? AND type IN ('index', 'trigger') "
+        "AND sql IS NOT NULL AND name != ?",
+        (table, key_index_name(table)),
+    ).fetchall()
+    stash = f"{INTERNAL_PREFIX}rekey"
+    conn.execute(f"DROP TABLE IF EXISTS temp.{qi(stash)}")
+    conn.execute(f"CREATE TEMP TABLE {qi(stash)} AS SELECT * FROM main.{qi(table)}")
+    conn.execute(f"DROP TABLE main.{qi(table)}")
+    create_like(conn, table, columns, key)
+    names = ", ".join(qi(c.name) for c in columns)
+    try:
+        conn.execute(f"INSERT INTO main.{qi(table)} ({names}) SELECT {names} FROM temp.{qi(stash)}")
+    except sqlite3.IntegrityError as exc:
+        raise KeyChangeError(
+            f"key columns {key}: warehouse table {table!r} (primary key "
+            f"{[c.name for c in pk]}) already holds rows sharing the new key ({exc}); drop the "
+            "table (the next run rebuilds it) or keep the old key_columns",
+            table=table,
+        ) from exc
+    finally:
+        conn.execute(f"DROP TABLE temp.{qi(stash)}")
+    for (sql,) in extras:
+        conn.execute(sql)
+    return True
 
 
 def create_like(

@@ -1,19 +1,25 @@
 """SQL model files: discovery, header/sidecar config, referenced tables, dependency order.
 
-References are found with a small tokenizer rather than regexes over raw text, so names in
-strings, comments, CTEs and table-valued functions are not mistaken for tables.
+References come from a real SQL parse (sqlglot, SQLite dialect) resolved scope by scope, so
+CTE shadowing, subqueries and SQLite's `x IN table` are read the way SQLite reads them; the
+small tokenizer only splits off header comments and checks that a file is one SELECT.
 """
 
 from __future__ import annotations
 
+import graphlib
 import heapq
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import sqlglot
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from sqlglot import exp
+from sqlglot.errors import SqlglotError
+from sqlglot.optimizer.scope import traverse_scope
 
 from .errors import ModelGraphError, PipelineError
 
@@ -29,14 +35,6 @@ _TOKEN = re.compile(
     re.S | re.X,
 )
 _HEADER = re.compile(r"^--\s*(materialized|description)\s*:\s*(.*?)\s*$", re.I)
-_CLAUSE_END = {
-    "where", "group", "having", "order", "limit", "window", "union", "except",
-    "intersect", "returning", "on", "using",
-}  # fmt: skip
-_NOT_NAMES = _CLAUSE_END | {
-    "select", "from", "join", "inner", "left", "right", "full", "cross", "natural", "outer",
-    "as", "with", "values", "lateral",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -67,92 +65,44 @@ def tokenize(sql: str) -> list[Token]:
     return tokens
 
 
-def _is_name(tok: Token) -> bool:
-    return tok.kind == "name" or (tok.kind == "kw" and tok.text not in _NOT_NAMES)
+def referenced_tables(sql: str, *, label: str = "sql") -> list[str]:
+    """Tables and views of the `main` schema a SELECT reads, lowercased and sorted.
+
+    Parsed with sqlglot (SQLite dialect) and resolved scope by scope: a CTE name hides a table
+    only inside the scope that defines it, a schema-qualified name (`main.orders`) is always the
+    table even where a CTE of that name is visible, and SQLite's `x IN name` reads `name`.
+    Other schemas (`temp`, attached databases) and table-valued functions are not tables.
+    """
+    try:
+        tree = sqlglot.parse_one(sql, read="sqlite")
+        scopes = traverse_scope(tree)
+    except (SqlglotError, RecursionError) as exc:
+        raise PipelineError(f"{label}: cannot parse the SQL to find what it reads: {exc}") from exc
+    refs: set[str] = set()
+    for scope in scopes:
+        ctes = {name.lower() for name in scope.cte_sources}
+        for table in scope.tables:
+            if not isinstance(table.this, exp.Identifier) or isinstance(table.parent, exp.Table):
+                continue  # a table-valued function, or the index of INDEXED BY
+            name = _main_name(table.name, table.db, table.catalog, ctes)
+            if name is not None:
+                refs.add(name)
+        for node in scope.find_all(exp.In):
+            field = node.args.get("field")
+            if isinstance(field, exp.Column):  # `x IN name`: a table, not a column
+                name = _main_name(field.name, field.table, field.db, ctes)
+                if name is not None:
+                    refs.add(name)
+    return sorted(refs)
 
 
-def _skip_parens(tokens: list[Token], i: int) -> int:
-    """Index just past the parenthesis group that opens at tokens[i]."""
-    depth = 0
-    for j in range(i, len(tokens)):
-        if tokens[j].text == "(":
-            depth += 1
-        elif tokens[j].text == ")":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-    return len(tokens)
-
-
-def _cte_names(tokens: list[Token]) -> set[str]:
-    """Names defined as `name [(cols)] AS [NOT] [MATERIALIZED] (` - CTEs (and window names)."""
-    names: set[str] = set()
-    for i, tok in enumerate(tokens):
-        if not _is_name(tok):
-            continue
-        j = i + 1
-        if j < len(tokens) and tokens[j].text == "(":
-            j = _skip_parens(tokens, j)
-        if j < len(tokens) and tokens[j].is_kw("as"):
-            j += 1
-            while j < len(tokens) and tokens[j].is_kw("not", "materialized"):
-                j += 1
-            if j < len(tokens) and tokens[j].text == "(":
-                names.add(tok.text.lower())
-    return names
-
-
-def _from_clause(tokens: list[Token], i: int, out: list[str]) -> None:
-    """Collect table names in table position of the FROM clause starting at tokens[i]."""
-    expect_table, depth = True, 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if tok.text == "(":
-            if depth == 0 and expect_table:
-                nxt = tokens[i + 1] if i + 1 < len(tokens) else tok
-                if not nxt.is_kw("select", "with", "values"):  # a parenthesized join
-                    _from_clause(tokens, i + 1, out)
-                i, expect_table = _skip_parens(tokens, i), False
-                continue
-            depth += 1
-        elif tok.text == ")":
-            if depth == 0:
-                return
-            depth -= 1
-        elif tok.text == ";" or (depth == 0 and tok.is_kw(*_CLAUSE_END)):
-            if tok.is_kw("on", "using"):
-                expect_table = False
-                i += 1
-                continue
-            return
-        elif depth == 0 and (tok.text == "," or tok.is_kw("join")):
-            expect_table = True
-        elif depth == 0 and expect_table and _is_name(tok):
-            schema, name = None, tok.text
-            if i + 2 < len(tokens) and tokens[i + 1].text == "." and _is_name(tokens[i + 2]):
-                schema, name, i = name.lower(), tokens[i + 2].text, i + 2
-            is_function = i + 1 < len(tokens) and tokens[i + 1].text == "("
-            if not is_function and schema in (None, "main"):
-                out.append(name)
-            expect_table = False
-        i += 1
-
-
-def referenced_tables(sql: str) -> list[str]:
-    """Tables and views a SELECT reads, lowercased, in first-seen order, CTE names excluded."""
-    tokens = tokenize(sql)
-    ctes = _cte_names(tokens)
-    found: list[str] = []
-    for i, tok in enumerate(tokens):
-        after_distinct = i > 0 and tokens[i - 1].is_kw("distinct")  # IS DISTINCT FROM x
-        # JOIN starts a scan too, to reach joins inside a parenthesized join group
-        if (tok.is_kw("from") and not after_distinct) or tok.is_kw("join"):
-            _from_clause(tokens, i + 1, found)
-    seen: dict[str, None] = {}
-    for name in found:
-        if name.lower() not in ctes:
-            seen.setdefault(name.lower(), None)
-    return list(seen)
+def _main_name(name: str, schema: str, catalog: str, ctes: set[str]) -> str | None:
+    """The lowercased table name when a reference denotes a table of `main`, else None."""
+    if catalog or (schema and schema.lower() != "main"):
+        return None
+    if not schema and name.lower() in ctes:
+        return None  # a CTE visible in this scope; CTEs cannot be schema-qualified
+    return name.lower()
 
 
 class _ModelMeta(BaseModel):
@@ -205,7 +155,10 @@ def _meta(path: Path, text: str) -> _ModelMeta:
     for suffix in (".yml", ".yaml"):
         side = path.with_suffix(suffix)
         if side.is_file():
-            loaded = yaml.safe_load(side.read_text(encoding="utf-8")) or {}
+            try:
+                loaded = yaml.safe_load(side.read_text(encoding="utf-8")) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise PipelineError(f"model sidecar {side}: {exc}", path=str(side)) from exc
             if not isinstance(loaded, dict):
                 raise PipelineError(f"model sidecar {side}: must be a mapping")
             sidecar = loaded
@@ -226,16 +179,23 @@ def discover(models_dir: str, default: Materialization) -> list[SqlModel]:
         if name.lower() in found:
             other = found[name.lower()].path
             raise ModelGraphError(f"two models are named {name!r}: {other} and {path}")
-        text = path.read_text(encoding="utf-8")
-        meta = _meta(path, text)
-        body = single_select(text, f"model {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"model {path}: cannot read it: {exc}", path=str(path)) from exc
+        try:
+            meta = _meta(path, text)
+            body = single_select(text, f"model {path}")
+            references = tuple(referenced_tables(body, label=f"model {path}"))
+        except PipelineError as exc:
+            raise exc.locate(table=name, path=str(path)) from None
         found[name.lower()] = SqlModel(
             name=name,
             path=str(path),
             sql=body,
             materialized=meta.materialized or default,
             description=meta.description or "",
-            references=tuple(referenced_tables(body)),
+            references=references,
         )
     deps = {
         m.name: sorted({found[r].name for r in m.references if r in found}) for m in found.values()
@@ -245,33 +205,25 @@ def discover(models_dir: str, default: Materialization) -> list[SqlModel]:
 
 
 def toposort(deps: dict[str, list[str]]) -> list[str]:
-    """Dependency order, ties broken by name; a cycle raises naming the models on it."""
-    remaining = {node: set(d) for node, d in deps.items()}
-    users: dict[str, list[str]] = {node: [] for node in deps}
-    for node, needs in deps.items():
-        for need in needs:
-            users[need].append(node)
-    ready = [node for node, needs in remaining.items() if not needs]
-    heapq.heapify(ready)
+    """Dependency order (graphlib), ties broken by name; a cycle raises naming the models on it."""
+    sorter = graphlib.TopologicalSorter(deps)
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as exc:
+        # graphlib lists each node before the node that depends on it: reverse it to read as
+        # "a -> b" (a reads b), and start at the smallest name so the message is stable.
+        cycle = list(reversed(exc.args[1]))[:-1]
+        first = cycle.index(min(cycle))
+        cycle = cycle[first:] + cycle[:first]
+        raise ModelGraphError(
+            f"models form a dependency cycle: {' -> '.join([*cycle, cycle[0]])}", table=cycle[0]
+        ) from None
+    ready: list[str] = []
     order: list[str] = []
-    while ready:
+    while sorter.is_active():
+        for node in sorter.get_ready():
+            heapq.heappush(ready, node)
         node = heapq.heappop(ready)
         order.append(node)
-        for user in users[node]:
-            remaining[user].discard(node)
-            if not remaining[user]:
-                heapq.heappush(ready, user)
-    if len(order) < len(deps):
-        raise ModelGraphError(f"models form a dependency cycle: {' -> '.join(_cycle(remaining))}")
+        sorter.done(node)
     return order
-
-
-def _cycle(remaining: dict[str, set[str]]) -> list[str]:
-    """One cycle among the nodes a topological sort could not place, closed (a -> b -> a)."""
-    stuck = {n: needs for n, needs in remaining.items() if needs}
-    node = min(stuck)
-    path: list[str] = []
-    while node not in path:
-        path.append(node)
-        node = min(n for n in stuck[node] if n in stuck)
-    return [*path[path.index(node) :], node]

@@ -16,9 +16,9 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 
 from .base import PipelineConfig, as_list, check_identifier, failure_context, write_transaction
-from .errors import ModelGraphError, PipelineError
+from .errors import ModelGraphError, PipelineError, ViewValidationError
 from .results import PipelineResult, TableStats
-from .sql import count_rows, object_type, qi, same_rows, table_columns
+from .sql import broken_views, count_rows, object_type, qi, same_rows, table_columns
 from .sqlmodels import Materialization, SqlModel, discover
 
 STAGE = "_rocky_stage"
@@ -81,7 +81,9 @@ class TransformationPipeline(PipelineConfig):
             matched = [m.name for m in models if fnmatchcase(m.name.lower(), pattern)]
             if not matched:
                 names = ", ".join(m.name for m in models) or "none"
-                raise PipelineError(f"select: {spec!r} matches no model (models: {names})")
+                raise PipelineError(
+                    f"select: {spec!r} matches no model (models: {names})", table=spec
+                )
             chosen.update(matched)
             if spec.startswith("+"):
                 chosen.update(_closure(matched, upstream))
@@ -97,10 +99,11 @@ class TransformationPipeline(PipelineConfig):
         info: dict[str, Any] = {}
         with self._session() as (conn, _db), write_transaction(conn):
             _check_references(conn, models, chosen)
+            already_broken = set(broken_views(conn))
             for model in chosen:
                 started = time.perf_counter()
                 stats = result.table(model.name)
-                with failure_context(f"model {model.name!r} ({model.path})"):
+                with failure_context(f"model {model.name!r} ({model.path})", table=model.name):
                     action = _materialize(conn, model, stats)
                 stats.duration_seconds = round(time.perf_counter() - started, 6)
                 info[model.name] = {
@@ -109,6 +112,7 @@ class TransformationPipeline(PipelineConfig):
                     "depends_on": list(model.depends_on),
                     "description": model.description,
                 }
+            _check_views(conn, already_broken, {m.name.lower() for m in chosen})
         result.details = {"models": info, "order": [m.name for m in chosen]}
         return result.finish()
 
@@ -143,7 +147,26 @@ def _check_references(
             else:
                 problems.append(f"model {model.name!r} references missing table {ref!r}")
     if problems:
-        raise ModelGraphError("; ".join(problems))
+        first = next(m.name for m in chosen for ref in m.references if ref not in running)
+        raise ModelGraphError("; ".join(problems), table=first)
+
+
+def _check_views(conn: sqlite3.Connection, already_broken: set[str], models: set[str]) -> None:
+    """Fail (rolling back) when a view this run broke, or a view model it ran, no longer
+    compiles; a view that was broken before the run and is not a model here is not its doing."""
+    broken = {
+        name: reason
+        for name, reason in broken_views(conn).items()
+        if name not in already_broken or name.lower() in models
+    }
+    if broken:
+        names = sorted(broken)
+        reasons = "; ".join(f"view {name!r}: {broken[name]}" for name in names)
+        raise ViewValidationError(
+            f"the run would leave {len(names)} view(s) unreadable, so nothing was changed: "
+            f"{reasons}; change the view or the model it reads",
+            table=names[0],
+        )
 
 
 def _drop(conn: sqlite3.Connection, name: str, kind: str | None, stats: TableStats) -> None:
@@ -168,7 +191,10 @@ def _materialize(conn: sqlite3.Connection, model: SqlModel, stats: TableStats) -
             return "unchanged"
         _drop(conn, name, kind, stats)
         conn.execute(ddl)
-        conn.execute(f"SELECT * FROM main.{qi(name)} LIMIT 0")  # fail now, not at first read
+        try:  # fail now, not at first read
+            conn.execute(f"SELECT * FROM main.{qi(name)} LIMIT 0").fetchall()
+        except sqlite3.Error as exc:
+            raise ViewValidationError(f"view {name!r} does not compile: {exc}", table=name) from exc
         return "created" if kind is None else "replaced"
     conn.execute(f"CREATE TEMP TABLE {STAGE} AS {model.sql}")
     try:

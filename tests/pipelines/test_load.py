@@ -282,3 +282,89 @@ def test_reloading_unchanged_files_writes_nothing(rows: list[tuple[str, str]]) -
         assert dump(warehouse) == before
         expected = [tuple(v if v != "" else None for v in r) for r in rows]
         assert sorted(map(repr, table_rows(warehouse, "t"))) == sorted(map(repr, expected))
+
+
+@pytest.mark.parametrize("name", ["empty.csv", "empty.jsonl", "blank.jsonl"])
+def test_an_empty_file_loads_zero_rows_into_an_existing_table(
+    warehouse: str, inbox: Path, name: str
+) -> None:
+    (inbox / "a.csv").write_text(ORDERS_CSV)
+    loader(warehouse, inbox, pattern="a.csv").run()
+    before = table_rows(warehouse, "orders")
+    (inbox / name).write_text("\n\n" if name.startswith("blank") else "")
+    result = loader(warehouse, inbox, pattern=name).run()
+    assert [(f.status, f.rows) for f in result.files] == [("loaded", 0)]
+    assert table_rows(warehouse, "orders") == before
+
+
+@pytest.mark.parametrize("name", ["empty.csv", "empty.jsonl"])
+def test_an_empty_file_creates_the_table_from_column_names_or_is_a_named_error(
+    warehouse: str, inbox: Path, name: str
+) -> None:
+    (inbox / name).write_bytes(b"")
+    result = loader(warehouse, inbox, column_names=["id", "note"]).run()
+    assert result.files[0].rows == 0
+    assert query(warehouse, "SELECT name FROM pragma_table_info('orders')") == [("id",), ("note",)]
+    other = str(Path(warehouse).with_name("other.db"))
+    with pytest.raises(LoadError) as caught:
+        loader(other, inbox).run()
+    error = caught.value
+    assert Path(error.path or "").name == name and error.table == "orders"
+    assert error.pipeline == "load" and "column_names" in str(error)
+    assert dump(other) == {}
+    # a later file in the same run gives the table its columns: the empty one loads 0 rows
+    (inbox / "z.csv").write_text("id,note\n1,x\n")
+    (inbox / "z.jsonl").write_text('{"id": 1, "note": "x"}\n')
+    loaded = loader(other, inbox, pattern=f"*{Path(name).suffix}").run()
+    assert [f.rows for f in loaded.files] == [0, 1]
+
+
+def test_a_json_integer_beyond_64_bits_is_a_load_error(warehouse: str, inbox: Path) -> None:
+    (inbox / "a.jsonl").write_text('{"id": 1}\n{"id": 2}\n{"id": 18446744073709551616}\n')
+    with pytest.raises(LoadError) as caught:
+        loader(warehouse, inbox).run()
+    assert (Path(caught.value.path or "").name, caught.value.line) == ("a.jsonl", 3)
+    assert "64-bit" in str(caught.value)
+    (inbox / "a.jsonl").write_text('{"id": 1, "x": NaN}\n')
+    with pytest.raises(LoadError, match="NaN is not a JSON value"):
+        loader(warehouse, inbox).run()
+
+
+def test_a_csv_field_over_128_kib_loads(warehouse: str, inbox: Path) -> None:
+    big = "x" * (300 * 1024)
+    (inbox / "a.csv").write_text(f'id,note\n1,"{big}"\n2,{big}\n')
+    loader(warehouse, inbox).run()
+    assert query(warehouse, "SELECT id, length(note) FROM orders") == [
+        (1, 300 * 1024),
+        (2, 300 * 1024),
+    ]
+    assert csv.field_size_limit() == 128 * 1024  # the process-wide limit is restored
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('id,note\n1,ok\n2,"never closed\n3,swallowed\n4,too\n', 3),
+        ('id,note\n1,"multi\nline"\n2,"after"junk\n', 4),
+        ('id,"note\n1,x\n', 1),
+    ],
+)
+def test_malformed_quoting_is_a_load_error_naming_file_and_line(
+    warehouse: str, inbox: Path, text: str, line: int
+) -> None:
+    (inbox / "a.csv").write_text("id,note\n0,kept\n")
+    loader(warehouse, inbox).run()
+    (inbox / "b.csv").write_text(text)
+    before = dump(warehouse)
+    with pytest.raises(LoadError) as caught:
+        loader(warehouse, inbox).run()
+    assert (Path(caught.value.path or "").name, caught.value.line) == ("b.csv", line)
+    assert f"b.csv, line {line}" in str(caught.value)
+    assert dump(warehouse) == before
+
+
+def test_invalid_bytes_name_their_line_even_while_inferring(warehouse: str, inbox: Path) -> None:
+    (inbox / "a.csv").write_bytes(b"id,note\n1,ok\n2,\xff\n")
+    with pytest.raises(LoadError) as caught:
+        loader(warehouse, inbox).run()
+    assert caught.value.line == 3 and "utf-8" in str(caught.value)

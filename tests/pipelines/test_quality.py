@@ -182,6 +182,69 @@ def test_freshness_accepts_unix_seconds_and_fails_without_timestamps(warehouse: 
     assert not result.checks[1].passed and result.checks[1].details["latest"] is None
 
 
+@pytest.mark.parametrize(
+    ("stored", "latest"),
+    [
+        ("2024-03-01T12:00:00.123456", datetime(2024, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)),
+        ("2024-03-01 12:00:00.1", datetime(2024, 3, 1, 12, 0, 0, 100000, tzinfo=UTC)),
+        ("2024-03-01T13:00:00.7+01:00", datetime(2024, 3, 1, 12, 0, 0, 700000, tzinfo=UTC)),
+        ("2024-03-01 12:00", datetime(2024, 3, 1, 12, 0, tzinfo=UTC)),
+        (1709294400, datetime(2024, 3, 1, 12, 0, tzinfo=UTC)),
+        (1709294400.25, datetime(2024, 3, 1, 12, 0, 0, 250000, tzinfo=UTC)),
+    ],
+)
+@pytest.mark.parametrize("max_age", ["1h", "3d", "17s", 0.001])
+def test_freshness_exactly_max_age_old_passes_and_a_microsecond_more_fails(
+    warehouse: str, stored: object, latest: datetime, max_age: object
+) -> None:
+    execute(warehouse, "CREATE TABLE e (ts);", {"e": [(stored,), ("2024-01-01",)]})
+    cfg = QualityPipeline(
+        warehouse=warehouse,
+        checks=[{"kind": "freshness", "table": "e", "column": "ts", "max_age": max_age}],
+    )
+    limit = cfg.checks[0].max_age  # type: ignore[union-attr]
+    check = cfg.run(now=latest + limit).checks[0]
+    assert check.passed, check.details
+    assert check.details["latest"] == latest.isoformat()
+    with pytest.raises(QualityChecksFailed):
+        cfg.run(now=latest + limit + timedelta(microseconds=1))
+
+
+def test_a_date_out_of_range_is_a_failed_check_and_every_other_check_still_reports(
+    warehouse: str,
+) -> None:
+    # SQLite reads the text '5' as Julian day 5 (4713 BC) and '9999999' as year 22666
+    execute(
+        warehouse,
+        "CREATE TABLE e (old TEXT, future TEXT, id INTEGER);",
+        {"e": [("5", "9999999", 1)]},
+    )
+    checks = [
+        {"kind": "freshness", "table": "e", "column": "old", "max_age": "1d"},
+        {
+            "kind": "freshness",
+            "table": "e",
+            "column": "future",
+            "max_age": "1d",
+            "severity": "warn",
+        },
+        {"kind": "not_null", "table": "e", "column": "id"},
+    ]
+    before = dump(warehouse)
+    with pytest.raises(QualityChecksFailed) as caught:
+        QualityPipeline(warehouse=warehouse, checks=checks).run(now=NOW)
+    result = caught.value.result
+    assert [(c.name, c.passed) for c in result.checks] == [
+        ("freshness_old", False),
+        ("freshness_future", False),
+        ("not_null_id", True),
+    ]
+    assert "outside years 1-9999" in (result.checks[0].error or "")
+    assert "'5'" in (result.checks[0].error or "")
+    assert caught.value.pipeline == "quality" and caught.value.table == "e"
+    assert dump(warehouse) == before
+
+
 def test_a_broken_check_fails_at_its_severity_with_the_sql_error(orders: str) -> None:
     result = pipeline(orders, {"kind": "not_null", "column": "nope", "severity": "warn"}).run(
         now=NOW

@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 from pipeline_helpers import dump, execute, query, scratch_dir, table_rows
 from pydantic import ValidationError
 
-from rocky_dagster.pipelines import PipelineError, ReplicationPipeline, SchemaConflictError
+from rocky_dagster.pipelines import (
+    KeyChangeError,
+    PipelineError,
+    ReplicationPipeline,
+    SchemaConflictError,
+)
 
 ORDERS = "CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT, qty INTEGER, updated_at TEXT);"
 
@@ -176,6 +181,99 @@ def test_tables_are_selected_by_list_glob_and_exclude(warehouse: str, source_db:
         ReplicationPipeline(
             warehouse=warehouse, source=source_db, tables=["billing", "missing"]
         ).run()
+
+
+def test_a_listed_name_with_glob_characters_selects_exactly_that_table(
+    warehouse: str, source_db: str
+) -> None:
+    execute(
+        source_db,
+        'CREATE TABLE "weird[1]" (id INTEGER PRIMARY KEY); CREATE TABLE weird1 (id INTEGER);'
+        'CREATE TABLE "a*b" (id INTEGER); CREATE TABLE axb (id INTEGER);',
+        {"weird[1]": [(1,), (2,)], "weird1": [(9,)], "a*b": [(3,)], "axb": [(4,)]},
+    )
+    result = ReplicationPipeline(
+        warehouse=warehouse, source=source_db, tables=["weird[1]", "A*B"]
+    ).run()
+    assert sorted(result.tables_touched) == ["a*b", "weird[1]"]
+    assert table_rows(warehouse, "weird[1]") == [(1,), (2,)]
+    # a glob that names no table exactly still globs; exclude follows the same rule
+    everything = ReplicationPipeline(
+        warehouse=warehouse, source=source_db, tables=["weird*", "a?b"], exclude=["weird[1]"]
+    ).run()
+    assert sorted(everything.tables_touched) == ["a*b", "axb", "weird1"]
+
+
+def test_changing_key_columns_between_runs_rebuilds_the_key(warehouse: str, source_db: str) -> None:
+    execute(source_db, "CREATE TABLE ev (id INTEGER, v INTEGER, note TEXT);", {"ev": [(1, 1, "a")]})
+
+    def run(key: list[str]) -> ReplicationPipeline:
+        cfg = ReplicationPipeline(warehouse=warehouse, source=source_db, key_columns=key)
+        cfg.run()
+        return cfg
+
+    run([])  # no key: the table is created without one
+    run(["id"])  # rocky adds a unique index on id
+    execute(source_db, "INSERT INTO ev VALUES (1, 2, 'b');")  # id alone no longer identifies
+    run(["id", "v"])  # was: "index _rocky_key_ev already exists"
+    assert table_rows(warehouse, "ev") == [(1, 1, "a"), (1, 2, "b")]
+    # a table created with PRIMARY KEY (id) is rebuilt for the new key, indexes kept
+    other = str(Path(warehouse).with_name("other.db"))
+    execute(source_db, "DELETE FROM ev WHERE v = 2;")
+    ReplicationPipeline(warehouse=other, source=source_db, key_columns=["id"]).run()
+    execute(other, "CREATE INDEX ev_note ON ev (note);")
+    execute(source_db, "INSERT INTO ev VALUES (1, 2, 'b');")
+    result = ReplicationPipeline(warehouse=other, source=source_db, key_columns=["id", "v"]).run()
+    assert result.tables["ev"].rows_inserted == 1
+    assert table_rows(other, "ev") == [(1, 1, "a"), (1, 2, "b")]
+    assert query(other, "SELECT name FROM sqlite_master WHERE name = 'ev_note'") == [("ev_note",)]
+
+
+def test_a_new_key_the_stored_rows_break_fails_incremental_and_rebuilds_full_refresh(
+    warehouse: str, source_db: str
+) -> None:
+    execute(
+        source_db,
+        "CREATE TABLE ev (id INTEGER, v INTEGER, note TEXT, u INTEGER);",
+        {"ev": [(1, 1, "a", 1), (1, 2, "a", 2)]},
+    )
+
+    def cfg(key: list[str], strategy: str = "incremental") -> ReplicationPipeline:
+        return ReplicationPipeline(
+            warehouse=warehouse,
+            source=source_db,
+            strategy=strategy,  # type: ignore[arg-type]
+            cursor_column="u",
+            key_columns=key,
+        )
+
+    cfg(["id", "v"]).run()
+    execute(source_db, "UPDATE ev SET note = 'b', u = 3 WHERE v = 2;")
+    before = dump(warehouse)
+    with pytest.raises(KeyChangeError) as caught:
+        cfg(["note"]).run()  # the stored rows share note 'a'; the source no longer does
+    assert (caught.value.pipeline, caught.value.table) == ("replication", "ev")
+    assert "drop the table" in str(caught.value)
+    assert dump(warehouse) == before
+    # a full refresh makes the table equal to the source anyway, so it rebuilds it
+    result = cfg(["note"], "full_refresh").run()
+    assert table_rows(warehouse, "ev") == [(1, 1, "a", 1), (1, 2, "b", 3)]
+    assert result.tables["ev"].rows_deleted == 2 and result.tables["ev"].rows_inserted == 2
+
+
+def test_a_dropped_target_is_rebuilt_in_full_despite_its_watermark(
+    warehouse: str, source_db: str
+) -> None:
+    rows = [(i, f"item{i}", i, f"2024-01-{i:02d}") for i in range(1, 6)]
+    execute(source_db, ORDERS, {"orders": rows})
+    pipeline = incremental(warehouse, source_db)
+    pipeline.run()
+    execute(warehouse, "DROP TABLE orders;")
+    execute(source_db, "INSERT INTO orders VALUES (6, 'item6', 6, '2024-01-06');")
+    result = pipeline.run()
+    assert result.tables["orders"].rows_inserted == 6
+    assert table_rows(warehouse, "orders") == [*rows, (6, "item6", 6, "2024-01-06")]
+    assert result.details["watermarks"] == {"orders": "2024-01-06"}
 
 
 def test_incremental_without_cursor_or_key_fails_at_definition(warehouse: str) -> None:

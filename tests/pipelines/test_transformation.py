@@ -10,7 +10,12 @@ from hypothesis import strategies as st
 from pipeline_helpers import dump, execute, query, scratch_dir, table_rows
 from pydantic import ValidationError
 
-from rocky_dagster.pipelines import ModelGraphError, PipelineError, TransformationPipeline
+from rocky_dagster.pipelines import (
+    ModelGraphError,
+    PipelineError,
+    TransformationPipeline,
+    ViewValidationError,
+)
 from rocky_dagster.pipelines.sqlmodels import referenced_tables
 
 RAW = "CREATE TABLE raw_orders (id INTEGER, customer TEXT, amount REAL);"
@@ -205,10 +210,29 @@ def test_models_dir_must_exist_at_definition(tmp_path: Path, warehouse: str) -> 
             ["a", "odd t"],
         ),
         ("SELECT 'FROM s' AS t -- FROM comment\nFROM real_t /* FROM c */", ["real_t"]),
-        ("SELECT * FROM (SELECT 1 FROM a) s, b WHERE x IN (SELECT id FROM d)", ["b", "a", "d"]),
+        ("SELECT * FROM (SELECT 1 FROM a) s, b WHERE x IN (SELECT id FROM d)", ["a", "b", "d"]),
         ("SELECT * FROM json_each('[1]'), f WHERE a IS DISTINCT FROM b", ["f"]),
         ("SELECT 1 FROM (a JOIN b ON a.id = b.id)", ["a", "b"]),
         ("SELECT * FROM temp.t, g WINDOW w AS (PARTITION BY 1)", ["g"]),
+        # a CTE reading the model it is named after: the qualified name is the table
+        ("WITH orders AS (SELECT * FROM main.orders) SELECT * FROM orders", ["orders"]),
+        ("WITH a AS (SELECT 1 AS x) SELECT * FROM main.a", ["a"]),
+        # a CTE defined inside a subquery shadows only there
+        ("SELECT * FROM (WITH a AS (SELECT 1 AS x) SELECT * FROM a) s, a", ["a"]),
+        (
+            "SELECT * FROM t WHERE EXISTS (WITH u AS (SELECT 1) SELECT * FROM u) AND y IN u",
+            ["t", "u"],
+        ),
+        # SQLite's `x IN table`, plain, negated, qualified; a CTE name there is no table
+        ("SELECT * FROM t WHERE x IN b AND y NOT IN main.c", ["b", "c", "t"]),
+        ("WITH b AS (SELECT 1 AS x) SELECT * FROM t WHERE x IN b", ["t"]),
+        ("SELECT * FROM t WHERE x IN (b)", ["t"]),  # a value list holding column b
+        ("SELECT * FROM t INDEXED BY t_idx, pragma_table_info('t'), other.z", ["t"]),
+        (
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) "
+            "SELECT * FROM r",
+            [],
+        ),
     ],
 )
 def test_referenced_tables(sql: str, expected: list[str]) -> None:
@@ -235,3 +259,91 @@ def test_rerun_on_unchanged_input_writes_nothing(rows: list[tuple[int, str | Non
         before = dump(warehouse)
         assert pipeline.run().rows_written == 0
         assert dump(warehouse) == before
+
+
+def test_references_hidden_by_ctes_subqueries_and_in_table_order_the_models(
+    tmp_path: Path, warehouse: str
+) -> None:
+    """Each reader sorts before the model it reads, so only real dependency analysis runs
+    them in the right order; a wrong order reads stale rows (or no table at all)."""
+    execute(warehouse, RAW, {"raw_orders": [(1, "ann", 5.0), (2, "bob", 7.0)]})
+    models = write_models(
+        tmp_path / "m",
+        {
+            "orders.sql": "SELECT id, customer, amount FROM raw_orders",
+            "vip_ids.sql": "SELECT id FROM raw_orders WHERE amount > 6",
+            "a_cte.sql": "WITH orders AS (SELECT * FROM main.orders WHERE amount > 0)\n"
+            "SELECT count(*) AS n FROM orders",
+            "a_sub.sql": "SELECT * FROM (WITH orders AS (SELECT 1 AS id) SELECT id FROM orders) s\n"
+            "JOIN orders USING (id)",
+            "a_in.sql": "SELECT customer FROM raw_orders WHERE id IN vip_ids",
+        },
+    )
+    pipeline = TransformationPipeline(warehouse=warehouse, models_dir=str(models))
+    deps = {m.name: m.depends_on for m in pipeline.models()}
+    assert deps == {
+        "orders": (),
+        "vip_ids": (),
+        "a_cte": ("orders",),
+        "a_sub": ("orders",),
+        "a_in": ("vip_ids",),
+    }
+    order = pipeline.run().details["order"]
+    assert order.index("orders") < order.index("a_cte")
+    assert order.index("orders") < order.index("a_sub")
+    assert order.index("vip_ids") < order.index("a_in")
+    execute(warehouse, "INSERT INTO raw_orders VALUES (3, 'cy', 9.0);")
+    pipeline.run()
+    assert table_rows(warehouse, "a_cte") == [(3,)]
+    assert table_rows(warehouse, "a_in") == [("bob",), ("cy",)]
+
+
+def test_sql_that_cannot_be_parsed_is_an_error_naming_the_model(
+    tmp_path: Path, warehouse: str
+) -> None:
+    models = write_models(tmp_path / "m", {"bad.sql": "SELECT * FROM (a JOIN"})
+    with pytest.raises(PipelineError, match=r"model .*bad\.sql.*cannot parse"):
+        TransformationPipeline(warehouse=warehouse, models_dir=str(models)).models()
+
+
+def test_a_view_broken_by_a_model_change_fails_the_run_naming_it_and_rolls_back(
+    tmp_path: Path, warehouse: str
+) -> None:
+    execute(warehouse, RAW, {"raw_orders": [(1, "ann", 5.0)]})
+    models = write_models(
+        tmp_path / "m",
+        {
+            "orders.sql": "SELECT id, customer, amount FROM raw_orders",
+            "by_customer.sql": "-- materialized: view\nSELECT customer, amount FROM orders",
+        },
+    )
+    pipeline = TransformationPipeline(warehouse=warehouse, models_dir=str(models))
+    pipeline.run()
+    # a view the models do not manage, reading the same model
+    execute(warehouse, "CREATE VIEW hand_made AS SELECT id, amount FROM orders;")
+    before = dump(warehouse)
+    write_models(models, {"orders.sql": "SELECT id, customer FROM raw_orders"})  # drops amount
+    with pytest.raises(ViewValidationError) as caught:
+        pipeline.run()
+    error = caught.value
+    assert (error.pipeline, error.table) == ("transformation", "by_customer")
+    assert "'by_customer'" in str(error) and "'hand_made'" in str(error)
+    assert "amount" in str(error)
+    assert dump(warehouse) == before
+    assert table_rows(warehouse, "by_customer") == [("ann", 5.0)]
+
+
+def test_a_view_broken_before_the_run_does_not_block_it(tmp_path: Path, warehouse: str) -> None:
+    execute(
+        warehouse,
+        "CREATE TABLE gone (x INTEGER); CREATE VIEW stale AS SELECT x FROM gone; DROP TABLE gone;",
+    )
+    models = write_models(tmp_path / "m", {"t.sql": "SELECT 1 AS x"})
+    result = TransformationPipeline(warehouse=warehouse, models_dir=str(models)).run()
+    assert result.details["order"] == ["t"]
+    # ...but a view model that is broken is this run's business
+    write_models(
+        models, {"v.sql": "-- materialized: view\nSELECT x FROM t", "t.sql": "SELECT 2 AS y"}
+    )
+    with pytest.raises(ViewValidationError, match="view 'v'"):
+        TransformationPipeline(warehouse=warehouse, models_dir=str(models)).run()

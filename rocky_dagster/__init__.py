@@ -28,8 +28,11 @@ _EXPORTS: dict[str, str] = {
     "ledger_run_status_sensors": ".sensors",
     "guard_run_requests": ".sensors",
     "idempotent_asset": ".assets",
+    "pipeline_op": ".pipeline_ops",
+    "step_decisions": ".presentation",
     "KEY_TAG": ".keys",
     "FORCE_TAG": ".keys",
+    "OUTCOME_TAG": ".keys",
     # the ledger
     "open_ledger": ".ledger",
     "LedgerConfig": ".ledger",
@@ -107,6 +110,9 @@ if TYPE_CHECKING:
     from .keys import (
         KEY_TAG as KEY_TAG,
     )
+    from .keys import (
+        OUTCOME_TAG as OUTCOME_TAG,
+    )
     from .ledger import (
         Decision as Decision,
     )
@@ -139,6 +145,9 @@ if TYPE_CHECKING:
     )
     from .pipeline_ops import (
         load_op as load_op,
+    )
+    from .pipeline_ops import (
+        pipeline_op as pipeline_op,
     )
     from .pipeline_ops import (
         quality_checks as quality_checks,
@@ -175,6 +184,9 @@ if TYPE_CHECKING:
     )
     from .pipelines import (
         TransformationPipeline as TransformationPipeline,
+    )
+    from .presentation import (
+        step_decisions as step_decisions,
     )
     from .resource import (
         IdempotencyLedger as IdempotencyLedger,

@@ -1,4 +1,4 @@
-"""Tag names and idempotency-key resolution (DESIGN §2 "Keys").
+"""Tag names and idempotency-key resolution (docs/contract.md, "Keys").
 
 Pure functions of run tags, a step key and a partition, so the rules can be
 tested (and reasoned about) without Dagster objects. The Dagster layer feeds
@@ -31,9 +31,10 @@ FORCE_TAG = "rocky/idempotency"
 It never overrides a live in-flight claim."""
 FORCE_VALUE = "force"
 
-DECISION_TAG_PREFIX = "rocky/idempotency/"
-"""``rocky/idempotency/<step key>`` = the step's last decision. Overwritten at every claim,
-because retries inherit their parent's tags."""
+OUTCOME_TAG = "rocky/outcome"
+"""Run tag summarising the run's guarded steps: ``worked`` | ``skipped`` | ``mixed`` |
+``unguarded`` | ``none``. With `KEY_TAG`, the only ``rocky/`` tag on a run: each step's own
+decision is in its output metadata. Filter the runs list on it (``rocky/outcome=skipped``)."""
 
 GUARDED_OP_TAG = "rocky/guarded"
 """Op-definition tag marking a guarded op, so sensors can find the steps of a job that claim."""
@@ -76,22 +77,6 @@ class ResolvedKey:
         return self.ledger_key is not None
 
 
-DECISION_RUN_TAG_PREFIX = "rocky/idempotency_run/"
-"""``rocky/idempotency_run/<step key>`` = the run behind the step's decision: the run that already
-completed the key (skipped_completed), holds it (skipped_in_flight), or this run when it works.
-Written with the decision tag, so a retry never shows its parent's value."""
-
-
-def decision_run_tag(step_key: str) -> str:
-    """The run tag naming the run behind one step's decision (link it from the runs list)."""
-    return f"{DECISION_RUN_TAG_PREFIX}{step_key}"
-
-
-def decision_tag(step_key: str) -> str:
-    """The run tag that shows one step's decision in the UI."""
-    return f"{DECISION_TAG_PREFIX}{step_key}"
-
-
 def is_forced(tags: Mapping[str, str]) -> bool:
     return tags.get(FORCE_TAG, "").strip().lower() == FORCE_VALUE
 
@@ -124,7 +109,7 @@ def resolve_key(
     partition: str | None = None,
     asset_key: str | None = None,
 ) -> ResolvedKey:
-    """Resolve one step's base and ledger key (DESIGN §2 "Keys").
+    """Resolve one step's base and ledger key (docs/contract.md, "Keys").
 
     `user_key` is what a `key_fn` returned (None: no opinion); `asset_key` is set only for a
     guarded asset, whose partition is then a key of last resort.

@@ -1,4 +1,4 @@
-"""Settle the in-flight claims of a run Dagster says is finished (DESIGN §2 "Dead holders").
+"""Settle the in-flight claims of a run Dagster says is finished (docs/contract.md, "Ledger contract").
 
 Shared by the run-status sensors (whole runs, after the fact) and by a claim that meets another
 run's in-flight claim (one key, on the spot, so a run retry that starts before any sensor has

@@ -29,8 +29,11 @@ _EXPORTS: dict[str, str] = {
     "guard_run_requests": ".sensors",
     "idempotent_asset": ".assets",
     "input_versions_key": ".input_versions",
+    "pipeline_op": ".pipeline_ops",
+    "step_decisions": ".presentation",
     "KEY_TAG": ".keys",
     "FORCE_TAG": ".keys",
+    "OUTCOME_TAG": ".keys",
     # components (defs.yaml, dg)
     "IdempotencyLedgerComponent": ".components",
     # the ledger
@@ -116,6 +119,9 @@ if TYPE_CHECKING:
     from .keys import (
         KEY_TAG as KEY_TAG,
     )
+    from .keys import (
+        OUTCOME_TAG as OUTCOME_TAG,
+    )
     from .ledger import (
         Decision as Decision,
     )
@@ -148,6 +154,9 @@ if TYPE_CHECKING:
     )
     from .pipeline_ops import (
         load_op as load_op,
+    )
+    from .pipeline_ops import (
+        pipeline_op as pipeline_op,
     )
     from .pipeline_ops import (
         quality_checks as quality_checks,
@@ -184,6 +193,9 @@ if TYPE_CHECKING:
     )
     from .pipelines import (
         TransformationPipeline as TransformationPipeline,
+    )
+    from .presentation import (
+        step_decisions as step_decisions,
     )
     from .resource import (
         IdempotencyLedger as IdempotencyLedger,

@@ -13,11 +13,19 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, overload
 
-from dagster import AssetObservation, AssetsDefinition, MaterializeResult, Output, asset
+from dagster import (
+    AssetKey,
+    AssetObservation,
+    AssetsDefinition,
+    MaterializeResult,
+    Output,
+    asset,
+)
 
 from .guard import KeyFn, StepGuard
 from .keys import GUARDED_OP_TAG
 from .ops import FingerprintFn, guarded_signature, present_as
+from .presentation import decision_message
 from .resource import RESOURCE_KEY
 
 
@@ -73,25 +81,12 @@ def idempotent_asset(
                 pipeline=asset_key.to_user_string(),
                 asset_key=asset_key.to_user_string(),
             )
-            claim = guard.claim()
-            if claim is not None and not claim.should_run:
-                context.log_event(
-                    AssetObservation(
-                        asset_key=asset_key,
-                        partition=guard.resolved.partition if guard.resolved else None,
-                        description=f"rocky_dagster: materialization skipped ({claim.decision})",
-                        metadata=guard.metadata(),
-                    )
-                )
-                return
-            guard.start()
-            try:
+            with guard.lifecycle() as step:
+                if not step.should_run:
+                    context.log_event(_skipped_observation(asset_key, step))
+                    return
                 result = body(context, **kwargs) if takes_context else body(**kwargs)
-                yield from _emit(context, result, guard)
-                guard.succeed()
-            except BaseException as exc:
-                guard.fail(exc)
-                raise
+                yield from _emit(context, result, step)
 
         present_as(guarded, body, signature)
         op_tags = {**(asset_kwargs.pop("op_tags", None) or {}), GUARDED_OP_TAG: "true"}
@@ -102,23 +97,50 @@ def idempotent_asset(
     return decorate
 
 
+def _skipped_observation(asset_key: AssetKey, guard: StepGuard) -> AssetObservation:
+    """A skipped asset materializes nothing; this observation is its decision line and metadata."""
+    claim = guard.claim_result
+    assert claim is not None
+    return AssetObservation(
+        asset_key=asset_key,
+        partition=guard.resolved.partition if guard.resolved else None,
+        description=decision_message(claim, guard.run_id),
+        metadata=guard.metadata(),
+    )
+
+
 def _emit(context: Any, result: Any, guard: StepGuard) -> Iterator[Any]:
-    summary = {
+    """Yield the body's result with the decision's metadata; record what a skip will replay:
+    the asset, its partition and the scalar metadata the body reported (rows, tables, ...)."""
+    summary: dict[str, Any] = {
         "asset_key": context.asset_key.to_user_string(),
         "partition": guard.resolved.partition if guard.resolved else None,
     }
+
+    def note(event: Any) -> None:
+        summary.update(_scalars(getattr(event, "metadata", None)))
+        guard.check_not_lost()
+        guard.record_summary(summary)
+        context.add_output_metadata(guard.metadata())
+
     if inspect.isgenerator(result):
         for event in result:
             if isinstance(event, (Output, MaterializeResult)):
-                guard.check_not_lost()
-                guard.record_summary(summary)
-                context.add_output_metadata(guard.metadata())
+                note(event)
             yield event
         return
-    guard.record_summary(summary)
-    guard.check_not_lost()
-    context.add_output_metadata(guard.metadata())
+    note(result)
     if isinstance(result, (Output, MaterializeResult)):
         yield result
     else:
         yield Output(result)
+
+
+def _scalars(metadata: Any) -> dict[str, Any]:
+    """The plain numbers and strings of a result's metadata (what a replay can show)."""
+    found: dict[str, Any] = {}
+    for name, value in (metadata or {}).items():
+        raw = getattr(value, "value", value)
+        if isinstance(raw, (bool, int, float, str)) and not name.startswith("rocky/"):
+            found[name] = raw
+    return found

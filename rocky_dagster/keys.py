@@ -31,9 +31,10 @@ FORCE_TAG = "rocky/idempotency"
 It never overrides a live in-flight claim."""
 FORCE_VALUE = "force"
 
-DECISION_TAG_PREFIX = "rocky/idempotency/"
-"""``rocky/idempotency/<step key>`` = the step's last decision. Overwritten at every claim,
-because retries inherit their parent's tags."""
+OUTCOME_TAG = "rocky/outcome"
+"""Run tag summarising the run's guarded steps: ``worked`` | ``skipped`` | ``mixed`` |
+``unguarded`` | ``none``. With `KEY_TAG`, the only ``rocky/`` tag on a run: each step's own
+decision is in its output metadata. Filter the runs list on it (``rocky/outcome=skipped``)."""
 
 GUARDED_OP_TAG = "rocky/guarded"
 """Op-definition tag marking a guarded op, so sensors can find the steps of a job that claim."""
@@ -74,22 +75,6 @@ class ResolvedKey:
     @property
     def guarded(self) -> bool:
         return self.ledger_key is not None
-
-
-DECISION_RUN_TAG_PREFIX = "rocky/idempotency_run/"
-"""``rocky/idempotency_run/<step key>`` = the run behind the step's decision: the run that already
-completed the key (skipped_completed), holds it (skipped_in_flight), or this run when it works.
-Written with the decision tag, so a retry never shows its parent's value."""
-
-
-def decision_run_tag(step_key: str) -> str:
-    """The run tag naming the run behind one step's decision (link it from the runs list)."""
-    return f"{DECISION_RUN_TAG_PREFIX}{step_key}"
-
-
-def decision_tag(step_key: str) -> str:
-    """The run tag that shows one step's decision in the UI."""
-    return f"{DECISION_TAG_PREFIX}{step_key}"
 
 
 def is_forced(tags: Mapping[str, str]) -> bool:

@@ -3,9 +3,10 @@
 The decorated function keeps its own signature (context, inputs, `config`, typed resources);
 the wrapper adds the ledger resource and does, around the body:
 
-claim → tag the run → on `proceed`/`adopted_stale`: heartbeat while the body runs, store the
-outputs, stamp ``succeeded`` with the body's summary; on an exception: finalize ``failed`` at once
-(or keep the claim when an op retry of this run will re-enter it) → re-raise.
+the step lifecycle of `guard.StepGuard`: claim → on `proceed`/`adopted_stale`: heartbeat while
+the body runs, store the outputs, stamp ``succeeded`` with the body's summary; on an exception
+(in the body or while storing an output): finalize ``failed`` at once (or keep the claim when an
+op retry of this run will re-enter it) → re-raise.
 On `skipped_completed` the body is not called and the recorded summary is returned, marked
 ``replayed``, so downstream ops still run; on `skipped_in_flight` nothing is yielded, so
 downstream steps are skipped and the run says which run holds the key.
@@ -34,7 +35,7 @@ from dagster import (
 )
 
 from ._compat import optional_out
-from .guard import KeyFn, StepGuard, replay_value
+from .guard import KeyFn, StepGuard, recorded_outputs
 from .keys import GUARDED_OP_TAG
 from .ledger import Decision
 from .resource import RESOURCE_KEY, IdempotencyLedger
@@ -178,19 +179,12 @@ def _wrap_op_body(
         guard = StepGuard(
             context, resource, key_fn=key_fn, fingerprint=fingerprint, pipeline=pipeline
         )
-        claim = guard.claim()
-        if claim is not None and not claim.should_run:
-            if claim.decision == Decision.SKIPPED_COMPLETED:
-                yield from _replay(claim, output_names, guard)
-            return
-        guard.start()
-        try:
+        with guard.lifecycle() as step:
+            if not step.should_run:
+                yield from _replay(step, output_names)
+                return
             result = body(context, **kwargs) if takes_context else body(**kwargs)
-            yield from _emit(result, output_names, guard)
-            guard.succeed()
-        except BaseException as exc:
-            guard.fail(exc)
-            raise
+            yield from _emit(result, output_names, step)
 
     present_as(guarded, body, signature)
     return guarded
@@ -310,17 +304,12 @@ def _summary(values: Mapping[str, Any], output_names: list[str]) -> dict[str, An
     return dict(values)
 
 
-def _replay(claim: Any, output_names: list[str], guard: StepGuard) -> Iterator[Output]:
-    """Yield the recorded result of the run that succeeded, marked as replayed."""
-    meta = guard.metadata()
-    if len(output_names) == 1:
-        yield Output(replay_value(claim), output_names[0], metadata=meta)
+def _replay(guard: StepGuard, output_names: list[str]) -> Iterator[Output]:
+    """A `skipped_completed` step yields the recorded result, marked replayed, with its decision
+    and the replayed values as metadata; a `skipped_in_flight` step yields nothing."""
+    claim = guard.claim_result
+    if claim is None or claim.decision != Decision.SKIPPED_COMPLETED:
         return
-    recorded = claim.result or {}
-    for out_name in output_names:
-        if out_name not in recorded:
-            continue  # that output was not produced by the run that succeeded
-        value = recorded[out_name]
-        if isinstance(value, dict):
-            value = {**value, "replayed": True, "prior_run_id": claim.prior_run_id}
-        yield Output(value, out_name, metadata=meta)
+    meta = guard.metadata()
+    for name, value in recorded_outputs(claim, output_names).items():
+        yield Output(value, name, metadata=meta)

@@ -1,4 +1,4 @@
-"""One guarded op per pipeline type, each built from that pipeline's config object.
+"""`pipeline_op`: one guarded op for any of the five pipelines, built from its config object.
 
 The op runs ``config.run()`` under `idempotent_op`, with ``config.fingerprint()`` as the claim's
 fingerprint (the same key must keep naming the same work), and returns ``result.summary()``: the
@@ -9,8 +9,11 @@ small JSON dict the ledger keeps and later runs replay. Every pipeline op has an
 
     @ledger_job
     def nightly():
-        loaded = replication_op(REPLICATION, name="replicate")()
-        quality_op(QUALITY, name="check")(after=transformation_op(MODELS, name="build")(after=loaded))
+        loaded = pipeline_op(REPLICATION, name="replicate")()
+        pipeline_op(QUALITY, name="check")(after=pipeline_op(MODELS, name="build")(after=loaded))
+
+`replication_op`, `transformation_op`, `quality_op`, `snapshot_op` and `load_op` are the same
+op, each also checking that it was given its own pipeline type.
 """
 
 from __future__ import annotations
@@ -61,8 +64,11 @@ def replication_op(
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
 ) -> OpDefinition:
-    """A guarded op copying source tables into the warehouse (`ReplicationPipeline`)."""
-    return _pipeline_op("replication", config, name, key_fn, retry_policy, tags, description)
+    """`pipeline_op` for a replication pipeline: a guarded op copying source tables into the warehouse (`ReplicationPipeline`).
+
+    Kept for readability and a type check: same arguments, same op as `pipeline_op`.
+    """
+    return _typed("replication", config, name, key_fn, retry_policy, tags, description)
 
 
 def transformation_op(
@@ -74,8 +80,11 @@ def transformation_op(
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
 ) -> OpDefinition:
-    """A guarded op building SQL models in dependency order (`TransformationPipeline`)."""
-    return _pipeline_op("transformation", config, name, key_fn, retry_policy, tags, description)
+    """`pipeline_op` for a transformation pipeline: a guarded op building SQL models in dependency order (`TransformationPipeline`).
+
+    Kept for readability and a type check: same arguments, same op as `pipeline_op`.
+    """
+    return _typed("transformation", config, name, key_fn, retry_policy, tags, description)
 
 
 def quality_op(
@@ -87,13 +96,13 @@ def quality_op(
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
 ) -> OpDefinition:
-    """A guarded op evaluating data checks (`QualityPipeline`).
+    """`pipeline_op` for a quality pipeline: a guarded op evaluating data checks.
 
     Every check is reported (output metadata, one log line per failed check); a failed
     error-severity check then fails the op, so its claim is finalized failed. For assets, use
     `quality_checks`, which reports each check as an `AssetCheckResult`.
     """
-    return _pipeline_op("quality", config, name, key_fn, retry_policy, tags, description)
+    return _typed("quality", config, name, key_fn, retry_policy, tags, description)
 
 
 def quality_checks(
@@ -136,33 +145,32 @@ def quality_checks(
         op_tags={GUARDED_OP_TAG: "true", "rocky/pipeline": "quality"},
     )
     def _checks(context, ledger: IdempotencyLedger) -> Iterator[Any]:
-        guard = StepGuard(
-            context, ledger, key_fn=key_fn, fingerprint=fingerprint, pipeline="quality"
-        )
-        claim = guard.claim()
-        if claim is not None and not claim.should_run:
-            return
-        guard.start()
-        try:
-            from .pipelines import QualityChecksFailed
+        from .pipelines import QualityChecksFailed
 
+        guard = StepGuard(
+            context,
+            ledger,
+            key_fn=key_fn,
+            fingerprint=fingerprint,
+            pipeline="quality",
+            skip_event=True,
+        )
+        with guard.lifecycle() as step:
+            if not step.should_run:
+                return  # its decision and replayed summary are on the step's engine event
             failed = None
             try:
                 result = config.run()
             except QualityChecksFailed as exc:
                 failed, result = exc, exc.result
             targets = {(spec.asset_key, spec.name) for spec in specs}
+            step.check_not_lost()
             for check in result.checks:
                 if check.table and (to_key(check.table), check.name) in targets:
-                    yield _check_result(check, to_key(check.table), guard)
-            guard.record_summary(result.summary())
+                    yield _check_result(check, to_key(check.table), step)
+            step.record_summary(result.summary())
             if failed is not None:
                 raise Failure(description=str(failed), allow_retries=False)
-            guard.check_not_lost()
-            guard.succeed()
-        except BaseException as exc:
-            guard.fail(exc)
-            raise
 
     return _checks
 
@@ -187,8 +195,11 @@ def snapshot_op(
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
 ) -> OpDefinition:
-    """A guarded op recording SCD-2 history of a table (`SnapshotPipeline`)."""
-    return _pipeline_op("snapshot", config, name, key_fn, retry_policy, tags, description)
+    """`pipeline_op` for a snapshot pipeline: a guarded op recording SCD-2 history of a table (`SnapshotPipeline`).
+
+    Kept for readability and a type check: same arguments, same op as `pipeline_op`.
+    """
+    return _typed("snapshot", config, name, key_fn, retry_policy, tags, description)
 
 
 def load_op(
@@ -200,11 +211,85 @@ def load_op(
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
 ) -> OpDefinition:
-    """A guarded op loading CSV / JSON-lines files into tables (`LoadPipeline`)."""
-    return _pipeline_op("load", config, name, key_fn, retry_policy, tags, description)
+    """`pipeline_op` for a load pipeline: a guarded op loading CSV / JSON-lines files into tables (`LoadPipeline`).
+
+    Kept for readability and a type check: same arguments, same op as `pipeline_op`.
+    """
+    return _typed("load", config, name, key_fn, retry_policy, tags, description)
 
 
-def _pipeline_op(
+def pipeline_op(
+    pipeline: Any,
+    *,
+    name: str | None = None,
+    key_fn: KeyFn | None = None,
+    retry_policy: RetryPolicy | None = None,
+    tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+) -> OpDefinition:
+    """A guarded op running `pipeline` (any of the five pipeline configs) once per key.
+
+    The op's fingerprint is ``pipeline.fingerprint()`` (the same key must keep naming the same
+    work), it returns ``result.summary()`` (what the ledger keeps and a skip replays) with the
+    pipeline's figures as output metadata, and it has an optional ``after`` input of type
+    Nothing for ordering. A quality pipeline reports every check, then fails the op when an
+    error-severity check failed.
+
+    Args:
+        pipeline: a `ReplicationPipeline`, `TransformationPipeline`, `QualityPipeline`,
+            `SnapshotPipeline` or `LoadPipeline`.
+        name: the op name (default: the pipeline type).
+        key_fn: ``key_fn(context) -> str | None``, this op's own base key (see `idempotent_op`).
+        retry_policy: an op retry policy; a retry of the same run re-enters its claim.
+        tags: extra op tags.
+        description: the op description (default: the pipeline type and warehouse).
+
+    Examples:
+        .. code-block:: python
+
+            load = pipeline_op(LoadPipeline(warehouse="wh.db", directory="drop", table="t"))
+
+            @ledger_job
+            def nightly():
+                pipeline_op(TransformationPipeline(warehouse="wh.db", models_dir="models"))(
+                    after=load()
+                )
+    """
+    pipeline_type = getattr(type(pipeline), "pipeline_type", None)
+    if pipeline_type not in PIPELINE_TYPES or not callable(getattr(pipeline, "run", None)):
+        raise TypeError(
+            "pipeline_op needs a pipeline config object (ReplicationPipeline, "
+            "TransformationPipeline, QualityPipeline, SnapshotPipeline or LoadPipeline), got "
+            f"{type(pipeline).__name__}"
+        )
+    fingerprint = pipeline.fingerprint()
+    quality = pipeline_type == "quality"
+
+    def run_pipeline(context: Any) -> Iterator[Any]:
+        """Run the pipeline and return its summary (replayed on a skip)."""
+        if quality:
+            yield from _run_quality(context, pipeline)
+            return
+        result = pipeline.run()
+        yield Output(result.summary(), metadata=_result_metadata(result))
+
+    run_pipeline.__name__ = name or pipeline_type
+    return idempotent_op(
+        name=name or pipeline_type,
+        description=description or f"{pipeline_type} pipeline on {pipeline.warehouse}",
+        ins={AFTER: In(Nothing, description="Run after these steps (ordering only).")},
+        tags={"rocky/pipeline": pipeline_type, **(tags or {})},
+        retry_policy=retry_policy,
+        key_fn=key_fn,
+        fingerprint_fn=lambda _context: fingerprint,
+        pipeline=pipeline_type,
+    )(run_pipeline)
+
+
+PIPELINE_TYPES = ("replication", "transformation", "quality", "snapshot", "load")
+
+
+def _typed(
     pipeline_type: str,
     config: Any,
     name: str | None,
@@ -218,30 +303,16 @@ def _pipeline_op(
         raise TypeError(
             f"{pipeline_type}_op needs a {pipeline_type.title()}Pipeline config object, got "
             f"{type(config).__name__}"
-            + (f" (a {actual} pipeline: use {actual}_op)" if actual else "")
+            + (f" (a {actual} pipeline: use {actual}_op or pipeline_op)" if actual else "")
         )
-    fingerprint = config.fingerprint()
-    quality = pipeline_type == "quality"
-
-    def run_pipeline(context: Any) -> Iterator[Any]:
-        """Run the pipeline and return its summary (replayed on a skip)."""
-        if quality:
-            yield from _run_quality(context, config)
-            return
-        result = config.run()
-        yield Output(result.summary(), metadata=_result_metadata(result))
-
-    run_pipeline.__name__ = name or pipeline_type
-    return idempotent_op(
-        name=name or pipeline_type,
-        description=description or f"{pipeline_type} pipeline on {config.warehouse}",
-        ins={AFTER: In(Nothing, description="Run after these steps (ordering only).")},
-        tags={"rocky/pipeline": pipeline_type, **(tags or {})},
-        retry_policy=retry_policy,
+    return pipeline_op(
+        config,
+        name=name,
         key_fn=key_fn,
-        fingerprint_fn=lambda _context: fingerprint,
-        pipeline=pipeline_type,
-    )(run_pipeline)
+        retry_policy=retry_policy,
+        tags=tags,
+        description=description,
+    )
 
 
 def _run_quality(context: Any, config: Any) -> Iterator[Any]:

@@ -32,6 +32,7 @@ from .keys import (
     schedule_key,
 )
 from .ledger import DedupPolicy, Entry, EventKind, Ledger, LedgerError, State
+from .presentation import settle_outcome_tag
 from .reconcile import FINISHED_STATUSES, reconcile_run
 from .resource import IdempotencyLedger
 
@@ -48,7 +49,8 @@ def ledger_run_status_sensors(
     """Three sensors settling the claims of finished runs (docs/contract.md, "Dead holders").
 
     FAILURE → the run's claims are finalized failed; CANCELED → released; SUCCESS → claims still
-    in flight are stamped succeeded. They take the ``ledger`` resource from Definitions, start
+    in flight are stamped succeeded. Each also settles the run's ``rocky/outcome`` tag from its
+    own steps' decisions, so a re-execution never keeps the summary it copied from its parent. They take the ``ledger`` resource from Definitions, start
     RUNNING and watch every code location (CLI and in-process runs have none, and would be
     invisible otherwise). A ledger outage is logged, never raised: Dagster would move the cursor
     past the run anyway (run-status sensors are at-most-once), and the lease then settles it.
@@ -109,6 +111,10 @@ def _status_sensor(
             return None
         if done.settled or done.untouched:
             context.log.info(f"rocky_dagster: {done.describe()}")
+        try:
+            settle_outcome_tag(context.instance, run_id)
+        except Exception as exc:  # a tag is for people: log it, never fail the tick
+            context.log.warning(f"rocky_dagster: could not settle run {run_id}'s tags: {exc}")
         return None
 
     return _sensor

@@ -22,11 +22,11 @@ from rocky_dagster.keys import (
     RUN_KEY_TAG,
     KeySource,
     attempt_run_key,
-    decision_tag,
     resolve_key,
     schedule_key,
 )
 from rocky_dagster.ledger import EventKind, InvalidKeyError, Ledger, State
+from rocky_dagster.presentation import step_decisions
 
 # --- keys ---------------------------------------------------------------------------------------
 
@@ -70,7 +70,6 @@ def test_bad_keys_name_their_source() -> None:
 
 
 def test_tag_names_and_derived_keys() -> None:
-    assert decision_tag("load") == "rocky/idempotency/load"
     assert attempt_run_key("k", 0) == "k" and attempt_run_key("k", 2) == "k#2"
     at = datetime(2024, 6, 1, 2, tzinfo=UTC)
     assert schedule_key("nightly", at) == "nightly@2024-06-01T02:00:00+00:00"
@@ -176,7 +175,7 @@ def test_unkeyed_run_is_unguarded_and_says_so(instance: DagsterInstance, ledger:
     result = job.execute_in_process(instance=instance)
     assert result.success
     assert ledger.entries() == []
-    assert instance.get_run_by_id(result.run_id).tags[decision_tag("noop")] == "unguarded"
+    assert step_decisions(instance, result.run_id)["noop"] == "unguarded"
     messages = [e.user_message for e in instance.all_logs(result.run_id)]
     assert any("runs UNGUARDED" in m for m in messages)
 
@@ -187,7 +186,7 @@ def test_force_tag_reruns_a_succeeded_key_as_an_audited_override(
     job = ledger_job(_noop_graph, name="forced", ledger=IdempotencyLedger())
     first = job.execute_in_process(instance=instance, tags={KEY_TAG: "f"})
     forced = job.execute_in_process(instance=instance, tags={KEY_TAG: "f", FORCE_TAG: "force"})
-    assert instance.get_run_by_id(forced.run_id).tags[decision_tag("noop")] == "proceed"
+    assert step_decisions(instance, forced.run_id)["noop"] == "proceed"
     entry = ledger.get("f/noop")
     assert entry.run_id == forced.run_id and entry.prior_run_id == first.run_id
     assert EventKind.FORCED in [e.kind for e in ledger.history("f/noop")]

@@ -21,8 +21,9 @@ from dagster_layer_jobs import (
 )
 
 from rocky_dagster import IdempotencyLedger, ledger_job
-from rocky_dagster.keys import KEY_TAG, RUN_KEY_TAG, decision_run_tag, decision_tag
+from rocky_dagster.keys import KEY_TAG, OUTCOME_TAG, RUN_KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, State
+from rocky_dagster.presentation import step_decisions
 
 
 def _output_metadata(result, step: str) -> dict:
@@ -53,7 +54,7 @@ def test_f1_failed_run_releases_key_next_run_proceeds_third_skips(
     entry = ledger.get("orders-2024-06-01/work")
     assert entry.state == State.SUCCEEDED and entry.run_id == second.run_id
     assert entry.result == {"rows": 42}
-    assert instance.get_run_by_id(second.run_id).tags[decision_tag("work")] == "proceed"
+    assert step_decisions(instance, second.run_id)["work"] == "proceed"
 
     # 3. a third run does no work and replays the recorded result, naming the run that did it
     third = work_job.execute_in_process(
@@ -69,10 +70,17 @@ def test_f1_failed_run_releases_key_next_run_proceeds_third_skips(
     assert meta["rocky/decision"].value == "skipped_completed"
     assert meta["rocky/prior_run_id"].value == second.run_id
     assert meta["rocky/ledger_key"].value == "orders-2024-06-01/work"
-    assert instance.get_run_by_id(third.run_id).tags[decision_tag("work")] == "skipped_completed"
-    # the tags name the run that did the work, next to the decision (the UI's runs list shows it)
-    assert instance.get_run_by_id(third.run_id).tags[decision_run_tag("work")] == second.run_id
-    assert instance.get_run_by_id(second.run_id).tags[decision_run_tag("work")] == second.run_id
+    assert step_decisions(instance, third.run_id)["work"] == "skipped_completed"
+    # the replayed values, one metadata entry each (a skip shows the numbers it replays)
+    assert meta["rocky/replayed/rows"].value == 42
+    # the run's summary: two rocky/ tags, whatever the op count
+    assert {
+        k: v for k, v in instance.get_run_by_id(third.run_id).tags.items() if k.startswith("rocky/")
+    } == {
+        KEY_TAG: "orders-2024-06-01",
+        OUTCOME_TAG: "skipped",
+    }
+    assert instance.get_run_by_id(second.run_id).tags[OUTCOME_TAG] == "worked"
     assert [run for _, run in work_log(work_dir)] == [first.run_id, second.run_id]
 
 
@@ -165,7 +173,7 @@ def test_reexecution_from_failure_inherits_the_key_then_skips_after_success(
         reexecution_options=ReexecutionOptions(parent_run_id=retry.run_id, step_selection=["work"]),
     )
     assert again.success
-    assert instance.get_run_by_id(again.run_id).tags[decision_tag("work")] == "skipped_completed"
+    assert step_decisions(instance, again.run_id)["work"] == "skipped_completed"
     assert [run for _, run in work_log(work_dir)] == [parent.run_id, retry.run_id]
 
 
@@ -180,7 +188,8 @@ def test_run_retry_with_parent_tags_proceeds_after_failure_skips_after_success(
         raise_on_error=False,
     )
     parent_tags = dict(instance.get_run_by_id(parent.run_id).tags)
-    assert parent_tags[decision_tag("work")] == "proceed"
+    assert step_decisions(instance, parent.run_id)["work"] == "proceed"
+    assert parent_tags[OUTCOME_TAG] == "worked"
     assert parent_tags[KEY_TAG] == "sensor-key-6"
 
     retry = work_job.execute_in_process(
@@ -194,5 +203,5 @@ def test_run_retry_with_parent_tags_proceeds_after_failure_skips_after_success(
         instance=instance, tags=retry_tags, run_config=fail_config("work", False)
     )
     assert third.success
-    assert instance.get_run_by_id(third.run_id).tags[decision_tag("work")] == "skipped_completed"
+    assert step_decisions(instance, third.run_id)["work"] == "skipped_completed"
     assert [run for _, run in work_log(work_dir)] == [parent.run_id, retry.run_id]

@@ -25,8 +25,9 @@ from dagster_layer_jobs import (
 )
 
 from rocky_dagster import IdempotencyLedger, ledger_run_status_sensors
-from rocky_dagster.keys import KEY_TAG, decision_tag
+from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, State
+from rocky_dagster.presentation import step_decisions
 
 
 def _sensor(status: str) -> SensorDefinition:
@@ -91,8 +92,8 @@ def test_concurrent_duplicates_exactly_one_does_the_work(
     loser_run = loser.stdout.read().split()[-1]
 
     assert work_log(work_dir) == [("hold", winner)]
-    assert instance.get_run_by_id(loser_run).tags[decision_tag("hold")] == "skipped_in_flight"
-    assert instance.get_run_by_id(winner).tags[decision_tag("hold")] == "proceed"
+    assert step_decisions(instance, loser_run)["hold"] == "skipped_in_flight"
+    assert step_decisions(instance, winner)["hold"] == "proceed"
     assert f"worked on by run {winner}" in _messages(instance, loser_run)
     [skip] = [
         e.dagster_event.engine_event_data.metadata
@@ -119,7 +120,7 @@ def test_killed_worker_next_run_reaps_the_dead_holder_at_once(
     (work_dir / "go").touch()
     retry = hold_job.execute_in_process(instance=instance, tags={KEY_TAG: "nightly-7"})
     assert retry.success
-    assert instance.get_run_by_id(retry.run_id).tags[decision_tag("hold")] == "proceed"
+    assert step_decisions(instance, retry.run_id)["hold"] == "proceed"
     [output] = [e for e in retry.all_events if e.event_type_value == "STEP_OUTPUT"]
     assert output.event_specific_data.metadata["rocky/reaped_run_id"].value == dead
     entry = ledger.get("nightly-7/hold")
@@ -188,8 +189,7 @@ def test_skipped_in_flight_run_never_releases_the_holders_claim(
             instance=instance, tags={KEY_TAG: "shared-10"}, raise_on_error=False
         )
         assert not other.success
-        tags = instance.get_run_by_id(other.run_id).tags
-        assert tags[decision_tag("hold")] == "skipped_in_flight"
+        assert step_decisions(instance, other.run_id)["hold"] == "skipped_in_flight"
         assert any(
             e.event_type_value == "HOOK_COMPLETED" and e.step_key == "explode"
             for e in other.all_events

@@ -29,6 +29,9 @@ _EXPORTS: dict[str, str] = {
     "guard_run_requests": ".sensors",
     "idempotent_asset": ".assets",
     "input_versions_key": ".input_versions",
+    "idempotent_multi_asset": ".multi_asset",
+    "proceeding_asset_keys": ".multi_asset",
+    "pipeline_assets": ".pipeline_assets",
     "pipeline_op": ".pipeline_ops",
     "step_decisions": ".presentation",
     "KEY_TAG": ".keys",
@@ -149,8 +152,17 @@ if TYPE_CHECKING:
     from .ledger import (
         open_ledger as open_ledger,
     )
+    from .multi_asset import (
+        idempotent_multi_asset as idempotent_multi_asset,
+    )
+    from .multi_asset import (
+        proceeding_asset_keys as proceeding_asset_keys,
+    )
     from .ops import (
         idempotent_op as idempotent_op,
+    )
+    from .pipeline_assets import (
+        pipeline_assets as pipeline_assets,
     )
     from .pipeline_ops import (
         load_op as load_op,

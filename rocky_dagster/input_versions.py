@@ -7,10 +7,11 @@ backfill) skip an asset whose code version and inputs are the ones it last succe
 ledger records the success under exactly that combination, and a new upstream materialization
 or code version is a new key, so the asset runs again.
 
-The key is ``<asset key>/v:<code version>/in:<digest>``; the digest covers, per upstream asset,
+The base key is ``inputs:<digest>:code:<code version>`` (the ledger key appends the partition
+and the asset key); the digest covers, per upstream asset,
 its latest data version (``dagster/data_version`` of its latest materialization of the same
 partition) or, when it carries none, that materialization's storage id; an upstream asset never
-materialized counts as ``none``. The partition is folded in by the ledger key itself.
+materialized counts as ``none``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def input_versions_key(context: Any, asset_key: AssetKey | None = None) -> str:
         for dep in upstream
     ]
     digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-    return f"{key.to_user_string()}/v:{code_version}/in:{digest}"
+    return f"inputs:{digest}:code:{code_version}"
 
 
 def _latest_version(instance: DagsterInstance, key: AssetKey, partition: str | None) -> str:

@@ -112,7 +112,9 @@ def resolve_key(
     """Resolve one step's base and ledger key (docs/contract.md, "Keys").
 
     `user_key` is what a `key_fn` returned (None: no opinion); `asset_key` is set only for a
-    guarded asset, whose partition is then a key of last resort.
+    guarded asset: it names the asset's share of the base (``<base>/<asset key>``, not the
+    step key), and with its partition it is the key of last resort, ``<asset key>/<partition>``
+    on its own (the asset is named once).
     """
     if user_key is not None:
         base, source = user_key, KeySource.KEY_FN
@@ -123,8 +125,10 @@ def resolve_key(
     if base is None:
         return ResolvedKey(None, KeySource.NONE, step_key, partition)
     base = validate_key(base, f"idempotency key (from {source.value})")
-    folded = None if source == KeySource.ASSET_PARTITION else partition
-    key = validate_key(ledger_key(base, step_key, folded), "ledger key")
+    if source == KeySource.ASSET_PARTITION:
+        key = base
+    else:
+        key = validate_key(ledger_key(base, asset_key or step_key, partition), "ledger key")
     return ResolvedKey(base, source, step_key, partition, key)
 
 

@@ -166,6 +166,36 @@ class ReplicationPipeline(PipelineConfig):
         result.details = {"watermarks": watermarks, "added_columns": added}
         return result.finish()
 
+    def selected_tables(self) -> list[str]:
+        """The source tables this config replicates, read from the source now (read-only):
+        what `pipeline_assets` turns into one asset per target table."""
+        if not Path(self.source).is_file():
+            raise PipelineError(
+                f"source: database file {self.source!r} does not exist", path=self.source
+            )
+        conn = sqlite3.connect(":memory:", uri=True)
+        try:
+            uri = "file:" + urllib.parse.quote(self.source) + "?mode=ro"
+            with failure_context("reading the source database", path=self.source):
+                conn.execute(f"ATTACH DATABASE ? AS {SRC}", (uri,))
+                return self._selected(conn)
+        finally:
+            conn.close()
+
+    def for_tables(self, source_tables: list[str]) -> ReplicationPipeline:
+        """This config narrowed to some of its source tables (a subset run), each named
+        exactly; the per-table options of the others are dropped."""
+        wanted = {name.lower() for name in source_tables}
+        return self.model_copy(
+            update={
+                "tables": list(source_tables),
+                "exclude": [],
+                "table_options": {
+                    k: v for k, v in self.table_options.items() if k.lower() in wanted
+                },
+            }
+        )
+
     def _selected(self, conn: sqlite3.Connection) -> list[str]:
         available = user_tables(conn, SRC)
         chosen: set[str] = set()

@@ -633,7 +633,7 @@ def test_asset_backfill_twice_materializes_each_partition_once(
     assert {o.run_id for o in observations} == set(observed.values())
     for day in days:
         assert (data_dir / "reports" / f"orders_{day}.csv").stat().st_mtime_ns == reports[day]
-        ledger_key = f"daily_order_report/{day}/daily_order_report"
+        ledger_key = f"daily_order_report/{day}"
         assert claimants(ledger, ledger_key) == [by_day[day]]
 
 

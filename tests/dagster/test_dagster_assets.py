@@ -48,7 +48,7 @@ def test_second_materialization_of_a_partition_skips_with_an_observation(
 ) -> None:
     first = _materialize(instance, "2024-06-01")
     assert first.success
-    entry = ledger.get("daily_orders/2024-06-01/daily_orders")
+    entry = ledger.get("daily_orders/2024-06-01")
     assert entry.state == State.SUCCEEDED and entry.run_id == first.run_id
     assert _count(instance, "m") == 1
 

@@ -52,7 +52,11 @@ def test_no_key_means_unguarded_and_a_partition_alone_keys_only_assets() -> None
     assert not resolve_key({}, "load", partition="2024-06-01").guarded
     asset = resolve_key({}, "orders", partition="2024-06-01", asset_key="shop/orders")
     assert (asset.base, asset.source) == ("shop/orders/2024-06-01", KeySource.ASSET_PARTITION)
-    assert asset.ledger_key == "shop/orders/2024-06-01/orders"
+    assert asset.ledger_key == "shop/orders/2024-06-01"  # the asset named once
+    keyed = resolve_key(
+        {KEY_TAG: "k"}, "shop__orders", partition="2024-06-01", asset_key="shop/orders"
+    )
+    assert keyed.ledger_key == "k/2024-06-01/shop/orders"  # <base>/<partition>/<asset key>
 
 
 def test_two_partitions_of_one_keyed_run_never_share_a_key() -> None:

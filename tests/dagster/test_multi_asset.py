@@ -1,0 +1,159 @@
+"""`idempotent_multi_asset`: one ledger key per selected asset, a body that produces only what
+proceeds, on a real instance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dagster import (
+    AssetKey,
+    AssetSpec,
+    DagsterInstance,
+    DailyPartitionsDefinition,
+    MaterializeResult,
+    materialize,
+)
+from dagster_layer_jobs import did_work, work_log
+
+from rocky_dagster import (
+    IdempotencyLedger,
+    idempotent_multi_asset,
+    proceeding_asset_keys,
+)
+from rocky_dagster.keys import KEY_TAG
+from rocky_dagster.ledger import EventKind, Ledger, State
+
+SPECS = [AssetSpec("orders"), AssetSpec("customers"), AssetSpec("payments")]
+
+
+def third_party_runner(context):
+    """A dbt/sling/dlt-style runner: works on what the context says is selected, yields a
+    MaterializeResult per asset, knows nothing about the ledger."""
+    for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
+        did_work(key.to_user_string(), context.run.run_id)
+        yield MaterializeResult(asset_key=key, metadata={"rows": 3})
+
+
+@idempotent_multi_asset(specs=SPECS, can_subset=True, name="shop")
+def shop(context):
+    yield from third_party_runner(context)
+
+
+def _run(instance: DagsterInstance, assets, key: str, selection=None, **kwargs):
+    result = materialize(
+        assets,
+        instance=instance,
+        tags={KEY_TAG: key},
+        selection=selection,
+        resources={"ledger": IdempotencyLedger()},
+        raise_on_error=False,
+        **kwargs,
+    )
+    return result
+
+
+def _materialized(instance: DagsterInstance, name: str) -> int:
+    return len(instance.fetch_materializations(AssetKey(name), limit=100).records)
+
+
+def _worked(work_dir: Path) -> list[tuple[str, str]]:
+    return work_log(work_dir)
+
+
+def test_second_run_with_one_key_materializes_nothing_and_observes_each_skip(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    first = _run(instance, [shop], "k1")
+    assert first.success
+    assert sorted(name for name, _ in _worked(work_dir)) == ["customers", "orders", "payments"]
+    for name in ("orders", "customers", "payments"):
+        entry = ledger.get(f"k1/{name}")
+        assert entry is not None and entry.state == State.SUCCEEDED
+        assert entry.result == {"asset_key": name, "rows": 3}
+
+    second = _run(instance, [shop], "k1")
+    assert second.success
+    assert len(_worked(work_dir)) == 3  # the body did not run again
+    assert {n: _materialized(instance, n) for n in ("orders", "customers", "payments")} == {
+        "orders": 1,
+        "customers": 1,
+        "payments": 1,
+    }
+    observations = instance.fetch_observations(AssetKey("orders"), limit=10).records
+    meta = observations[0].asset_observation.metadata
+    assert meta["rocky/decision"].value == "skipped_completed"
+    assert meta["rocky/prior_run_id"].value == first.run_id
+    assert meta["rocky/replayed/rows"].value == 3
+
+
+def test_a_subset_claims_only_its_assets_and_the_rest_run_later(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    assert _run(instance, [shop], "k2", selection=[AssetKey("orders")]).success
+    assert [name for name, _ in _worked(work_dir)] == ["orders"]
+    assert ledger.get("k2/customers") is None
+    # the whole set with the same key: only what the subset did not do runs
+    assert _run(instance, [shop], "k2").success
+    assert sorted(name for name, _ in _worked(work_dir)) == [
+        "customers",
+        "orders",
+        "payments",
+    ]
+
+
+@idempotent_multi_asset(specs=SPECS, can_subset=True, name="greedy")
+def greedy(context):
+    """Produces every spec, whatever it was told to produce."""
+    for spec in SPECS:
+        yield MaterializeResult(asset_key=spec.key)
+
+
+def test_producing_an_asset_whose_key_was_done_fails_naming_it(
+    instance: DagsterInstance, ledger: Ledger
+) -> None:
+    assert _run(instance, [greedy], "k3", selection=[AssetKey("orders")]).success is False
+    entry = ledger.get("k3/orders")
+    assert entry is not None and entry.state == State.FAILED  # its claim settled, not stuck
+
+
+@idempotent_multi_asset(specs=SPECS, can_subset=True, name="lazy")
+def lazy(context):
+    """Produces only orders, whatever proceeds."""
+    if AssetKey("orders") in proceeding_asset_keys(context):
+        did_work("orders", context.run.run_id)
+        yield MaterializeResult(asset_key="orders")
+
+
+def test_a_proceeding_asset_the_body_did_not_produce_is_released(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    assert _run(instance, [lazy], "k4").success
+    assert ledger.get("k4/orders").state == State.SUCCEEDED
+    assert ledger.get("k4/customers") is None  # released: the next run does it
+    kinds = [event.kind for event in ledger.history("k4/customers")]
+    assert kinds == [EventKind.CLAIMED, EventKind.RELEASED]
+
+
+daily = DailyPartitionsDefinition(start_date="2026-11-01")
+
+
+@idempotent_multi_asset(specs=SPECS[:2], can_subset=True, name="daily_shop", partitions_def=daily)
+def daily_shop(context):
+    yield from third_party_runner(context)
+
+
+@pytest.mark.parametrize("partition", ["2026-11-01", "2026-11-02"])
+def test_each_asset_partition_materializes_once_without_any_key(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path, partition: str
+) -> None:
+    for _ in range(2):
+        result = materialize(
+            [daily_shop],
+            instance=instance,
+            partition_key=partition,
+            resources={"ledger": IdempotencyLedger()},
+        )
+        assert result.success
+    assert sorted(name for name, _ in _worked(work_dir)) == ["customers", "orders"]
+    assert ledger.get(f"orders/{partition}").state == State.SUCCEEDED

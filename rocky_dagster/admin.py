@@ -19,7 +19,7 @@ for whichever run claims it next. Keys whose next run proceeds anyway (a failure
 because neither this action nor the tag overrides a live claim.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from enum import Enum
@@ -62,6 +62,8 @@ class StateFilter(Enum):
 
 DEFAULT_JOB_NAME = "rocky_ledger_admin"
 _HISTORY_SHOWN = 20
+_NO_LIMIT = 2**31 - 1
+"""`Ledger.entries` takes a limit, never "all"."""
 
 
 class LedgerAdminConfig(Config):
@@ -148,7 +150,8 @@ class Row:
     """'release', 'reset', 'force', or 'none' (left unchanged, see `note`)."""
     note: str = ""
     result: str = ""
-    """'would <change>' (dry run), '<changed>', 'unchanged', or 'changed meanwhile: left alone'."""
+    """After acting: 'released', 'reset', 'forced', 'unchanged', or 'changed meanwhile: left
+    alone'; empty in a dry run."""
     event: str = ""
     """The event the change wrote to the ledger's log."""
 
@@ -157,8 +160,8 @@ class Row:
 class Selection:
     entries: list[Entry]
     described: str
-    more: int = 0
-    """How many further entries matched (list only: it shows the newest max_keys)."""
+    truncated: bool = False
+    """More entries matched than max_keys (list only: it shows the newest max_keys)."""
 
 
 # --- selecting and checking -----------------------------------------------------------------------
@@ -176,17 +179,18 @@ def select(ledger: Ledger, config: LedgerAdminConfig) -> Selection:
             )
         _check_guards(entry, config)
         return Selection([entry], f"key {config.key!r}")
-    # The ledger API has no prefix filter: read every (state/run filtered) entry, match here.
-    everything = ledger.stats().entries + 1000  # + what may be claimed meanwhile
     state = None if config.state is None else config.state.value
-    found = ledger.entries(state, run_id=config.run_id, limit=everything)
-    if config.prefix is not None:
+    if config.prefix is None:  # list only (checked above)
+        found = ledger.entries(state, run_id=config.run_id, limit=config.max_keys + 1)
+    else:
+        # The ledger API has no prefix filter: read every (state/run filtered) entry, match here.
+        found = ledger.entries(state, run_id=config.run_id, limit=_NO_LIMIT)
         found = [e for e in found if e.key.startswith(config.prefix)]
     described = (f"prefix {config.prefix!r}" if config.prefix is not None else "every key") + (
         f" ({filters})" if filters else ""
     )
     if config.action == "list":
-        return Selection(found[: config.max_keys], described, max(0, len(found) - config.max_keys))
+        return Selection(found[: config.max_keys], described, len(found) > config.max_keys)
     if not found:
         raise AdminRefusal(f"no entry matches {described}: nothing to {config.action}")
     if len(found) > config.max_keys:
@@ -206,6 +210,8 @@ def _check_fields(config: LedgerAdminConfig) -> None:
         )
     if config.max_keys < 1:
         raise AdminRefusal(f"max_keys must be 1 or more, got {config.max_keys}")
+    if config.fence is not None and config.key is None:
+        raise AdminRefusal("fence guards one key: give key too (or leave fence out)")
     if config.fence is not None and config.fence < 1:
         raise AdminRefusal(f"fence must be 1 or more, got {config.fence}")
     try:
@@ -299,26 +305,37 @@ def plan(
 
 
 def _list_note(entry: Entry, now: datetime) -> str:
+    """When it was claimed and until when it holds, as the CLI's list shows it."""
+    claimed = f"claimed {_time(entry.claimed_at)}"
     if entry.state == State.IN_FLIGHT:
-        return "stale (adoptable)" if entry.lease_expires_at <= now else ""
-    return "expired (awaits sweep)" if entry.is_expired(now) else ""
+        stale = "; stale (adoptable)" if entry.lease_expires_at <= now else ""
+        return f"{claimed}; lease until {_time(entry.lease_expires_at)}{stale}"
+    until = f"; dedups until {_time(entry.expires_at)}" if entry.expires_at else ""
+    expired = "; expired (awaits sweep)" if entry.is_expired(now) else ""
+    return f"{claimed}{until}{expired}"
+
+
+def _time(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 # --- acting ---------------------------------------------------------------------------------------
 
 _DONE = {"release": "released", "reset": "reset", "force": "forced"}
+_LEFT_ALONE = "changed meanwhile: left alone"
+_NOT_ATTEMPTED = "not attempted (ledger error)"
 
 
-def apply(ledger: Ledger, rows: Sequence[Row], reason: str) -> list[Row]:
-    """Carry out the planned changes, each fenced to the entry that was checked.
+def apply(ledger: Ledger, rows: Sequence[Row], reason: str) -> Iterator[Row]:
+    """Carry out the planned changes one key at a time, yielding each row with its result.
 
-    A key that changed since it was checked is left alone and reported; a ledger error stops at
-    that key and propagates (what was done before it stays done, and the caller reports it).
+    Each write is fenced to the entry that was checked: a key that changed since is left alone
+    and reported. A ledger error stops at that key and propagates; what was yielded before it
+    stays done (the caller reports it).
     """
-    done: list[Row] = []
     for row in rows:
         if row.change == "none":
-            done.append(replace(row, result="unchanged"))
+            yield replace(row, result="unchanged")
             continue
         verb = _DONE[row.change]
         text = f"{verb} by {reason}"
@@ -334,12 +351,11 @@ def apply(ledger: Ledger, rows: Sequence[Row], reason: str) -> list[Row]:
                 and ledger.reset(row.key, reason=text)
             )
         if not changed:
-            done.append(replace(row, result="changed meanwhile: left alone"))
+            yield replace(row, result=_LEFT_ALONE)
             continue
         last = ledger.history(row.key, limit=1)
         event = f"#{last[0].id} {last[0].kind.value}: {last[0].detail}" if last else ""
-        done.append(replace(row, result=verb, event=event))
-    return done
+        yield replace(row, result=verb, event=event)
 
 
 # --- presenting -----------------------------------------------------------------------------------
@@ -349,18 +365,18 @@ def _md_cell(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ") or " "
 
 
-def rows_markdown(rows: Sequence[Row], *, dry_run: bool) -> str:
+def rows_markdown(rows: Sequence[Row], *, listing: bool = False) -> str:
     """A markdown table of the rows (the run page renders it)."""
     if not rows:
         return "_no entries_"
-    result_header = "would" if dry_run else "result"
-    headers = ["key", "state", "run", "fence", result_header, "note"]
+    headers = ["key", "state", "run", "fence", *([] if listing else ["change"]), "note"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
-        outcome = r.result or (f"would {r.change}" if r.change != "none" else "unchanged")
-        if r.event:
-            outcome = f"{outcome} ({r.event})"
-        cells = [r.key, r.state, r.run_id, r.fence, outcome, r.note]
+        cells: list[object] = [r.key, r.state, r.run_id, r.fence]
+        if not listing:
+            outcome = r.result or (f"would {r.change}" if r.change != "none" else "unchanged")
+            cells.append(f"{outcome} ({r.event})" if r.event else outcome)
+        cells.append(r.note)
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -377,7 +393,7 @@ def _metadata(
         "dry_run": MetadataValue.bool(config.dry_run or config.action == "list"),
         "ledger": MetadataValue.text(ledger.url),
         "selection": MetadataValue.text(selection.described if selection else "-"),
-        "keys": MetadataValue.md(rows_markdown(rows, dry_run=config.dry_run)),
+        "keys": MetadataValue.md(rows_markdown(rows, listing=config.action == "list")),
         "keys_json": MetadataValue.json([asdict(r) for r in rows]),
     }
     if config.action != "list":
@@ -385,8 +401,10 @@ def _metadata(
         applied = [r for r in changes if config.dry_run or r.result == _DONE[r.change]]
         meta[label] = MetadataValue.int(len(applied))
         meta["unchanged"] = MetadataValue.int(len(rows) - len(applied))
-    if selection is not None and selection.more:
-        meta["more"] = MetadataValue.int(selection.more)
+    if selection is not None and selection.truncated:
+        meta["truncated"] = MetadataValue.text(
+            f"more entries match: only the newest {config.max_keys} are listed (raise max_keys)"
+        )
     if len(rows) == 1:
         meta["run"] = MetadataValue.dagster_run(rows[0].run_id)
     return meta
@@ -398,7 +416,7 @@ def _history_markdown(ledger: Ledger, key: str) -> str:
         return "_no events_"
     lines = ["| id | at (UTC) | event | run | fence | detail |", "|---|---|---|---|---|---|"]
     for e in events:
-        cells = [e.id, e.at.strftime("%Y-%m-%d %H:%M:%SZ"), e.kind.value, e.run_id or "-"]
+        cells = [e.id, _time(e.at), e.kind.value, e.run_id or "-"]
         cells += ["-" if e.fence is None else e.fence, e.detail or ""]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -436,13 +454,16 @@ def ledger_admin_op(
         f": {config.reason}" if config.reason else ""
     )
     selection: Selection | None = None
+    planned: list[Row] = []
     rows: list[Row] = []
     try:
         selection = select(store, config)
         statuses = _holder_statuses(context, selection.entries)
-        rows = plan(store, selection, config.action, holder_status=statuses)
+        planned = rows = plan(store, selection, config.action, holder_status=statuses)
         if config.action != "list" and not config.dry_run:
-            rows = apply(store, rows, reason)
+            rows = []
+            for row in apply(store, planned, reason):
+                rows.append(row)
     except AdminRefusal as exc:
         raise Failure(
             description=f"rocky_dagster: {exc}",
@@ -450,11 +471,14 @@ def ledger_admin_op(
             allow_retries=False,
         ) from None
     except LedgerError as exc:
+        acted = len(rows) if rows is not planned else 0
+        rows = rows[:acted] + [replace(r, result=_NOT_ATTEMPTED) for r in planned[acted:]]
         raise Failure(
             description=(
                 f"rocky_dagster: ledger error during {config.action} of "
-                f"{selection.described if selection else 'the selection'}: {exc}; keys changed "
-                "before it stay changed (launch action: list to look)"
+                f"{selection.described if selection else 'the selection'}: {exc}; the keys "
+                "listed as done stay done, the others were not attempted (look again with "
+                "action: list)"
             ),
             metadata=_metadata(store, config, selection, rows),
         ) from exc
@@ -464,7 +488,7 @@ def ledger_admin_op(
     for row in rows:
         if row.result and row.result != "unchanged":
             context.log.info(f"rocky_dagster: {row.key!r}: {row.result} ({row.event})")
-    lost = [r.key for r in rows if r.result == "changed meanwhile: left alone"]
+    lost = [r.key for r in rows if r.result == _LEFT_ALONE]
     if lost:
         raise Failure(
             description=(

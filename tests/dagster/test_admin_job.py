@@ -278,6 +278,11 @@ REFUSALS = [
         id="key-and-prefix",
     ),
     pytest.param(
+        {"action": "release", "prefix": "p/live/", "fence": 1},
+        ["fence guards one key: give key too"],
+        id="fence-with-a-prefix",
+    ),
+    pytest.param(
         {"action": "release", "prefix": "p/\n"},
         ["prefix contains a control character"],
         id="unprintable-prefix",
@@ -337,7 +342,9 @@ def test_list_shows_the_newest_entries_and_one_key_s_event_log(admin, ledger: Le
 
     listed = output_metadata(admin(prefix="l/", max_keys=2))
     assert [r["key"] for r in listed["keys_json"]] == ["l/4", "l/3"]
-    assert listed["more"] == 3
+    assert "only the newest 2 are listed" in listed["truncated"]
+    assert "truncated" not in output_metadata(admin(prefix="l/", max_keys=5))
+    assert len(output_metadata(admin(max_keys=4))["keys_json"]) == 4  # no prefix: every key
 
     one = output_metadata(admin(key="l/0"))
     assert "| claimed |" in one["history"] and "| succeeded |" in one["history"]

@@ -65,6 +65,13 @@ _HISTORY_SHOWN = 20
 _NO_LIMIT = 2**31 - 1
 """`Ledger.entries` takes a limit, never "all"."""
 
+# a row's result
+_DONE = {"release": "released", "reset": "reset", "force": "forced"}
+_LEFT_ALONE = "changed meanwhile: left alone"
+_NOT_ATTEMPTED = "not attempted (ledger error)"
+_REFUSED = "refused"
+_NOT_DONE = "unchanged (the action was refused)"
+
 
 class LedgerAdminConfig(Config):
     """What `ledger_admin_job` does; every field is shown in the Launchpad."""
@@ -136,6 +143,11 @@ class LedgerAdminConfig(Config):
 
 class AdminRefusal(Exception):
     """A selection or action the admin job refuses; nothing was changed."""
+
+    def __init__(self, message: str, rows: Sequence["Row"] = ()) -> None:
+        super().__init__(message)
+        self.rows = list(rows)
+        """Every selected key, the refused ones with their reason (for the run's metadata)."""
 
 
 @dataclass(frozen=True)
@@ -255,53 +267,56 @@ def plan(
     Every key is checked before anything is written, so one refused key leaves all unchanged.
     """
     now = ledger.now()
-    statuses = holder_status or {}
-    rows: list[Row] = []
-    refused: list[str] = []
-    for e in selection.entries:
-        row = Row(e.key, e.state.value, e.run_id, e.fence, "none")
-        if action == "list":
-            rows.append(replace(row, note=_list_note(e, now)))
-            continue
-        if action == "release":
-            if e.state != State.IN_FLIGHT:
-                fix = "to forget a finished key use action: reset"
-                if len(selection.entries) > 1:
-                    fix += "; to release only the in-flight keys of a prefix add state: in_flight"
-                refused.append(
-                    f"key {e.key!r} is {e.state.value}, not in flight: nothing to release ({fix})"
-                )
-                continue
-            lease = "lease expired" if e.lease_expires_at <= now else "lease still running"
-            holder = statuses.get(e.run_id, "unknown to this Dagster instance")
-            rows.append(replace(row, change="release", note=f"{lease}; holder run {holder}"))
-            continue
-        if e.state == State.IN_FLIGHT:
-            fix = (
-                "reset forgets finished keys only"
-                if action == "reset"
-                else "force never overrides a live claim (nor does the rocky/idempotency=force tag)"
-            )
-            refused.append(
-                f"key {e.key!r} is in flight (run {e.run_id}): {fix}; to free the claim use "
-                "action: release"
-            )
-            continue
-        if action == "reset":
-            rows.append(replace(row, change="reset", note="the next run does the work again"))
-        elif not dedups(e):
-            rows.append(replace(row, note=f"{e.state.value}: the next run proceeds anyway"))
-        elif e.is_expired(now):
-            rows.append(replace(row, note="record expired: the next run proceeds anyway"))
-        else:
-            rows.append(replace(row, change="force", note="the next run does the work again"))
+    many = len(selection.entries) > 1
+    rows = [_plan_one(e, action, now, holder_status or {}, many) for e in selection.entries]
+    refused = [r.note for r in rows if r.result == _REFUSED]
     if refused:
         raise AdminRefusal(
             f"{action} refused, nothing changed: "
             + "; ".join(refused[:10])
-            + (f"; and {len(refused) - 10} more" if len(refused) > 10 else "")
+            + (f"; and {len(refused) - 10} more" if len(refused) > 10 else ""),
+            [r if r.result else replace(r, result=_NOT_DONE) for r in rows],
         )
     return rows
+
+
+def _plan_one(e: Entry, action: Action, now: datetime, statuses: dict[str, str], many: bool) -> Row:
+    """One key's row: its change and why, or result 'refused' with the reason and the fix."""
+    row = Row(e.key, e.state.value, e.run_id, e.fence, "none")
+    if action == "list":
+        return replace(row, note=_list_note(e, now))
+    if action == "release":
+        if e.state != State.IN_FLIGHT:
+            fix = "to forget a finished key use action: reset"
+            if many:
+                fix += "; to release only the in-flight keys of a prefix add state: in_flight"
+            return replace(
+                row,
+                result=_REFUSED,
+                note=f"key {e.key!r} is {e.state.value}, not in flight: nothing to release ({fix})",
+            )
+        lease = "lease expired" if e.lease_expires_at <= now else "lease still running"
+        holder = statuses.get(e.run_id, "unknown to this Dagster instance")
+        return replace(row, change="release", note=f"{lease}; holder run {holder}")
+    if e.state == State.IN_FLIGHT:
+        fix = (
+            "reset forgets finished keys only"
+            if action == "reset"
+            else "force never overrides a live claim (nor does the rocky/idempotency=force tag)"
+        )
+        return replace(
+            row,
+            result=_REFUSED,
+            note=f"key {e.key!r} is in flight (run {e.run_id}): {fix}; to free the claim use "
+            "action: release",
+        )
+    if action == "reset":
+        return replace(row, change="reset", note="the next run does the work again")
+    if not dedups(e):
+        return replace(row, note=f"{e.state.value}: the next run proceeds anyway")
+    if e.is_expired(now):
+        return replace(row, note="record expired: the next run proceeds anyway")
+    return replace(row, change="force", note="the next run does the work again")
 
 
 def _list_note(entry: Entry, now: datetime) -> str:
@@ -320,10 +335,6 @@ def _time(value: datetime | None) -> str:
 
 
 # --- acting ---------------------------------------------------------------------------------------
-
-_DONE = {"release": "released", "reset": "reset", "force": "forced"}
-_LEFT_ALONE = "changed meanwhile: left alone"
-_NOT_ATTEMPTED = "not attempted (ledger error)"
 
 
 def apply(ledger: Ledger, rows: Sequence[Row], reason: str) -> Iterator[Row]:
@@ -387,7 +398,6 @@ def _metadata(
     selection: Selection | None,
     rows: Sequence[Row],
 ) -> dict[str, Any]:
-    changes = [r for r in rows if r.change != "none"]
     meta: dict[str, Any] = {
         "action": MetadataValue.text(config.action),
         "dry_run": MetadataValue.bool(config.dry_run or config.action == "list"),
@@ -398,7 +408,9 @@ def _metadata(
     }
     if config.action != "list":
         label = "would_change" if config.dry_run else "changed"
-        applied = [r for r in changes if config.dry_run or r.result == _DONE[r.change]]
+        applied = [
+            r for r in rows if r.change != "none" and (r.result == _DONE[r.change] or not r.result)
+        ]
         meta[label] = MetadataValue.int(len(applied))
         meta["unchanged"] = MetadataValue.int(len(rows) - len(applied))
     if selection is not None and selection.truncated:
@@ -467,7 +479,7 @@ def ledger_admin_op(
     except AdminRefusal as exc:
         raise Failure(
             description=f"rocky_dagster: {exc}",
-            metadata=_metadata(store, config, selection, rows),
+            metadata=_metadata(store, config, selection, exc.rows),
             allow_retries=False,
         ) from None
     except LedgerError as exc:

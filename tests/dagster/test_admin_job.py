@@ -329,7 +329,15 @@ def test_a_refused_prefix_changes_none_of_its_valid_keys(
 
     assert f"{action} refused, nothing changed" in message
     assert snapshot(ledger) == before
-    assert meta["action"] == action
+    assert meta["action"] == action and meta["changed"] == 0
+    refused = "v/done/" if action == "release" else "v/live/"
+    assert {r["key"]: r["result"] for r in meta["keys_json"]} == {
+        f"v/{kind}/{n}": "refused"
+        if f"v/{kind}/" == refused
+        else "unchanged (the action was refused)"
+        for kind in ("live", "done")
+        for n in (1, 2)
+    }
 
 
 # --- listing -----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import DagsterInstance, Definitions, ExecuteInProcessResult
+from dagster import DagsterInstance, DagsterRunStatus, Definitions, ExecuteInProcessResult
 from dagster_layer_jobs import fail_config, work_job, work_log
 
 from rocky_dagster import IdempotencyLedger
@@ -24,7 +24,7 @@ from rocky_dagster.admin import (
     select,
 )
 from rocky_dagster.keys import KEY_TAG
-from rocky_dagster.ledger import EventKind, Ledger, Outcome, State
+from rocky_dagster.ledger import EventKind, Ledger, Outcome, State, open_ledger
 
 ADMIN = "rocky_ledger_admin"
 
@@ -175,6 +175,50 @@ def test_released_key_proceeds_in_the_next_guarded_run(
     assert work_log(work_dir) == [("work", again.run_id)]
     entry = ledger.get("stuck/work")
     assert entry is not None and (entry.state, entry.run_id) == (State.SUCCEEDED, again.run_id)
+
+
+def test_release_names_the_holder_s_status_in_dagster(
+    admin, ledger: Ledger, instance: DagsterInstance
+) -> None:
+    """Released as in the CLI whatever the holder is doing, but the operator is told when the
+    holder is a live run of this instance (its work would run again)."""
+    live = instance.create_run_for_job(job_def=work_job, tags={KEY_TAG: "h"}).run_id
+    dead = instance.create_run_for_job(job_def=work_job, tags={KEY_TAG: "h2"})
+    instance.report_run_failed(dead)
+    in_flight(ledger, "h/work", live)
+    in_flight(ledger, "h2/work", dead.run_id)
+
+    rows = by_key(output_metadata(admin(action="release", prefix="h")))
+
+    assert f"holder run {DagsterRunStatus.NOT_STARTED.value} (still live" in rows["h/work"]["note"]
+    assert rows["h2/work"]["note"].endswith(f"holder run {DagsterRunStatus.FAILURE.value}")
+
+
+def test_release_on_a_postgresql_ledger(instance: DagsterInstance, postgres_url: str) -> None:
+    """The admin job only uses the ledger API, so both backends behave alike; one story on
+    PostgreSQL shows the prefix scan and the audited release there too."""
+    with open_ledger(postgres_url) as pg:
+        in_flight(pg, "pg/1")
+        finished(pg, "pg/2", Outcome.SUCCEEDED)
+        defs = ledger_definitions(ledger=IdempotencyLedger(url=postgres_url))
+        result = defs.get_job_def(ADMIN).execute_in_process(
+            instance=instance,
+            run_config={
+                "ops": {
+                    "ledger_admin": {
+                        "config": {
+                            "action": "release",
+                            "prefix": "pg/",
+                            "state": "in_flight",
+                            "dry_run": False,
+                        }
+                    }
+                }
+            },
+        )
+        assert result.success
+        assert pg.get("pg/1") is None and pg.get("pg/2") is not None
+        assert result.run_id in (pg.history("pg/1")[-1].detail or "")
 
 
 def test_force_makes_the_next_run_of_a_completed_key_proceed(admin, ledger: Ledger) -> None:

@@ -12,12 +12,15 @@ says which run did it; the run's output metadata lists what changed (or would ch
 
 ``force`` resets the key's completed record, audited as "forced by Dagster run …". The ledger
 keeps no "force the next claim" flag, so this is the one honest way to make *the next run of
-that key* proceed from an admin run. Unlike the ``rocky/idempotency=force`` run tag, which
+that key* proceed from an admin run. Unlike the force run tag (``rocky/idempotency=force``), which
 overrides the record atomically at the claim of the run that carries it, a forced key is free
 for whichever run claims it next. Keys whose next run proceeds anyway (a failure under
 ``dedup_on='success'``, an expired record) are left unchanged; an in-flight key is refused,
 because neither this action nor the tag overrides a live claim.
 """
+
+# No `from __future__ import annotations`: Dagster reads the op's `config` annotation as a class
+# when the op is defined, and a string annotation there is rejected.
 
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -41,7 +44,8 @@ from dagster import (
 )
 from pydantic import Field
 
-from .ledger import Entry, Ledger, LedgerError, State
+from .keys import FORCE_TAG, FORCE_VALUE
+from .ledger import Entry, Ledger, LedgerError, State, redact_url
 from .ledger.errors import InvalidArgumentError
 from .ledger.machine import dedups
 from .ledger.model import validate_key
@@ -86,7 +90,7 @@ class LedgerAdminConfig(Config):
             "again. force: make the next run of a completed key do the work again, by resetting "
             "its record with an audited 'forced' reason; keys whose next run proceeds anyway "
             "are left alone, in-flight keys are refused (to force one run only, launch that run "
-            "with the tag rocky/idempotency=force instead)."
+            f"with the tag {FORCE_TAG}={FORCE_VALUE} instead)."
         ),
     )
     key: str | None = Field(
@@ -162,8 +166,9 @@ class Row:
     """'release', 'reset', 'force', or 'none' (left unchanged, see `note`)."""
     note: str = ""
     result: str = ""
-    """After acting: 'released', 'reset', 'forced', 'unchanged', or 'changed meanwhile: left
-    alone'; empty in a dry run."""
+    """After acting: 'released', 'reset', 'forced', 'unchanged', 'changed meanwhile: left alone'
+    or 'not attempted (ledger error)'; 'refused' or 'unchanged (the action was refused)' when the
+    selection was refused; empty in a dry run that was not refused."""
     event: str = ""
     """The event the change wrote to the ledger's log."""
 
@@ -302,7 +307,7 @@ def _plan_one(e: Entry, action: Action, now: datetime, statuses: dict[str, str],
         fix = (
             "reset forgets finished keys only"
             if action == "reset"
-            else "force never overrides a live claim (nor does the rocky/idempotency=force tag)"
+            else f"force never overrides a live claim (nor does the {FORCE_TAG}={FORCE_VALUE} tag)"
         )
         return replace(
             row,
@@ -393,7 +398,7 @@ def rows_markdown(rows: Sequence[Row], *, listing: bool = False) -> str:
 
 
 def _metadata(
-    ledger: Ledger,
+    url: str,
     config: LedgerAdminConfig,
     selection: Selection | None,
     rows: Sequence[Row],
@@ -401,7 +406,7 @@ def _metadata(
     meta: dict[str, Any] = {
         "action": MetadataValue.text(config.action),
         "dry_run": MetadataValue.bool(config.dry_run or config.action == "list"),
-        "ledger": MetadataValue.text(ledger.url),
+        "ledger": MetadataValue.text(url),
         "selection": MetadataValue.text(selection.described if selection else "-"),
         "keys": MetadataValue.md(rows_markdown(rows, listing=config.action == "list")),
         "keys_json": MetadataValue.json([asdict(r) for r in rows]),
@@ -461,7 +466,7 @@ def _holder_statuses(context: OpExecutionContext, entries: Sequence[Entry]) -> d
 def ledger_admin_op(
     context: OpExecutionContext, config: LedgerAdminConfig, ledger: IdempotencyLedger
 ) -> Output[None]:
-    store = ledger.open()
+    url = redact_url(ledger.resolved_url())
     reason = f"Dagster run {context.run_id} (job {context.job_name})" + (
         f": {config.reason}" if config.reason else ""
     )
@@ -469,37 +474,43 @@ def ledger_admin_op(
     planned: list[Row] = []
     rows: list[Row] = []
     try:
+        store = ledger.open()
         selection = select(store, config)
         statuses = _holder_statuses(context, selection.entries)
         planned = rows = plan(store, selection, config.action, holder_status=statuses)
         if config.action != "list" and not config.dry_run:
             rows = []
             for row in apply(store, planned, reason):
-                rows.append(row)
+                rows.append(row)  # one at a time: a ledger error below still reports these
     except AdminRefusal as exc:
         raise Failure(
             description=f"rocky_dagster: {exc}",
-            metadata=_metadata(store, config, selection, exc.rows),
+            metadata=_metadata(url, config, selection, exc.rows),
             allow_retries=False,
         ) from None
     except LedgerError as exc:
         acted = len(rows) if rows is not planned else 0
         rows = rows[:acted] + [replace(r, result=_NOT_ATTEMPTED) for r in planned[acted:]]
+        changed = sum(r.result in _DONE.values() for r in rows)
         raise Failure(
             description=(
                 f"rocky_dagster: ledger error during {config.action} of "
-                f"{selection.described if selection else 'the selection'}: {exc}; the keys "
-                "listed as done stay done, the others were not attempted (look again with "
-                "action: list)"
+                f"{selection.described if selection else 'the selection'}: {exc}; "
+                + (
+                    f"{changed} key(s) were changed before it (listed in the metadata) and stay "
+                    "so, the others were not attempted; look again with action: list"
+                    if changed
+                    else "nothing was changed"
+                )
             ),
-            metadata=_metadata(store, config, selection, rows),
+            metadata=_metadata(url, config, selection, rows),
         ) from exc
-    meta = _metadata(store, config, selection, rows)
+    meta = _metadata(url, config, selection, rows)
     if config.action == "list" and config.key is not None:
         meta["history"] = MetadataValue.md(_history_markdown(store, config.key))
     for row in rows:
-        if row.result and row.result != "unchanged":
-            context.log.info(f"rocky_dagster: {row.key!r}: {row.result} ({row.event})")
+        if row.event:
+            context.log.info(f"rocky_dagster: {row.key!r} {row.result}: {row.event}")
     lost = [r.key for r in rows if r.result == _LEFT_ALONE]
     if lost:
         raise Failure(

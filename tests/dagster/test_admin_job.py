@@ -221,6 +221,21 @@ def test_release_on_a_postgresql_ledger(instance: DagsterInstance, postgres_url:
         assert result.run_id in (pg.history("pg/1")[-1].detail or "")
 
 
+def test_an_unreachable_ledger_fails_the_run_saying_nothing_changed(
+    instance: DagsterInstance,
+) -> None:
+    unreachable = "postgresql://rocky:secret@127.0.0.1:1/ledger"  # nothing listens on port 1
+    defs = ledger_definitions(ledger=IdempotencyLedger(url=unreachable))
+    result = defs.get_job_def(ADMIN).execute_in_process(
+        instance=instance,
+        run_config={"ops": {"ledger_admin": {"config": {"action": "reset", "key": "k"}}}},
+        raise_on_error=False,
+    )
+    message, meta = failure(result)
+    assert "ledger error during reset" in message and message.endswith("nothing was changed")
+    assert "secret" not in message and "secret" not in meta["ledger"]
+
+
 def test_force_makes_the_next_run_of_a_completed_key_proceed(admin, ledger: Ledger) -> None:
     finished(ledger, "f/done", Outcome.SUCCEEDED, "run-that-did-it")
     finished(ledger, "f/failed", Outcome.FAILED, "run-that-failed")

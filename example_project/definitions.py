@@ -1,5 +1,6 @@
 """The example's Definitions: five pipeline jobs, the whole warehouse job, a drop-file sensor,
-a daily schedule, a guarded partitioned asset and the ledger's run-status sensors.
+a daily schedule, a guarded partitioned asset, the ledger's run-status sensors and its admin
+job.
 
 Open it with `dagster dev -w workspace.yaml` from the repository root.
 """
@@ -45,6 +46,7 @@ from rocky_dagster import (
     transformation_op,
     with_ledger,
 )
+from rocky_dagster.admin import ledger_admin_job
 
 from .project import DROPS_DIR, MODELS_DIR, REPORTS_DIR, SOURCE_DB, WAREHOUSE_DB, ensure_data
 
@@ -285,6 +287,7 @@ defs = Definitions(
         slow_job,
         flaky_job,
         reports_job,
+        ledger_admin_job(),  # operate the ledger from the Launchpad (rocky_ledger_admin)
     ],
     assets=[daily_order_report],
     sensors=[payments_drop_sensor, *ledger_run_status_sensors(minimum_interval_seconds=5)],

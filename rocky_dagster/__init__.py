@@ -39,6 +39,11 @@ _EXPORTS: dict[str, str] = {
     "OUTCOME_TAG": ".keys",
     # components (defs.yaml, dg)
     "IdempotencyLedgerComponent": ".components",
+    "PipelinesComponent": ".components",
+    # operating the ledger from the UI
+    "ledger_admin_job": ".admin",
+    "ledger_definitions": ".admin",
+    "LedgerAdminConfig": ".admin",
     # the ledger
     "open_ledger": ".ledger",
     "LedgerConfig": ".ledger",
@@ -89,11 +94,23 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .admin import (
+        LedgerAdminConfig as LedgerAdminConfig,
+    )
+    from .admin import (
+        ledger_admin_job as ledger_admin_job,
+    )
+    from .admin import (
+        ledger_definitions as ledger_definitions,
+    )
     from .assets import (
         idempotent_asset as idempotent_asset,
     )
     from .components import (
         IdempotencyLedgerComponent as IdempotencyLedgerComponent,
+    )
+    from .components import (
+        PipelinesComponent as PipelinesComponent,
     )
     from .hooks import (
         ledger_failure_hook as ledger_failure_hook,

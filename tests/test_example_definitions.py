@@ -16,7 +16,9 @@ import example_project.definitions as example
 repository = example.defs.get_repository_def()
 for job in repository.get_all_jobs():
     job.get_subset  # resolved, resources bound
+repository.asset_graph  # built in every step process
 print(sorted(s.name for s in repository.sensor_defs))
+print(sorted(k.to_user_string() for k in repository.asset_graph.get_all_asset_keys()))
 """
 
 
@@ -27,4 +29,5 @@ def test_example_definitions_load_without_any_warning(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "payments_drop_sensor" in done.stdout
+    assert "'customers_history'" in done.stdout  # the defs.yaml warehouse is loaded too
     assert "Warning" not in done.stderr

@@ -2,5 +2,6 @@
 
 from .ledger import IdempotencyLedgerComponent as IdempotencyLedgerComponent
 from .ledger import LedgerSettings as LedgerSettings
+from .pipelines import PipelinesComponent as PipelinesComponent
 
-__all__ = ["IdempotencyLedgerComponent", "LedgerSettings"]
+__all__ = ["IdempotencyLedgerComponent", "LedgerSettings", "PipelinesComponent"]

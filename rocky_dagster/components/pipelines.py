@@ -268,7 +268,13 @@ class PipelinesComponent(dg.Component, dg.Resolvable, dg.Model):
                 sensors.append(_input_sensor(name, job, pipeline, options.sensor))
         from ..pipeline_assets import external_assets
 
-        parts = [dg.Definitions(assets=[*assets, *external_assets(assets)], jobs=jobs)]
+        checks = [a for a in assets if isinstance(a, dg.AssetChecksDefinition)]
+        tables = [a for a in assets if not isinstance(a, dg.AssetChecksDefinition)]
+        parts = [
+            dg.Definitions(
+                assets=[*tables, *external_assets(assets)], asset_checks=checks, jobs=jobs
+            )
+        ]
         parts.append(dg.Definitions(schedules=schedules or None, sensors=sensors or None))
         if self.ledger is not None:
             parts.append(shared_ledger_defs(self.ledger, sensors=self.ledger_sensors))

@@ -103,3 +103,23 @@ def test_dg_check_names_a_bad_attribute(tmp_path: Path, attribute: str, command:
     done = _dg(tmp_path, "check", command, check=False)
     assert done.returncode != 0
     assert attribute.split(":")[0] in done.stdout + done.stderr
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_example_project_passes_dg_check(tmp_path: Path) -> None:
+    """The repository root is a dg project too: its defs/ folder declares the warehouse."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "ROCKY_LEDGER_URL")}
+    env.update(VIRTUAL_ENV=sys.prefix, NO_COLOR="1", ROCKY_EXAMPLE_DATA_DIR=str(tmp_path))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for command in (["yaml"], ["defs", "--use-active-venv"]):
+        done = subprocess.run(
+            [DG, "check", *command],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"dg check {command}:\n{done.stdout}\n{done.stderr}"

@@ -101,7 +101,7 @@ def bench_load(tmp: Path, rows: int, repeat: int) -> tuple[float, float]:
         cfg = LoadPipeline(
             warehouse=fresh(tmp / "load_pipe.db"), directory=str(inbox), table="orders"
         )
-        assert cfg.run().rows_written == rows
+        assert cfg.run().rows_changed == rows
 
     return best_of(repeat, baseline, pipeline)
 

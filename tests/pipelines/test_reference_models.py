@@ -113,6 +113,7 @@ def test_replication_matches_the_reference_model(
                 rows = query(warehouse, "SELECT id, val, cur FROM t")
                 assert {r[0]: (r[1], r[2]) for r in rows} == model.target
                 assert len(rows) == len(model.target)
+                assert stats.rows_changed == sum(expected)
 
 
 def put(path: str, key: int, value: Any, cursor: int) -> None:

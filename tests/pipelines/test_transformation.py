@@ -70,7 +70,7 @@ def test_rerun_writes_nothing_and_a_source_change_refreshes_downstream(
     pipeline.run()
     before = dump(warehouse)
     again = pipeline.run()
-    assert again.rows_written == 0
+    assert again.rows_changed == 0
     assert {m["action"] for m in again.details["models"].values()} == {"unchanged"}
     assert dump(warehouse) == before
     execute(warehouse, "INSERT INTO raw_orders VALUES (2, 'Cy', 3.0);")
@@ -257,7 +257,7 @@ def test_rerun_on_unchanged_input_writes_nothing(rows: list[tuple[int, str | Non
         first = pipeline.run()
         assert first.tables["tags"].rows_inserted == len(rows)
         before = dump(warehouse)
-        assert pipeline.run().rows_written == 0
+        assert pipeline.run().rows_changed == 0
         assert dump(warehouse) == before
 
 

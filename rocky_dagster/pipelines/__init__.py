@@ -5,7 +5,10 @@ PipelineResult, and `fingerprint()` identifies a config for the idempotency ledg
 """
 
 from .base import PipelineConfig, connect_warehouse
+from .effects import EFFECTS, EffectClaim, read_marker
 from .errors import (
+    ClaimRefusedError,
+    FenceLostError,
     KeyChangeError,
     LoadError,
     ModelGraphError,
@@ -35,10 +38,14 @@ from .sqlmodels import SqlModel
 from .transformation import TransformationPipeline
 
 __all__ = [
+    "EFFECTS",
     "PIPELINE_TYPES",
     "AcceptedValuesCheck",
     "CheckResult",
+    "ClaimRefusedError",
+    "EffectClaim",
     "ExpressionCheck",
+    "FenceLostError",
     "FileRecord",
     "FreshnessCheck",
     "KeyChangeError",
@@ -68,4 +75,5 @@ __all__ = [
     "connect_warehouse",
     "pipeline_from_dict",
     "pipeline_from_yaml",
+    "read_marker",
 ]

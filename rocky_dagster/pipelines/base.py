@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlite_utils import Database
 
+from .effects import EffectClaim
 from .errors import PipelineConfigError, PipelineError, WarehouseError
 from .results import PipelineResult
 from .sql import INTERNAL_PREFIX
@@ -158,7 +159,9 @@ class PipelineConfig(BaseModel):
         """Build from a YAML file path or YAML text holding a mapping of this config's fields."""
         return cls.model_validate(read_yaml_mapping(path_or_text))
 
-    def run(self) -> PipelineResult:
+    def run(self, *, claim: EffectClaim | None = None) -> PipelineResult:
+        """Run once. With a `claim` (the ledger's answer for this step) the warehouse writes
+        commit together with the claim's effect marker: exactly once per key generation."""
         raise NotImplementedError
 
     @contextmanager

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlite_utils import Database
 
 from .base import PipelineConfig, as_list, check_identifier, failure_context, write_transaction
+from .effects import Effect, EffectClaim
 from .errors import KeyChangeError, PipelineError
 from .results import PipelineResult, TableStats, utcnow
 from .sql import (
@@ -133,8 +134,9 @@ class ReplicationPipeline(PipelineConfig):
             key=list(opts.key_columns if opts.key_columns is not None else self.key_columns),
         )
 
-    def run(self) -> PipelineResult:
+    def run(self, *, claim: EffectClaim | None = None) -> PipelineResult:
         """Replicate every selected table in one transaction; a failure changes nothing."""
+        effect = Effect(claim, self.pipeline_type)
         source = Path(self.source)
         if not source.is_file():
             raise PipelineError(
@@ -153,6 +155,9 @@ class ReplicationPipeline(PipelineConfig):
                 conn.execute(f"ATTACH DATABASE ? AS {SRC}", (uri,))
                 plans = [self.plan(name) for name in self._selected(conn)]
             with write_transaction(conn):
+                recorded = effect.begin(conn)
+                if recorded is not None:
+                    return recorded
                 _ensure_watermarks(db)
                 for plan in plans:
                     with failure_context(
@@ -163,8 +168,9 @@ class ReplicationPipeline(PipelineConfig):
                         added[plan.target] = new_cols
                     if plan.strategy == "incremental":
                         watermarks[plan.target] = mark
-        result.details = {"watermarks": watermarks, "added_columns": added}
-        return result.finish()
+                result.details = {"watermarks": watermarks, "added_columns": added}
+                effect.commit(conn, result.finish())
+        return result
 
     def _selected(self, conn: sqlite3.Connection) -> list[str]:
         available = user_tables(conn, SRC)

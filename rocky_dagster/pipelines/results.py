@@ -105,6 +105,11 @@ class PipelineResult(BaseModel):
     finished_at: datetime | None = None
     duration_seconds: float = 0.0
     details: dict[str, Any] = Field(default_factory=dict)
+    already_applied: bool = Field(
+        False,
+        description="True when an earlier holder of the claim's key generation had already "
+        "committed this work: the run applied nothing and this is the result it recorded.",
+    )
     _clock: float = PrivateAttr(default_factory=time.perf_counter)
 
     @computed_field  # type: ignore[prop-decorator]

@@ -168,7 +168,7 @@ class PipelineConfig(BaseModel):
     def _session(self) -> Iterator[tuple[sqlite3.Connection, Database]]:
         """Warehouse connection for one run, wrapped for sqlite-utils, closed at the end."""
         label = f"{self.pipeline_type} pipeline on {self.warehouse}"
-        with failure_context(label):
+        with failure_context("opening the warehouse", path=self.warehouse):
             conn = connect_warehouse(self.warehouse)
         try:
             with failure_context(label):

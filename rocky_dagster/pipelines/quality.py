@@ -11,6 +11,7 @@ import re
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -363,6 +364,12 @@ class QualityPipeline(PipelineConfig):
         it records a passing result once per key generation (a failing run records nothing).
         """
         effect = Effect(claim, self.pipeline_type)
+        if not Path(self.warehouse).is_file():  # checking must not create an empty warehouse
+            raise PipelineError(
+                f"warehouse: {self.warehouse!r} does not exist; run the pipelines that fill "
+                "it first, or fix the path",
+                path=self.warehouse,
+            )
         moment = now or utcnow()
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)

@@ -5,7 +5,7 @@ PipelineResult, and `fingerprint()` identifies a config for the idempotency ledg
 """
 
 from .base import PipelineConfig, connect_warehouse
-from .effects import EFFECTS, EffectClaim, read_marker
+from .effects import EFFECTS, EffectClaim, EffectScope, exactly_once, read_marker
 from .errors import (
     ClaimRefusedError,
     FenceLostError,
@@ -44,6 +44,7 @@ __all__ = [
     "CheckResult",
     "ClaimRefusedError",
     "EffectClaim",
+    "EffectScope",
     "ExpressionCheck",
     "FenceLostError",
     "FileRecord",
@@ -73,6 +74,7 @@ __all__ = [
     "ViewValidationError",
     "WarehouseError",
     "connect_warehouse",
+    "exactly_once",
     "pipeline_from_dict",
     "pipeline_from_yaml",
     "read_marker",

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import ClaimRefusedError, FenceLostError, PipelineError
 from .results import PipelineResult, utcnow
@@ -99,10 +101,10 @@ class Effect:
             raise ClaimRefusedError(f"claim for key {key!r}: run_id must be a string")
         self.run_id = run_id
 
-    def begin(self, conn: sqlite3.Connection) -> PipelineResult | None:
-        """Call first inside the run's write transaction. Returns the recorded result when an
-        earlier holder of this generation already committed the work (apply nothing then);
-        raises FenceLostError when a later holder did (the caller's transaction rolls back)."""
+    def applied(self, conn: sqlite3.Connection) -> Marker | None:
+        """Call first inside the write transaction. The marker when an earlier holder of this
+        generation (or this holder) already committed the work, else None; FenceLostError when
+        a later holder or a newer generation did (the caller's transaction rolls back)."""
         if self.claim is None:
             return None
         marker = read_marker(conn, self.key)
@@ -124,16 +126,26 @@ class Effect:
             )
         if marker.pipeline_type != self.pipeline_type:
             raise PipelineError(
-                f"key {self.key!r}: its effects were committed by a {marker.pipeline_type} "
-                f"pipeline, not this {self.pipeline_type} pipeline; give each step its own key",
+                f"key {self.key!r}: its effects were committed by {marker.pipeline_type!r}, "
+                f"not {self.pipeline_type!r}; give each step its own key",
                 table=EFFECTS,
             )
+        return marker
+
+    def begin(self, conn: sqlite3.Connection) -> PipelineResult | None:
+        """`applied` for a pipeline: the recorded PipelineResult, marked already_applied."""
+        marker = self.applied(conn)
+        if marker is None:
+            return None
         recorded = PipelineResult.model_validate_json(marker.result_json)
         recorded.already_applied = True
         return recorded
 
     def commit(self, conn: sqlite3.Connection, result: PipelineResult) -> None:
         """Call last inside the run's write transaction: the marker commits with the writes."""
+        self.record(conn, result.model_dump_json(), json.dumps(result.summary(), sort_keys=True))
+
+    def record(self, conn: sqlite3.Connection, result_json: str, summary_json: str) -> None:
         if self.claim is None:
             return
         ensure_effects_table(conn)
@@ -150,11 +162,73 @@ class Effect:
                 self.fence,
                 self.run_id,
                 self.pipeline_type,
-                result.model_dump_json(),
-                json.dumps(result.summary(), sort_keys=True),
+                result_json,
+                summary_json,
                 utcnow().isoformat(),
             ),
         )
+
+
+@dataclass
+class EffectScope:
+    """What `exactly_once` hands the body: whether the work was already applied (then
+    `recorded` is the result its holder recorded, and the body must write nothing), and the
+    `result` slot the body fills in to be recorded with its writes."""
+
+    already_applied: bool
+    recorded: Any = None
+    result: Any = None
+
+
+@contextmanager
+def exactly_once(
+    conn: sqlite3.Connection, claim: EffectClaim, *, name: str = "custom"
+) -> Iterator[EffectScope]:
+    """Make your own SQLite writes exactly-once per claim generation, like the pipelines'.
+
+    The body runs inside one IMMEDIATE transaction that also checks and writes the effect
+    marker; `name` tells your step's markers from the pipelines'. The connection must not be
+    inside a transaction already::
+
+        claim = ledger.claim(key, run_id=run_id)
+        if claim.should_run:
+            with exactly_once(conn, claim, name="send_invoices") as effect:
+                if effect.already_applied:
+                    result = effect.recorded
+                else:
+                    conn.execute("INSERT INTO invoices ...")
+                    effect.result = result = {"invoices": 3}
+            ledger.finalize(key, claim.fence, Outcome.SUCCEEDED, result=result)
+
+    An exception in the body rolls everything back; FenceLostError means a later holder
+    committed first and nothing of yours was written.
+    """
+    if claim is None:
+        raise ClaimRefusedError("exactly_once needs the claim the ledger returned for this step")
+    effect = Effect(claim, name)
+    if conn.in_transaction:
+        raise PipelineError(
+            "exactly_once: the connection is already inside a transaction; commit or roll it "
+            "back first, so the marker and your writes share one transaction"
+        )
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        marker = effect.applied(conn)
+        if marker is not None:
+            yield EffectScope(already_applied=True, recorded=json.loads(marker.result_json))
+        else:
+            scope = EffectScope(already_applied=False)
+            yield scope
+            try:
+                encoded = json.dumps(scope.result, sort_keys=True, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise PipelineError(f"exactly_once: result is not JSON: {exc}") from exc
+            effect.record(conn, encoded, encoded)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def ensure_effects_table(conn: sqlite3.Connection) -> None:

@@ -25,7 +25,9 @@ from rocky_dagster.pipelines import (
     FenceLostError,
     LoadError,
     PipelineConfig,
+    PipelineError,
     QualityChecksFailed,
+    exactly_once,
     pipeline_from_dict,
     read_marker,
 )
@@ -332,3 +334,81 @@ def test_processes_adopter_starting_while_the_zombie_writes_waits_and_applies_no
     assert zombie_out["ok"] and not zombie_out["already_applied"]
     assert adopter_out == {"ok": True, "already_applied": True, "summary": zombie_out["summary"]}
     assert query(warehouse, "SELECT count(*) FROM t") == [(200_000,)]
+
+
+# --- exactly_once: the same guarantee for a user's own SQLite writes -----------------------
+
+
+def _invoices(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE IF NOT EXISTS invoices (n INTEGER)")
+    return conn
+
+
+def _send(conn: sqlite3.Connection, holder: Holder) -> tuple[bool, Any]:
+    with exactly_once(conn, holder, name="send_invoices") as effect:
+        if effect.already_applied:
+            return True, effect.recorded
+        conn.execute("INSERT INTO invoices VALUES (1), (2)")
+        effect.result = {"invoices": 2, "by": holder.run_id}
+        return False, effect.result
+
+
+def test_exactly_once_applies_a_users_writes_once_per_generation(tmp_path: Path) -> None:
+    path = str(tmp_path / "app.db")
+    with closing(_invoices(path)) as conn:
+        assert _send(conn, claim(1, 1, "zombie")) == (False, {"invoices": 2, "by": "zombie"})
+        assert _send(conn, claim(1, 2, "adopter")) == (True, {"invoices": 2, "by": "zombie"})
+        assert _send(conn, claim(3, 3, "next")) == (False, {"invoices": 2, "by": "next"})
+        before = dump(path)
+        with pytest.raises(FenceLostError, match="older generation 1"):
+            _send(conn, claim(1, 2, "adopter"))  # generation 1 is over
+        assert dump(path) == before
+        assert query(path, "SELECT count(*) FROM invoices") == [(4,)]
+
+
+def test_exactly_once_rolls_back_the_body_and_the_marker_together(tmp_path: Path) -> None:
+    path = str(tmp_path / "app.db")
+    with closing(_invoices(path)) as conn:
+        before = dump(path)
+        with pytest.raises(RuntimeError), exactly_once(conn, claim(1, 1)) as effect:
+            conn.execute("INSERT INTO invoices VALUES (1)")
+            effect.result = {"n": 1}
+            raise RuntimeError("the body failed")
+        assert dump(path) == before
+        with (
+            pytest.raises(PipelineError, match="result is not JSON"),
+            exactly_once(conn, claim(1, 1)) as effect,
+        ):
+            conn.execute("INSERT INTO invoices VALUES (1)")
+            effect.result = {"n": object()}
+        assert dump(path) == before
+        conn.execute("BEGIN")
+        with (
+            pytest.raises(PipelineError, match="already inside a transaction"),
+            exactly_once(conn, claim(1, 1)),
+        ):
+            pass
+        conn.execute("ROLLBACK")
+        with (
+            pytest.raises(ClaimRefusedError, match="must not run"),
+            exactly_once(conn, Holder("k", 1, 1, "r", should_run=False)),
+        ):
+            pass
+        assert dump(path) == before
+
+
+def test_a_real_ledger_claim_is_accepted_once_it_carries_a_generation(tmp_path: Path) -> None:
+    """The ledger's Claim is the intended argument: whatever it lacks is a named refusal."""
+    from rocky_dagster.ledger import open_ledger
+
+    ledger = open_ledger(str(tmp_path / "ledger.db"))
+    answer = ledger.claim("nightly", "run-1")
+    warehouse, pipeline, _ = prepare("load", tmp_path)
+    if getattr(answer, "generation", None) is None:
+        with pytest.raises(ClaimRefusedError, match="generation must be an integer"):
+            pipeline.run(claim=answer)  # type: ignore[arg-type]
+        assert dump(warehouse) == {}
+    else:
+        assert not pipeline.run(claim=answer).already_applied  # type: ignore[arg-type]
+        assert pipeline.run(claim=answer).already_applied  # type: ignore[arg-type]

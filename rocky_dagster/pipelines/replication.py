@@ -186,7 +186,7 @@ class ReplicationPipeline(PipelineConfig):
             chosen.update(matched)
         excluded: set[str] = set()
         for pattern in self.exclude:
-            excluded.update(_matching(pattern, sorted(chosen)))
+            excluded.update(_matching(pattern, available))
         selected = sorted(chosen - excluded)
         if not selected:
             raise PipelineError(f"tables: {self.tables} minus exclude selected no source table")

@@ -141,10 +141,12 @@ def _check_references(
     model_names = {m.name.lower(): m.name for m in models}
     running = {m.name.lower() for m in chosen}
     problems: list[str] = []
+    culprits: list[str] = []
     for model in chosen:
         for ref in model.references:
             if ref in running or object_type(conn, ref) is not None:
                 continue
+            culprits.append(model.name)
             if ref in model_names:
                 problems.append(
                     f"model {model.name!r} depends on model {model_names[ref]!r}, which is not "
@@ -153,8 +155,7 @@ def _check_references(
             else:
                 problems.append(f"model {model.name!r} references missing table {ref!r}")
     if problems:
-        first = next(m.name for m in chosen for ref in m.references if ref not in running)
-        raise ModelGraphError("; ".join(problems), table=first)
+        raise ModelGraphError("; ".join(problems), table=culprits[0])
 
 
 def _check_views(conn: sqlite3.Connection, already_broken: set[str], models: set[str]) -> None:

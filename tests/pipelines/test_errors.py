@@ -140,7 +140,10 @@ CASES: dict[str, Case] = {
         table="a",
     ),
     "transformation: missing table": Case(
-        lambda tmp, wh: _models(tmp, wh, {"m.sql": "SELECT * FROM nowhere"}),
+        lambda tmp, wh: (
+            execute(wh, "CREATE TABLE here (x INTEGER);"),
+            _models(tmp, wh, {"a.sql": "SELECT * FROM here", "m.sql": "SELECT * FROM nowhere"}),
+        )[1],
         ModelGraphError,
         table="m",
     ),

@@ -202,6 +202,11 @@ def test_a_listed_name_with_glob_characters_selects_exactly_that_table(
         warehouse=warehouse, source=source_db, tables=["weird*", "a?b"], exclude=["weird[1]"]
     ).run()
     assert sorted(everything.tables_touched) == ["a*b", "axb", "weird1"]
+    # excluding the exact name spares weird1 even when weird[1] was not selected
+    spared = ReplicationPipeline(
+        warehouse=warehouse, source=source_db, tables=["weird1"], exclude=["weird[1]"]
+    ).run()
+    assert spared.tables_touched == ["weird1"]
 
 
 def test_changing_key_columns_between_runs_rebuilds_the_key(warehouse: str, source_db: str) -> None:

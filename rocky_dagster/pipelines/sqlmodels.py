@@ -80,7 +80,7 @@ def referenced_tables(sql: str, *, label: str = "sql") -> list[str]:
         raise PipelineError(f"{label}: cannot parse the SQL to find what it reads: {exc}") from exc
     refs: set[str] = set()
     for scope in scopes:
-        ctes = {name.lower() for name in scope.cte_sources}
+        ctes = {name.lower() for name in scope.cte_sources} | _enclosing_ctes(scope.expression)
         for table in scope.tables:
             if not isinstance(table.this, exp.Identifier) or isinstance(table.parent, exp.Table):
                 continue  # a table-valued function, or the index of INDEXED BY
@@ -94,6 +94,20 @@ def referenced_tables(sql: str, *, label: str = "sql") -> list[str]:
                 if name is not None:
                     refs.add(name)
     return sorted(refs)
+
+
+def _enclosing_ctes(node: exp.Expression) -> set[str]:
+    """Names of every CTE in each WITH clause whose CTE body contains `node`.
+
+    SQLite makes all CTEs of a WITH visible in each of its bodies (a CTE may read one defined
+    after it, and reading its own name is recursion), where sqlglot sees only earlier ones.
+    """
+    names: set[str] = set()
+    while node is not None:
+        if isinstance(node, exp.CTE) and isinstance(node.parent, exp.With):
+            names.update(cte.alias_or_name.lower() for cte in node.parent.expressions)
+        node = node.parent
+    return names
 
 
 def _main_name(name: str, schema: str, catalog: str, ctes: set[str]) -> str | None:

@@ -228,6 +228,9 @@ def test_models_dir_must_exist_at_definition(tmp_path: Path, warehouse: str) -> 
         ("WITH b AS (SELECT 1 AS x) SELECT * FROM t WHERE x IN b", ["t"]),
         ("SELECT * FROM t WHERE x IN (b)", ["t"]),  # a value list holding column b
         ("SELECT * FROM t INDEXED BY t_idx, pragma_table_info('t'), other.z", ["t"]),
+        # every CTE of a WITH is visible in each body, as in SQLite (a forward reference)
+        ("WITH b AS (SELECT * FROM a), a AS (SELECT 1 AS x FROM t) SELECT * FROM b", ["t"]),
+        ("WITH b AS (SELECT * FROM (SELECT * FROM a)), a AS (SELECT 1 AS x) SELECT * FROM b", []),
         (
             "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) "
             "SELECT * FROM r",

@@ -5,7 +5,10 @@ PipelineResult, and `fingerprint()` identifies a config for the idempotency ledg
 """
 
 from .base import PipelineConfig, connect_warehouse
+from .effects import EFFECTS, EffectClaim, EffectScope, exactly_once, read_marker
 from .errors import (
+    ClaimRefusedError,
+    FenceLostError,
     KeyChangeError,
     LoadError,
     ModelGraphError,
@@ -35,10 +38,15 @@ from .sqlmodels import SqlModel
 from .transformation import TransformationPipeline
 
 __all__ = [
+    "EFFECTS",
     "PIPELINE_TYPES",
     "AcceptedValuesCheck",
     "CheckResult",
+    "ClaimRefusedError",
+    "EffectClaim",
+    "EffectScope",
     "ExpressionCheck",
+    "FenceLostError",
     "FileRecord",
     "FreshnessCheck",
     "KeyChangeError",
@@ -66,6 +74,8 @@ __all__ = [
     "ViewValidationError",
     "WarehouseError",
     "connect_warehouse",
+    "exactly_once",
     "pipeline_from_dict",
     "pipeline_from_yaml",
+    "read_marker",
 ]

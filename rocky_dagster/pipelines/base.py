@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlite_utils import Database
 
+from .effects import EffectClaim
 from .errors import PipelineConfigError, PipelineError, WarehouseError
 from .results import PipelineResult
 from .sql import INTERNAL_PREFIX
@@ -158,14 +159,16 @@ class PipelineConfig(BaseModel):
         """Build from a YAML file path or YAML text holding a mapping of this config's fields."""
         return cls.model_validate(read_yaml_mapping(path_or_text))
 
-    def run(self) -> PipelineResult:
+    def run(self, *, claim: EffectClaim | None = None) -> PipelineResult:
+        """Run once. With a `claim` (the ledger's answer for this step) the warehouse writes
+        commit together with the claim's effect marker: exactly once per key generation."""
         raise NotImplementedError
 
     @contextmanager
     def _session(self) -> Iterator[tuple[sqlite3.Connection, Database]]:
         """Warehouse connection for one run, wrapped for sqlite-utils, closed at the end."""
         label = f"{self.pipeline_type} pipeline on {self.warehouse}"
-        with failure_context(label):
+        with failure_context("opening the warehouse", path=self.warehouse):
             conn = connect_warehouse(self.warehouse)
         try:
             with failure_context(label):

@@ -86,6 +86,16 @@ class ModelGraphError(PipelineError):
     """SQL models form a cycle or reference a table that neither a model nor the warehouse has."""
 
 
+class FenceLostError(PipelineError):
+    """A later holder of this claim's key generation already committed the work, or a newer
+    generation did: this holder lost its claim, and its run wrote nothing."""
+
+
+class ClaimRefusedError(PipelineError):
+    """The claim passed to `run(claim=...)` does not allow running (should_run is false, or it
+    lacks an integer fence / generation)."""
+
+
 class KeyChangeError(PipelineError):
     """`key_columns` changed and the rows already in the warehouse are not unique on the new key."""
 

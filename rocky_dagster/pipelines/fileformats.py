@@ -11,6 +11,7 @@ import codecs
 import csv
 import json
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,14 +26,30 @@ FIELD_LIMIT = 1_000_000_000
 INT64 = (-(2**63), 2**63 - 1)
 
 
+_LIMIT_LOCK = threading.Lock()
+_limit_users = 0
+_limit_before = 0
+
+
 @contextmanager
 def large_fields() -> Iterator[None]:
-    """Raise the csv module's (process-wide) field size limit while a file is read."""
-    previous = csv.field_size_limit(FIELD_LIMIT)
+    """Raise the csv module's (process-wide) field size limit while files are read.
+
+    Counted, so that concurrent loads in threads keep the raised limit until the last one
+    finishes, and the caller's own limit comes back afterwards.
+    """
+    global _limit_users, _limit_before
+    with _LIMIT_LOCK:
+        if _limit_users == 0:
+            _limit_before = csv.field_size_limit(FIELD_LIMIT)
+        _limit_users += 1
     try:
         yield
     finally:
-        csv.field_size_limit(previous)
+        with _LIMIT_LOCK:
+            _limit_users -= 1
+            if _limit_users == 0:
+                csv.field_size_limit(_limit_before)
 
 
 def csv_reader(text: IO[str], delimiter: str) -> Any:

@@ -26,6 +26,7 @@ from sqlite_utils import Database
 
 from . import fileformats as ff
 from .base import PipelineConfig, check_identifier, failure_context, write_transaction
+from .effects import Effect, EffectClaim
 from .errors import LoadError, PipelineError
 from .results import FileRecord, PipelineResult, TableStats, utcnow
 from .sql import affinity, object_type, qi, table_columns
@@ -119,8 +120,9 @@ class LoadPipeline(PipelineConfig):
             raise ValueError("column_names: must be distinct and non-empty")
         return self
 
-    def run(self) -> PipelineResult:
+    def run(self, *, claim: EffectClaim | None = None) -> PipelineResult:
         """Load new files in one transaction; a bad row anywhere leaves the warehouse as it was."""
+        effect = Effect(claim, self.pipeline_type)
         directory = Path(self.directory)
         if not directory.is_dir():
             raise PipelineError(
@@ -134,6 +136,9 @@ class LoadPipeline(PipelineConfig):
             write_transaction(conn),
             failure_context(f"loading into {self.table!r}", table=self.table),
         ):
+            recorded = effect.begin(conn)
+            if recorded is not None:
+                return recorded
             started = time.perf_counter()
             stats = result.table(self.table)
             _ensure_loaded_files(db)
@@ -161,9 +166,10 @@ class LoadPipeline(PipelineConfig):
             if loaded:
                 db[LOADED_FILES].upsert_all(loaded, pk=("target_table", "path", "sha256"))  # type: ignore[union-attr]
             stats.duration_seconds = round(time.perf_counter() - started, 6)
-        result.files = [records[i.path] for i in inputs]
-        result.details = {"table": self.table}
-        return result.finish()
+            result.files = [records[i.path] for i in inputs]
+            result.details = {"table": self.table}
+            effect.commit(conn, result.finish())
+        return result
 
     def _scan(self, path: Path) -> InputFile:
         fmt = self.format if self.format != "auto" else _format_of(path)

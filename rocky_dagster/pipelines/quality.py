@@ -11,11 +11,13 @@ import re
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .base import PipelineConfig, as_list
+from .base import PipelineConfig, as_list, write_transaction
+from .effects import Effect, EffectClaim
 from .errors import PipelineError, QualityChecksFailed
 from .results import CheckResult, PipelineResult, Severity, utcnow
 from .sql import fetch_dicts, qi, table_columns
@@ -353,13 +355,31 @@ class QualityPipeline(PipelineConfig):
             seen.add(key)
         return checks
 
-    def run(self, *, now: datetime | None = None) -> PipelineResult:
-        """`now` (default: the current time; naive means UTC) is what freshness is measured against."""
+    def run(
+        self, *, now: datetime | None = None, claim: EffectClaim | None = None
+    ) -> PipelineResult:
+        """`now` (default: the current time; naive means UTC) is what freshness is measured against.
+
+        Checks write nothing, so with a `claim` the effect marker is all that is committed:
+        it records a passing result once per key generation (a failing run records nothing).
+        """
+        effect = Effect(claim, self.pipeline_type)
+        if not Path(self.warehouse).is_file():  # checking must not create an empty warehouse
+            raise PipelineError(
+                f"warehouse: {self.warehouse!r} does not exist; run the pipelines that fill "
+                "it first, or fix the path",
+                path=self.warehouse,
+            )
         moment = now or utcnow()
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
         result = PipelineResult(pipeline_type=self.pipeline_type)
         with self._session() as (conn, _db):
+            if claim is not None:
+                with write_transaction(conn):
+                    recorded = effect.begin(conn)
+                if recorded is not None:
+                    return recorded
             conn.execute("PRAGMA query_only = ON")
             conn.execute("BEGIN")
             try:
@@ -369,7 +389,14 @@ class QualityPipeline(PipelineConfig):
                     result.checks.append(check.evaluate(conn, moment))
             finally:
                 conn.execute("ROLLBACK")
-        result.finish()
-        if any(not c.passed and c.severity == "error" for c in result.checks):
-            raise QualityChecksFailed(result)
+                conn.execute("PRAGMA query_only = OFF")
+            result.finish()
+            if any(not c.passed and c.severity == "error" for c in result.checks):
+                raise QualityChecksFailed(result)
+            if claim is not None:
+                with write_transaction(conn):
+                    recorded = effect.begin(conn)  # a holder may have finished meanwhile
+                    if recorded is not None:
+                        return recorded
+                    effect.commit(conn, result)
         return result

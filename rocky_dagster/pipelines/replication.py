@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlite_utils import Database
 
 from .base import PipelineConfig, as_list, check_identifier, failure_context, write_transaction
+from .effects import Effect, EffectClaim
 from .errors import KeyChangeError, PipelineError
 from .results import PipelineResult, TableStats, utcnow
 from .sql import (
@@ -133,8 +134,9 @@ class ReplicationPipeline(PipelineConfig):
             key=list(opts.key_columns if opts.key_columns is not None else self.key_columns),
         )
 
-    def run(self) -> PipelineResult:
+    def run(self, *, claim: EffectClaim | None = None) -> PipelineResult:
         """Replicate every selected table in one transaction; a failure changes nothing."""
+        effect = Effect(claim, self.pipeline_type)
         source = Path(self.source)
         if not source.is_file():
             raise PipelineError(
@@ -153,6 +155,9 @@ class ReplicationPipeline(PipelineConfig):
                 conn.execute(f"ATTACH DATABASE ? AS {SRC}", (uri,))
                 plans = [self.plan(name) for name in self._selected(conn)]
             with write_transaction(conn):
+                recorded = effect.begin(conn)
+                if recorded is not None:
+                    return recorded
                 _ensure_watermarks(db)
                 for plan in plans:
                     with failure_context(
@@ -163,8 +168,9 @@ class ReplicationPipeline(PipelineConfig):
                         added[plan.target] = new_cols
                     if plan.strategy == "incremental":
                         watermarks[plan.target] = mark
-        result.details = {"watermarks": watermarks, "added_columns": added}
-        return result.finish()
+                result.details = {"watermarks": watermarks, "added_columns": added}
+                effect.commit(conn, result.finish())
+        return result
 
     def selected_tables(self) -> list[str]:
         """The source tables this config replicates, read from the source now (read-only):
@@ -210,7 +216,7 @@ class ReplicationPipeline(PipelineConfig):
             chosen.update(matched)
         excluded: set[str] = set()
         for pattern in self.exclude:
-            excluded.update(_matching(pattern, sorted(chosen)))
+            excluded.update(_matching(pattern, available))
         selected = sorted(chosen - excluded)
         if not selected:
             raise PipelineError(f"tables: {self.tables} minus exclude selected no source table")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -17,8 +18,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _deprecated_rows_written(owner: str) -> None:
+    warnings.warn(
+        f"{owner}.rows_written is deprecated: it always counted inserted + updated + deleted "
+        "rows (a rebuild counts each row twice), not rows written; use rows_changed",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
 class TableStats(BaseModel):
-    """Row counts for one warehouse table; rows_written > 0 is what makes a re-done run visible."""
+    """Row counts for one warehouse table; rows_changed > 0 is what makes a re-done run visible."""
 
     rows_read: int = 0
     rows_inserted: int = 0
@@ -28,8 +38,15 @@ class TableStats(BaseModel):
 
     @computed_field  # type: ignore[prop-decorator]
     @property
-    def rows_written(self) -> int:
+    def rows_changed(self) -> int:
+        """Inserted + updated + deleted: a table rebuilt in place counts each row twice."""
         return self.rows_inserted + self.rows_updated + self.rows_deleted
+
+    @property
+    def rows_written(self) -> int:
+        """Deprecated alias of `rows_changed` (the name promised something it never counted)."""
+        _deprecated_rows_written("TableStats")
+        return self.rows_changed
 
 
 class CheckResult(BaseModel):
@@ -88,6 +105,11 @@ class PipelineResult(BaseModel):
     finished_at: datetime | None = None
     duration_seconds: float = 0.0
     details: dict[str, Any] = Field(default_factory=dict)
+    already_applied: bool = Field(
+        False,
+        description="True when an earlier holder of the claim's key generation had already "
+        "committed this work: the run applied nothing and this is the result it recorded.",
+    )
     _clock: float = PrivateAttr(default_factory=time.perf_counter)
 
     @computed_field  # type: ignore[prop-decorator]
@@ -97,8 +119,15 @@ class PipelineResult(BaseModel):
 
     @computed_field  # type: ignore[prop-decorator]
     @property
+    def rows_changed(self) -> int:
+        """Rows inserted + updated + deleted over every table (see TableStats.rows_changed)."""
+        return sum(t.rows_changed for t in self.tables.values())
+
+    @property
     def rows_written(self) -> int:
-        return sum(t.rows_written for t in self.tables.values())
+        """Deprecated alias of `rows_changed`."""
+        _deprecated_rows_written("PipelineResult")
+        return self.rows_changed
 
     def table(self, name: str) -> TableStats:
         """Stats of a table, registering it as touched on first use."""
@@ -119,7 +148,7 @@ class PipelineResult(BaseModel):
         return {
             "pipeline_type": self.pipeline_type,
             "rows_read": self.rows_read,
-            "rows_written": self.rows_written,
+            "rows_changed": self.rows_changed,
             "tables_touched": len(self.tables_touched),
             "tables": {
                 name: {
@@ -127,7 +156,7 @@ class PipelineResult(BaseModel):
                     "inserted": s.rows_inserted,
                     "updated": s.rows_updated,
                     "deleted": s.rows_deleted,
-                    "written": s.rows_written,
+                    "changed": s.rows_changed,
                 }
                 for name in names[:_SUMMARY_TABLES]
                 for s in [self.tables[name]]

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 from .base import PipelineConfig, as_list, check_identifier, failure_context, write_transaction
+from .effects import Effect, EffectClaim
 from .errors import PipelineError
 from .results import PipelineResult, TableStats, utcnow
 from .sql import (
@@ -93,12 +94,18 @@ class SnapshotPipeline(PipelineConfig):
             raise ValueError("target_table: must differ from source_table")
         return self
 
-    def run(self, *, now: datetime | None = None) -> PipelineResult:
+    def run(
+        self, *, now: datetime | None = None, claim: EffectClaim | None = None
+    ) -> PipelineResult:
         """Apply one snapshot step in one transaction. `now` stamps check-strategy versions
         and invalidations (default: current UTC time)."""
+        effect = Effect(claim, self.pipeline_type)
         moment = (now or utcnow()).astimezone(UTC).isoformat()
         result = PipelineResult(pipeline_type=self.pipeline_type)
         with self._session() as (conn, _db), write_transaction(conn):
+            recorded = effect.begin(conn)
+            if recorded is not None:
+                return recorded
             started = time.perf_counter()
             stats = result.table(self.target_table)
             with failure_context(
@@ -107,8 +114,9 @@ class SnapshotPipeline(PipelineConfig):
             ):
                 added = _Snapshot(self, conn, stats, moment).apply()
             stats.duration_seconds = round(time.perf_counter() - started, 6)
-        result.details = {"added_columns": added, "snapshot_time": moment}
-        return result.finish()
+            result.details = {"added_columns": added, "snapshot_time": moment}
+            effect.commit(conn, result.finish())
+        return result
 
 
 class _Snapshot:

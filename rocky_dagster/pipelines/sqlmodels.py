@@ -12,16 +12,15 @@ import heapq
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import sqlglot
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
-from sqlglot import exp
-from sqlglot.errors import SqlglotError
-from sqlglot.optimizer.scope import traverse_scope
 
 from .errors import ModelGraphError, PipelineError
+
+if TYPE_CHECKING:
+    from sqlglot import exp
 
 Materialization = Literal["table", "view"]
 
@@ -73,6 +72,13 @@ def referenced_tables(sql: str, *, label: str = "sql") -> list[str]:
     table even where a CTE of that name is visible, and SQLite's `x IN name` reads `name`.
     Other schemas (`temp`, attached databases) and table-valued functions are not tables.
     """
+    # imported here: sqlglot takes a tenth of a second to import, and only model discovery
+    # needs it, not every process that loads the pipeline definitions
+    import sqlglot
+    from sqlglot import exp
+    from sqlglot.errors import SqlglotError
+    from sqlglot.optimizer.scope import traverse_scope
+
     try:
         tree = sqlglot.parse_one(sql, read="sqlite")
         scopes = traverse_scope(tree)
@@ -80,7 +86,7 @@ def referenced_tables(sql: str, *, label: str = "sql") -> list[str]:
         raise PipelineError(f"{label}: cannot parse the SQL to find what it reads: {exc}") from exc
     refs: set[str] = set()
     for scope in scopes:
-        ctes = {name.lower() for name in scope.cte_sources}
+        ctes = {name.lower() for name in scope.cte_sources} | _enclosing_ctes(scope.expression)
         for table in scope.tables:
             if not isinstance(table.this, exp.Identifier) or isinstance(table.parent, exp.Table):
                 continue  # a table-valued function, or the index of INDEXED BY
@@ -94,6 +100,22 @@ def referenced_tables(sql: str, *, label: str = "sql") -> list[str]:
                 if name is not None:
                     refs.add(name)
     return sorted(refs)
+
+
+def _enclosing_ctes(node: exp.Expression) -> set[str]:
+    """Names of every CTE in each WITH clause whose CTE body contains `node`.
+
+    SQLite makes all CTEs of a WITH visible in each of its bodies (a CTE may read one defined
+    after it, and reading its own name is recursion), where sqlglot sees only earlier ones.
+    """
+    from sqlglot import exp
+
+    names: set[str] = set()
+    while node is not None:
+        if isinstance(node, exp.CTE) and isinstance(node.parent, exp.With):
+            names.update(cte.alias_or_name.lower() for cte in node.parent.expressions)
+        node = node.parent
+    return names
 
 
 def _main_name(name: str, schema: str, catalog: str, ctes: set[str]) -> str | None:

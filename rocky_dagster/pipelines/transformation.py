@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 
 from .base import PipelineConfig, as_list, check_identifier, failure_context, write_transaction
+from .effects import Effect, EffectClaim
 from .errors import ModelGraphError, PipelineError, ViewValidationError
 from .results import PipelineResult, TableStats
 from .sql import broken_views, count_rows, object_type, qi, same_rows, table_columns
@@ -91,13 +92,17 @@ class TransformationPipeline(PipelineConfig):
                 chosen.update(_closure(matched, downstream))
         return [m for m in models if m.name in chosen]
 
-    def run(self) -> PipelineResult:
+    def run(self, *, claim: EffectClaim | None = None) -> PipelineResult:
         """Materialize the selected models in one transaction; a failure changes nothing."""
+        effect = Effect(claim, self.pipeline_type)
         models = self.models()
         chosen = self.selected_models()
         result = PipelineResult(pipeline_type=self.pipeline_type)
         info: dict[str, Any] = {}
         with self._session() as (conn, _db), write_transaction(conn):
+            recorded = effect.begin(conn)
+            if recorded is not None:
+                return recorded
             _check_references(conn, models, chosen)
             already_broken = set(broken_views(conn))
             for model in chosen:
@@ -113,8 +118,9 @@ class TransformationPipeline(PipelineConfig):
                     "description": model.description,
                 }
             _check_views(conn, already_broken, {m.name.lower() for m in chosen})
-        result.details = {"models": info, "order": [m.name for m in chosen]}
-        return result.finish()
+            result.details = {"models": info, "order": [m.name for m in chosen]}
+            effect.commit(conn, result.finish())
+        return result
 
 
 def _closure(start: Iterable[str], edges: dict[str, Any]) -> set[str]:
@@ -135,10 +141,12 @@ def _check_references(
     model_names = {m.name.lower(): m.name for m in models}
     running = {m.name.lower() for m in chosen}
     problems: list[str] = []
+    culprits: list[str] = []
     for model in chosen:
         for ref in model.references:
             if ref in running or object_type(conn, ref) is not None:
                 continue
+            culprits.append(model.name)
             if ref in model_names:
                 problems.append(
                     f"model {model.name!r} depends on model {model_names[ref]!r}, which is not "
@@ -147,8 +155,7 @@ def _check_references(
             else:
                 problems.append(f"model {model.name!r} references missing table {ref!r}")
     if problems:
-        first = next(m.name for m in chosen for ref in m.references if ref not in running)
-        raise ModelGraphError("; ".join(problems), table=first)
+        raise ModelGraphError("; ".join(problems), table=culprits[0])
 
 
 def _check_views(conn: sqlite3.Connection, already_broken: set[str], models: set[str]) -> None:

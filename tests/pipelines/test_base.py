@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pipeline_helpers import execute
 from pydantic import ValidationError
 
 from rocky_dagster.pipelines import (
@@ -151,22 +152,56 @@ def test_result_is_json_able_and_summary_stays_small() -> None:
     result.details = {"watermarks": {"t": "2024-01-01"}}
     result.finish()
     dumped = json.dumps(result.model_dump(mode="json"))
-    assert json.loads(dumped)["rows_written"] == 300 * 6
+    assert json.loads(dumped)["rows_changed"] == 300 * 6
     summary = result.summary()
     encoded = json.dumps(summary)
     assert len(encoded) < 8_000
     assert summary["rows_read"] == 3000
-    assert summary["rows_written"] == 1800
+    assert summary["rows_changed"] == 1800
+    assert "rows_written" not in summary and "rows_written" not in dumped
     assert summary["tables_truncated"] == 250
     assert summary["checks"]["failed_warn"] == 100
     assert len(summary["checks"]["failed_names"]) == 20
     assert summary["files"] == {"loaded": 0, "skipped": 1}
     restored = PipelineResult.model_validate_json(dumped)
-    assert restored.rows_written == result.rows_written
+    assert restored.rows_changed == result.rows_changed
     assert restored.tables_touched == result.tables_touched
 
 
-def test_table_stats_rows_written_adds_inserted_updated_deleted() -> None:
+def test_table_stats_rows_changed_adds_inserted_updated_deleted() -> None:
     stats = TableStats(rows_read=9, rows_inserted=1, rows_updated=2, rows_deleted=4)
-    assert stats.rows_written == 7
-    assert stats.model_dump()["rows_written"] == 7
+    assert stats.rows_changed == 7
+    assert stats.model_dump()["rows_changed"] == 7
+    assert "rows_written" not in stats.model_dump()
+
+
+def test_rows_written_is_a_deprecated_alias_of_rows_changed() -> None:
+    result = PipelineResult(pipeline_type="load")
+    result.table("t").rows_inserted = 3
+    with pytest.warns(DeprecationWarning, match="use rows_changed"):
+        assert result.rows_written == 3
+    with pytest.warns(DeprecationWarning, match="use rows_changed"):
+        assert result.tables["t"].rows_written == 3
+
+
+def test_a_rebuild_reports_rows_changed_not_rows_written(tmp_path: Path) -> None:
+    """Refreshing a 3-row table deletes 3 and inserts 3: 6 rows changed, and the summary
+    says so under a name that does not claim 6 rows were written."""
+    warehouse = str(tmp_path / "w.db")
+    execute(warehouse, "CREATE TABLE raw (x INTEGER); INSERT INTO raw VALUES (1), (2), (3);")
+    models = tmp_path / "m"
+    models.mkdir()
+    (models / "t.sql").write_text("SELECT x FROM raw")
+    pipeline = TransformationPipeline(warehouse=warehouse, models_dir=str(models))
+    pipeline.run()
+    execute(warehouse, "UPDATE raw SET x = x + 10;")
+    summary = pipeline.run().summary()
+    assert summary["rows_changed"] == 6
+    assert summary["tables"]["t"] == {
+        "read": 0,
+        "inserted": 3,
+        "updated": 0,
+        "deleted": 3,
+        "changed": 6,
+    }
+    assert not any("written" in key for key in [*summary, *summary["tables"]["t"]])

@@ -140,7 +140,10 @@ CASES: dict[str, Case] = {
         table="a",
     ),
     "transformation: missing table": Case(
-        lambda tmp, wh: _models(tmp, wh, {"m.sql": "SELECT * FROM nowhere"}),
+        lambda tmp, wh: (
+            execute(wh, "CREATE TABLE here (x INTEGER);"),
+            _models(tmp, wh, {"a.sql": "SELECT * FROM here", "m.sql": "SELECT * FROM nowhere"}),
+        )[1],
         ModelGraphError,
         table="m",
     ),
@@ -167,6 +170,14 @@ CASES: dict[str, Case] = {
         )[1],
         QualityChecksFailed,
         table="t",
+    ),
+    "quality: missing warehouse": Case(
+        lambda tmp, wh: QualityPipeline(
+            warehouse=str(tmp / "absent.db"),
+            checks=[{"kind": "not_null", "table": "t", "column": "a"}],
+        ),
+        PipelineError,
+        file="absent.db",
     ),
     "snapshot: NULL keys": Case(
         lambda tmp, wh: _snapshot(wh, "INSERT INTO src VALUES (NULL, 'x');"),
@@ -278,3 +289,19 @@ def test_an_unexpected_exception_is_still_a_pipeline_error_with_its_cause(
     ) as c:
         config.run()
     assert isinstance(c.value.__cause__, ZeroDivisionError)
+
+
+def test_a_warehouse_that_is_not_a_database_is_named_and_left_byte_for_byte(
+    tmp_path: Path,
+) -> None:
+    warehouse = tmp_path / "warehouse.db"
+    junk = b"this is not an SQLite database" * 200
+    warehouse.write_bytes(junk)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.sql").write_text("SELECT 1 AS x")
+    config = TransformationPipeline(warehouse=str(warehouse), models_dir=str(tmp_path / "models"))
+    with pytest.raises(WarehouseError) as caught:
+        config.run()
+    assert caught.value.pipeline == "transformation"
+    assert caught.value.path == str(warehouse) and str(warehouse) in str(caught.value)
+    assert warehouse.read_bytes() == junk

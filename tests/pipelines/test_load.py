@@ -67,7 +67,7 @@ def test_a_file_is_loaded_once_per_checksum_unless_reload(warehouse: str, inbox:
 
     again = pipeline.run()
     assert [(f.status, f.rows) for f in again.files] == [("skipped", 0)]
-    assert again.rows_written == 0
+    assert again.rows_changed == 0
     assert dump(warehouse) == before
 
     (inbox / "b_copy.csv").write_text(ORDERS_CSV)  # same content under another name
@@ -78,7 +78,7 @@ def test_a_file_is_loaded_once_per_checksum_unless_reload(warehouse: str, inbox:
     (inbox / "a.csv").write_text(ORDERS_CSV + "4,dee,3,1\n")  # changed content: a new file
     changed = pipeline.run()
     assert [f.status for f in changed.files] == ["loaded", "skipped"]
-    assert changed.rows_written == 4
+    assert changed.rows_changed == 4
     assert query(warehouse, "SELECT count(*) FROM orders") == [(7,)]
 
     forced = loader(warehouse, inbox, reload=True).run()
@@ -220,7 +220,7 @@ def test_truncate_first_replaces_content_only_when_the_files_changed(
     pipeline = loader(warehouse, inbox, truncate_first=True)
     pipeline.run()
     before = dump(warehouse)
-    assert pipeline.run().rows_written == 0
+    assert pipeline.run().rows_changed == 0
     assert dump(warehouse) == before
     (inbox / "a.csv").write_text("id,customer,amount,zip\n9,z,1,1\n")
     result = pipeline.run()
@@ -236,7 +236,7 @@ def test_concurrent_runs_of_one_load_load_each_file_once(warehouse: str, inbox: 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda _: pipeline.run(), range(4)))
     assert sorted(r.files[0].status for r in results) == ["loaded", "skipped", "skipped", "skipped"]
-    assert sum(r.rows_written for r in results) == 2000
+    assert sum(r.rows_changed for r in results) == 2000
     assert query(warehouse, "SELECT count(*) FROM orders") == [(2000,)]
 
 
@@ -274,10 +274,10 @@ def test_reloading_unchanged_files_writes_nothing(rows: list[tuple[str, str]]) -
             column_types={"a": "TEXT", "b": "TEXT"},
         )
         first = pipeline.run()
-        assert first.rows_written == len(rows)
+        assert first.rows_changed == len(rows)
         before = dump(warehouse)
         again = pipeline.run()
-        assert again.rows_written == 0
+        assert again.rows_changed == 0
         assert [f.status for f in again.files] == ["skipped"]
         assert dump(warehouse) == before
         expected = [tuple(v if v != "" else None for v in r) for r in rows]

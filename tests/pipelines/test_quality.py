@@ -334,7 +334,7 @@ def test_running_checks_never_writes(values: list[tuple[int | None, str | None]]
                 {"kind": "row_count", "table": "t", "max": 5, "severity": "warn"},
             ],
         ).run()
-        assert result.rows_written == 0
+        assert result.rows_changed == 0
         assert dump(warehouse) == before
         nulls = sum(k is None for k, _ in values)
         assert result.checks[0].failing_rows == nulls

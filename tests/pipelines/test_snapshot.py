@@ -66,7 +66,7 @@ def test_timestamp_strategy_history_across_inserts_updates_and_hard_deletes(ware
         (3, "Cy", "2024-01-06", None, 1),
     ]
     before = dump(warehouse)
-    assert pipeline.run(now=T4).rows_written == 0
+    assert pipeline.run(now=T4).rows_changed == 0
     assert dump(warehouse) == before
 
 
@@ -107,7 +107,7 @@ def test_without_invalidation_a_deleted_row_stays_current(warehouse: str) -> Non
     pipeline = snapshot(warehouse, check_columns="all")
     pipeline.run(now=T1)
     execute(warehouse, "DELETE FROM customers;")
-    assert pipeline.run(now=T2).rows_written == 0
+    assert pipeline.run(now=T2).rows_changed == 0
     assert history(warehouse) == [(1, "Ann", T1.isoformat(), None, 1)]
 
 
@@ -195,5 +195,5 @@ def test_history_tracks_every_state_and_reruns_write_nothing(
                 warehouse, "SELECT count(*) FROM snap WHERE (valid_to IS NULL) != is_current"
             ) == [(0,)]
             before = dump(warehouse)
-            assert pipeline.run(now=datetime(2024, 2, 1 + step, tzinfo=UTC)).rows_written == 0
+            assert pipeline.run(now=datetime(2024, 2, 1 + step, tzinfo=UTC)).rows_changed == 0
             assert dump(warehouse) == before

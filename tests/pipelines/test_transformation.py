@@ -70,7 +70,7 @@ def test_rerun_writes_nothing_and_a_source_change_refreshes_downstream(
     pipeline.run()
     before = dump(warehouse)
     again = pipeline.run()
-    assert again.rows_written == 0
+    assert again.rows_changed == 0
     assert {m["action"] for m in again.details["models"].values()} == {"unchanged"}
     assert dump(warehouse) == before
     execute(warehouse, "INSERT INTO raw_orders VALUES (2, 'Cy', 3.0);")
@@ -228,6 +228,9 @@ def test_models_dir_must_exist_at_definition(tmp_path: Path, warehouse: str) -> 
         ("WITH b AS (SELECT 1 AS x) SELECT * FROM t WHERE x IN b", ["t"]),
         ("SELECT * FROM t WHERE x IN (b)", ["t"]),  # a value list holding column b
         ("SELECT * FROM t INDEXED BY t_idx, pragma_table_info('t'), other.z", ["t"]),
+        # every CTE of a WITH is visible in each body, as in SQLite (a forward reference)
+        ("WITH b AS (SELECT * FROM a), a AS (SELECT 1 AS x FROM t) SELECT * FROM b", ["t"]),
+        ("WITH b AS (SELECT * FROM (SELECT * FROM a)), a AS (SELECT 1 AS x) SELECT * FROM b", []),
         (
             "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) "
             "SELECT * FROM r",
@@ -257,7 +260,7 @@ def test_rerun_on_unchanged_input_writes_nothing(rows: list[tuple[int, str | Non
         first = pipeline.run()
         assert first.tables["tags"].rows_inserted == len(rows)
         before = dump(warehouse)
-        assert pipeline.run().rows_written == 0
+        assert pipeline.run().rows_changed == 0
         assert dump(warehouse) == before
 
 

@@ -36,7 +36,7 @@ def _rows(result: dict | None) -> str:
     if result.get("checks", {}).get("total"):
         c = result["checks"]
         return f"{c['passed']}/{c['total']} checks passed"
-    return f"{result.get('rows_written', 0)} rows written"
+    return f"{result.get('rows_changed', 0)} rows changed"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from dagster import DagsterInstance
 
-    from rocky_dagster.keys import KEY_TAG, decision_tag
+    from rocky_dagster import step_decisions
+    from rocky_dagster.keys import KEY_TAG, OUTCOME_TAG
     from rocky_dagster.ledger import default_ledger_url, open_ledger
 
     from . import definitions
@@ -64,31 +65,29 @@ def main(argv: list[str] | None = None) -> int:
     ledger = open_ledger(default_ledger_url())
     job = definitions.defs.get_job_def("warehouse_job")
     print(f"rocky_dagster demo: warehouse_job twice with idempotency key {key!r}\n")
-    runs = []
+    decisions = []
     for attempt in (1, 2):
         result = job.execute_in_process(
             instance=instance, tags={KEY_TAG: key}, run_config=QUIET, raise_on_error=False
         )
-        if True:
-            tags = instance.get_run_by_id(result.run_id).tags
-            runs.append(result.run_id)
-            status = "SUCCESS" if result.success else "FAILURE"
-            print(f"run {attempt}: {result.run_id}  {status}")
-            for step in STEPS:
-                decision = tags.get(decision_tag(step), "-")
-                entry = ledger.get(f"{key}/{step}")
-                detail = _rows(entry.result if entry else None)
-                by = (
-                    f" (done by run {entry.run_id[:8]})"
-                    if entry and entry.run_id != result.run_id
-                    else ""
-                )
-                print(f"  {step:<20} {decision:<18} {detail}{by}")
-            print()
-            if not result.success:
-                return 1
-    second = instance.get_run_by_id(runs[1]).tags
-    skipped = all(second.get(decision_tag(s)) == "skipped_completed" for s in STEPS)
+        outcome = instance.get_run_by_id(result.run_id).tags.get(OUTCOME_TAG, "-")
+        decided = step_decisions(instance, result.run_id)
+        decisions.append(decided)
+        status = "SUCCESS" if result.success else "FAILURE"
+        print(f"run {attempt}: {result.run_id}  {status}  ({OUTCOME_TAG}={outcome})")
+        for step in STEPS:
+            entry = ledger.get(f"{key}/{step}")
+            detail = _rows(entry.result if entry else None)
+            by = (
+                f" (done by run {entry.run_id[:8]})"
+                if entry and entry.run_id != result.run_id
+                else ""
+            )
+            print(f"  {step:<20} {decided.get(step, '-'):<18} {detail}{by}")
+        print()
+        if not result.success:
+            return 1
+    skipped = all(decisions[1].get(s) == "skipped_completed" for s in STEPS)
     print(
         "second run skipped every op: it did no work and replayed the first run's results"
         if skipped
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"warehouse:  {definitions.WAREHOUSE}")
     print(
         f"\nsee it in the UI:   DAGSTER_HOME={home} .venv/bin/dagster dev -w workspace.yaml"
-        "\n                    then open http://127.0.0.1:3000/runs (tags rocky/idempotency/*)"
+        f"\n                    then open http://127.0.0.1:3000/runs (tag {OUTCOME_TAG})"
     )
     print(f"inspect the ledger: .venv/bin/rocky-dagster ledger list --url {ledger.url}")
     return 0 if skipped else 1

@@ -340,7 +340,7 @@ def _run_quality(context: Any, config: Any) -> Iterator[Any]:
 def _result_metadata(result: PipelineResult) -> dict[str, Any]:
     return {
         "rows_read": MetadataValue.int(result.rows_read),
-        "rows_written": MetadataValue.int(result.rows_written),
+        "rows_changed": MetadataValue.int(result.rows_changed),
         "tables_touched": MetadataValue.json(list(result.tables_touched)),
         "duration_seconds": MetadataValue.float(float(result.duration_seconds)),
     }

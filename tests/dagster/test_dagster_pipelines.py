@@ -34,11 +34,11 @@ def test_f2_every_pipeline_op_and_a_custom_op_end_succeeded(
     }
     assert ledger.entries(State.IN_FLIGHT) == []
     # what each step returned is what the ledger kept (and what a later run would replay)
-    assert entries["load"].result["rows_written"] == 2
+    assert entries["load"].result["rows_changed"] == 2
     assert entries["replication"].result["tables"]["raw_orders"]["inserted"] == 3
     assert entries["transformation"].result["pipeline_type"] == "transformation"
     assert entries["quality"].result["checks"]["passed"] == 2
-    assert entries["snapshot"].result["rows_written"] == 3
+    assert entries["snapshot"].result["rows_changed"] == 3
     assert entries["notify"].result == {"sent": 1}
     # each pipeline op's claim carries its config's fingerprint
     assert all(entries[s].fingerprint for s in STEPS[:5]) and entries["notify"].fingerprint is None

@@ -127,7 +127,7 @@ def test_every_skipped_pipeline_step_shows_its_replayed_figures(
         assert meta["rocky/decision"].value == "skipped_completed", step
         # the figures the work reported are the ones the skip replays
         assert meta["rocky/replayed/rows_read"].value == first_out[step]["rows_read"].value, step
-        assert meta["rocky/replayed/rows_written"].value == first_out[step]["rows_written"].value, (
+        assert meta["rocky/replayed/rows_changed"].value == first_out[step]["rows_changed"].value, (
             step
         )
     assert second_out["notify"]["rocky/replayed/sent"].value == 1

@@ -132,3 +132,25 @@ def optional_out(out: Out) -> Out:
     # `Out` is a NamedTuple in Dagster 1.12/1.13 (`_replace` is the NamedTuple API): copying it
     # field by field would drop fields later Dagster versions add.
     return out._replace(is_required=False)
+
+
+def asset_children(context: Any, key: Any) -> set[Any]:
+    """The asset keys directly downstream of `key` in the running job's asset graph.
+
+    `job_def` is public; its asset layer's `asset_graph` (and a node's `child_keys`) is not,
+    and is the only place the graph's edges are known inside a step (there may be no
+    repository, e.g. under `materialize()`).
+    """
+    graph = context.job_def.asset_layer.asset_graph
+    if not graph.has(key):
+        return set()
+    return set(graph.get(key).child_keys)
+
+
+def run_asset_selection(context: Any) -> set[Any]:
+    """The assets the running job materializes (a run's `asset_selection` is empty when the
+    whole job runs, e.g. under `materialize()`); the job's asset layer is not public."""
+    selection = context.run.asset_selection
+    if selection:
+        return set(selection)
+    return set(context.job_def.asset_layer.selected_asset_keys)

@@ -25,15 +25,17 @@ from dagster import (
     AssetsDefinition,
     Failure,
     MaterializeResult,
+    MetadataValue,
     Output,
     multi_asset,
 )
 
+from . import _compat
 from .guard import KeyClaim, StepGuard
 from .key_inheritance import job_key_fn, partition_of, tags_with_inherited_key
 from .keys import GUARDED_OP_TAG, KEY_TAG, KeySource, is_forced, resolve_key
 from .ledger import Claim, InvalidArgumentError
-from .presentation import RUN_TAGS, UNGUARDED
+from .presentation import DECISION_KEY, RUN_TAGS, UNGUARDED
 from .resource import IdempotencyLedger
 
 AssetKeyFn = Callable[..., "str | None"]
@@ -67,8 +69,6 @@ def proceeding_asset_keys(context: Any) -> frozenset[AssetKey]:
 
 
 def _step_key(op_ctx: Any) -> str:
-    from . import _compat
-
     return _compat.step_key(op_ctx)
 
 
@@ -142,7 +142,12 @@ class AssetsGuard(StepGuard):
         return [key for key in self.asset_keys if not self.by_asset[key].should_run]
 
     def observe_skips(self, context: Any) -> None:
-        """One observation per skipped asset: its decision and the run behind it."""
+        """One observation per skipped asset: its decision and the run behind it.
+
+        Dagster does not start a step whose upstream asset yielded nothing, so the assets
+        downstream of a skip in this run never get to say why: this step says it for them
+        (when the run's key names them too), or warns that one of them still has work to do.
+        """
         partition = partition_of(self.op_ctx)
         for asset_key in self.skipped():
             held = self.by_asset[asset_key]
@@ -153,6 +158,75 @@ class AssetsGuard(StepGuard):
                     description=f"rocky_dagster: materialization skipped ({held.decision})",
                     metadata=self.metadata(held),
                 )
+            )
+        self._observe_downstream(context, partition)
+
+    def _observe_downstream(self, context: Any, partition: str | None) -> None:
+        skipped = self.skipped()
+        if not skipped or self.ledger is None:
+            return
+        base = next(
+            (
+                held.resolved
+                for held in self.claims
+                if held.resolved.source in (KeySource.TAG, KeySource.RUN_KEY)
+            ),
+            None,
+        )
+        if base is None:
+            return  # no run-wide key: the downstream steps' own keys are unknown here
+        try:
+            selection = _compat.run_asset_selection(context)
+            seen, todo = set(self.asset_keys), list(skipped)
+            while todo:
+                for child in _compat.asset_children(context, todo.pop()):
+                    if child in seen or child not in selection:
+                        continue
+                    seen.add(child)
+                    todo.append(child)
+                    self._observe_for(context, child, str(base.base), partition, skipped)
+        except Exception as exc:  # people's information only: never fail the step over it
+            self.op_ctx.log.warning(f"rocky_dagster: could not report downstream skips: {exc}")
+
+    def _observe_for(
+        self,
+        context: Any,
+        child: AssetKey,
+        base: str,
+        partition: str | None,
+        upstream: list[AssetKey],
+    ) -> None:
+        assert self.ledger is not None
+        key = resolve_key(
+            {KEY_TAG: base},
+            child.to_user_string(),
+            partition=partition,
+            asset_key=child.to_user_string(),
+        ).ledger_key
+        entry = self.ledger.get(str(key))
+        names = ", ".join(k.to_user_string() for k in upstream)
+        if entry is not None and entry.state.value == "succeeded":
+            context.log_event(
+                AssetObservation(
+                    asset_key=child,
+                    partition=partition,
+                    description=(
+                        f"rocky_dagster: materialization skipped (skipped_completed); its step "
+                        f"does not start because upstream {names} skipped"
+                    ),
+                    metadata={
+                        DECISION_KEY: MetadataValue.text("skipped_completed"),
+                        "rocky/ledger_key": MetadataValue.text(str(key)),
+                        "rocky/prior_run_id": MetadataValue.dagster_run(entry.run_id),
+                    },
+                )
+            )
+        else:
+            self.op_ctx.log.warning(
+                f"rocky_dagster: asset '{child.to_user_string()}' is not done under ledger key "
+                f"'{key}', but Dagster will not start its step because upstream {names} was "
+                "already done and yielded nothing: re-execute this run from failure, or launch "
+                f"'{child.to_user_string()}' on its own with the same key"
             )
 
     def stamp(self, asset_key: AssetKey) -> None:

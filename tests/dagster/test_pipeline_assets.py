@@ -130,8 +130,14 @@ def test_a_second_launch_with_one_key_materializes_nothing(
     assert meta["rocky/decision"].value == "skipped_completed"
     assert meta["rocky/prior_run_id"].value == first.run_id
     assert meta["rocky/replayed/rows_inserted"].value == 3
-    # Dagster skips the steps downstream of an asset that yielded nothing: checks included
+    # Dagster skips the steps downstream of an asset that yielded nothing (checks included);
+    # the step that skipped says why for them
     assert second.get_asset_check_evaluations() == []
+    downstream = instance.fetch_observations(AssetKey("customer_totals"), limit=1).records
+    meta = downstream[0].asset_observation.metadata
+    assert meta["rocky/decision"].value == "skipped_completed"
+    assert meta["rocky/prior_run_id"].value == first.run_id
+    assert meta["rocky/ledger_key"].value == "day-1/customer_totals"
     assert ledger.get("day-1/customer_totals").run_id == first.run_id
 
 
@@ -182,3 +188,38 @@ def test_metadata_names_the_key_once_with_the_pipeline_figures(
     assert meta["rocky/decision"].value == "proceed"
     assert isinstance(meta["rocky/fence"].value, int)
     assert meta["rows_inserted"].value == 3 and meta["table"].value == "raw_orders"
+
+
+def test_work_left_downstream_of_a_skip_is_named_with_the_way_to_finish_it(
+    instance: DagsterInstance, ledger: Ledger, shop, tmp_path: Path
+) -> None:
+    """Dagster never starts a step whose upstream asset yielded nothing; the skipping step
+    says which downstream asset still has work under the key, and how to finish it."""
+    model = tmp_path / "models" / "customer_totals.sql"
+    good = model.read_text()
+    model.write_text("SELECT no_such_column FROM stg_orders")
+    broken = pipeline_assets(
+        TransformationPipeline(
+            warehouse=str(shop["warehouse"]), models_dir=str(tmp_path / "models")
+        ),
+        name="build",
+    )[0]
+    failed = materialize(
+        [shop["replicate"], broken],
+        instance=instance,
+        tags={KEY_TAG: "day-3"},
+        resources={"ledger": IdempotencyLedger()},
+        raise_on_error=False,
+    )
+    assert not failed.success
+    assert ledger.get("day-3/customer_totals").state == State.FAILED
+    model.write_text(good)
+    second = _run(instance, [shop["replicate"], shop["build"]], "day-3")
+    messages = [
+        record.event_log_entry.user_message
+        for record in instance.get_records_for_run(second.run_id).records
+    ]
+    assert any(
+        "'customer_totals' is not done" in m and "re-execute this run from failure" in m
+        for m in messages
+    ), messages

@@ -45,7 +45,7 @@ from .errors import (
     LedgerSchemaError,
     LedgerUnavailableError,
 )
-from .machine import decide
+from .machine import NEW_KEY
 from .model import (
     ENTRY_COLUMNS,
     TIME_COLUMNS,
@@ -82,14 +82,6 @@ commit outcome always settles (see `_settle`)."""
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MICROSECOND = timedelta(microseconds=1)
-_NEW_CLAIM = decide(
-    None,
-    now=datetime(2000, 1, 1, tzinfo=UTC),
-    run_id="-",
-    fingerprint=None,
-    config=LedgerConfig(),
-)
-"""What the decision table says about a key with no row: the one case the fast claim handles."""
 
 
 T = TypeVar("T")
@@ -743,8 +735,8 @@ class PostgresLedger(Ledger):
             "lease_us": self._claim_lease_us,
             "dedup_on": self.config.dedup_on.value,
             "token": token,
-            "kind": _NEW_CLAIM.event.value,
-            "detail": _NEW_CLAIM.detail,
+            "kind": NEW_KEY.event.value,
+            "detail": NEW_KEY.detail,
         }
         with self._connection() as conn:
             try:
@@ -761,7 +753,7 @@ class PostgresLedger(Ledger):
         return Claim(
             key=key,
             run_id=run_id,
-            decision=_NEW_CLAIM.decision,
+            decision=NEW_KEY.decision,
             fence=int(row[0]),
             lease_expires_at=_utc(row[1]),
         )

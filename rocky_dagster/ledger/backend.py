@@ -88,9 +88,15 @@ class Ledger(ABC):
 
     @abstractmethod
     def entries(
-        self, state: State | str | None = None, *, run_id: str | None = None, limit: int = 100
+        self,
+        state: State | str | None = None,
+        *,
+        run_id: str | None = None,
+        prefix: str | None = None,
+        limit: int = 100,
     ) -> list[Entry]:
-        """Entries newest claim first, optionally only one state and/or one run's."""
+        """Entries newest claim first, optionally only one state, one run's and/or the keys
+        starting with `prefix` (verbatim: no character of it is a wildcard)."""
 
     @abstractmethod
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:

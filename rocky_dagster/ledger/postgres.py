@@ -63,6 +63,7 @@ from .model import (
     validate_fence,
     validate_key,
 )
+from .queries import Dialect, ReadQueries
 
 SCHEMA_VERSION = 1
 DEFAULT_SCHEMA = "rocky_ledger"
@@ -119,7 +120,8 @@ class _Sql:
         self.fences = f"{s}.{FENCES}"
         cols = ", ".join(ENTRY_COLUMNS)
         placeholders = ", ".join(f"%({c})s" for c in ENTRY_COLUMNS)
-        self.select = f"SELECT {cols} FROM {self.entries}"
+        self.reads = ReadQueries(Dialect("%s", binary=' COLLATE "C"'), self.entries, self.events)
+        self.select = self.reads.select_entry
         # The clock is read in the outer query, after the lateral subquery took the row lock,
         # so a claim that waited for the lock decides with the time it got it.
         self.load = (
@@ -870,37 +872,24 @@ class PostgresLedger(Ledger):
     # --- reads and housekeeping ---------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
-        rows = self._read(f"{self._sql.select} WHERE key = %s", (key,))
+        rows = self._read(*self._sql.reads.get(key))
         return _entry(rows[0]) if rows else None
 
     def entries(
-        self, state: State | str | None = None, *, run_id: str | None = None, limit: int = 100
+        self,
+        state: State | str | None = None,
+        *,
+        run_id: str | None = None,
+        prefix: str | None = None,
+        limit: int = 100,
     ) -> list[Entry]:
-        where, params = [], []
-        if state is not None:
-            where.append("state = %s")
-            params.append(State(state).value)
-        if run_id is not None:
-            where.append("run_id = %s")
-            params.append(run_id)
-        sql = self._sql.select + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY claimed_at DESC, fence DESC LIMIT %s"
-        return [_entry(r) for r in self._read(sql, (*params, int(limit)))]
+        sql, params = self._sql.reads.entries(state, run_id=run_id, prefix=prefix, limit=limit)
+        return [_entry(r) for r in self._read(sql, params)]
 
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
-        cols = "id, key, kind, run_id, fence, at, detail"
-        if limit is None:
-            sql = f"SELECT {cols} FROM {self._sql.events} WHERE key = %s ORDER BY id"
-            params: tuple[Any, ...] = (key,)
-        else:
-            sql = (
-                f"SELECT * FROM (SELECT {cols} FROM {self._sql.events} WHERE key = %s "
-                "ORDER BY id DESC LIMIT %s) AS last ORDER BY id"
-            )
-            params = (key, int(limit))
         return [
             Event(id=r[0], key=r[1], kind=r[2], run_id=r[3], fence=r[4], at=_utc(r[5]), detail=r[6])
-            for r in self._read(sql, params)
+            for r in self._read(*self._sql.reads.history(key, limit=limit))
         ]
 
     def stats(self) -> Stats:

@@ -47,6 +47,7 @@ from .model import (
     decode_result,
     encode_result,
 )
+from .queries import Dialect, ReadQueries
 
 SCHEMA_VERSION = 2
 ENTRIES = "rocky_ledger_entries"
@@ -56,7 +57,6 @@ BUSY_TIMEOUT_SECONDS = 30.0
 WRITABLE_RECHECK_SECONDS = 1.0
 WAL_AUTOCHECKPOINT_PAGES = 4000
 
-_SELECT_ENTRY = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM {ENTRIES}"
 # insert-if-absent (the protocol's `insert` reports a conflict) and a plain UPDATE: an
 # INSERT OR REPLACE would delete and re-insert the row, rewriting every index.
 _INSERT_ENTRY = (
@@ -74,6 +74,9 @@ def _update_sql(columns: tuple[str, ...]) -> str:
 HOLDER = "(CASE WHEN state = 'in_flight' THEN run_id END)"
 """The run holding an in-flight row, NULL for a terminal one: the first column of the `due`
 index. Queries that should use the index spell it exactly so (SQLite matches expressions)."""
+
+_QUERIES = ReadQueries(Dialect("?", holder=HOLDER), ENTRIES, EVENTS)
+_SELECT_ENTRY = _QUERIES.select_entry
 
 _FAST_CLAIM = f"""
     INSERT INTO {ENTRIES} (key, state, run_id, fence, pipeline, fingerprint, claimed_at,
@@ -610,36 +613,24 @@ class SQLiteLedger(Ledger):
             return self._guard(lambda: conn.execute(sql, params).fetchall())
 
     def get(self, key: str) -> Entry | None:
-        rows = self._read(f"{_SELECT_ENTRY} WHERE key = ?", (key,))
+        rows = self._read(*_QUERIES.get(key))
         return _entry(rows[0]) if rows else None
 
     def entries(
-        self, state: State | str | None = None, *, run_id: str | None = None, limit: int = 100
+        self,
+        state: State | str | None = None,
+        *,
+        run_id: str | None = None,
+        prefix: str | None = None,
+        limit: int = 100,
     ) -> list[Entry]:
-        where, params = [], []
-        if state is not None and State(state) == State.IN_FLIGHT and run_id is not None:
-            where.append(f"{HOLDER} = ?")  # what the reconcilers ask: through the `due` index
-            params.append(run_id)
-        else:
-            if state is not None:
-                where.append("state = ?")
-                params.append(State(state).value)
-            if run_id is not None:
-                where.append("run_id = ?")
-                params.append(run_id)
-        sql = _SELECT_ENTRY + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY claimed_at DESC, fence DESC LIMIT ?"
-        return [_entry(r) for r in self._read(sql, (*params, int(limit)))]
+        sql, params = _QUERIES.entries(state, run_id=run_id, prefix=prefix, limit=limit)
+        return [_entry(r) for r in self._read(sql, params)]
 
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
-        sql = f"SELECT id, key, kind, run_id, fence, at, detail FROM {EVENTS} WHERE key = ? ORDER BY id"
-        params: tuple[Any, ...] = (key,)
-        if limit is not None:
-            sql = f"SELECT * FROM ({sql.replace('ORDER BY id', 'ORDER BY id DESC')} LIMIT ?) ORDER BY id"
-            params = (key, int(limit))
         return [
             Event(id=r[0], key=r[1], kind=r[2], run_id=r[3], fence=r[4], at=_dt(r[5]), detail=r[6])
-            for r in self._read(sql, params)
+            for r in self._read(*_QUERIES.history(key, limit=limit))
         ]
 
     def stats(self) -> Stats:

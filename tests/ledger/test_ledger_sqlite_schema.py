@@ -10,7 +10,7 @@ from pathlib import Path
 from ledger_helpers import CLOCK_START, CONFIG, RETENTION, FakeClock
 
 from rocky_dagster.ledger import Decision, Outcome, State, open_ledger
-from rocky_dagster.ledger.sqlite import _SWEEP_DOOMED, ENTRIES, HOLDER, SCHEMA_VERSION
+from rocky_dagster.ledger.sqlite import _QUERIES, _SWEEP_DOOMED, ENTRIES, SCHEMA_VERSION
 
 # Schema version 1 exactly as rocky_dagster wrote it (two partial indexes on the entries).
 _V1 = """
@@ -119,7 +119,7 @@ def _plan(path: Path, sql: str, params: tuple[object, ...]) -> str:
         conn.close()
 
 
-def test_sweep_and_the_reconcilers_query_search_the_due_index_not_the_table(tmp_path: Path):
+def test_sweep_and_the_reconcilers_query_search_an_index_not_the_table(tmp_path: Path):
     """Both cost what they find, however many finished entries the ledger holds."""
     path = tmp_path / "ledger.db"
     with open_ledger(f"sqlite:///{path}", CONFIG, clock=FakeClock()) as ledger:
@@ -133,8 +133,11 @@ def test_sweep_and_the_reconcilers_query_search_the_due_index_not_the_table(tmp_
         assert sweep.count("USING INDEX rocky_ledger_entries_due") == 2, sweep
         assert "SCAN" not in sweep, sweep
         # what entries(State.IN_FLIGHT, run_id=…) runs for the run-status reconcilers
-        by_run = _plan(path, f"SELECT key FROM {ENTRIES} WHERE {HOLDER} = ?", ("run-1",))
+        by_run = _plan(path, *_QUERIES.entries(State.IN_FLIGHT, run_id="run-1"))
         assert "USING INDEX rocky_ledger_entries_due" in by_run, by_run
+        # a key prefix walks the primary key
+        by_prefix = _plan(path, *_QUERIES.entries(prefix="k1"))
+        assert "USING PRIMARY KEY (key>? AND key<?)" in by_prefix, by_prefix
         assert [e.key for e in ledger.entries(State.IN_FLIGHT, run_id="run-1")] == [
             f"k{n}" for n in (40, 25, 10)
         ]

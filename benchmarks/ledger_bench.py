@@ -9,8 +9,8 @@ Figures, in one run on one file system with the ledger's own pragmas:
     WITHOUT ROWID table (the ledger's), and the cheaper one of this run is the baseline;
 (b) the ledger's claim + finalize cycle per key;
 (c) claim latency (p50/p99) with 1 000 vs 1 000 000 rows already in the ledger;
-(d) sweep of 100 expired entries among those 1 000 vs 1 000 000 rows (it must cost what it
-    deletes, not the ledger's size).
+(d) sweep of 100 expired entries (spread over the keys) among those 1 000 vs 1 000 000 rows,
+    after a checkpoint, median of 5 rounds (it must cost what it deletes, not the ledger's size).
 
 (a) and (b) run interleaved in chunks, and (c) alternates its two ledgers claim by claim,
 so background noise (other processes, fsync jitter) lands on both sides of each ratio. The
@@ -92,7 +92,12 @@ class BenchBackend(ABC):
         """The file system the store writes to (a local store only), for the reader to judge."""
         return None
 
-    def add_expired(self, url: str, rows: int) -> None:
+    def add_expired(self, url: str, rows: int, among: int, label: str) -> None:
+        """Insert `rows` entries past retention between the `among` filled keys, then settle the store (a checkpoint), so that
+        the sweep timed next pays for what it deletes and not for earlier writes."""
+        raise NotImplementedError(f"no sweep figure for {self.name}")
+
+    def scan_seconds(self, url: str) -> float:
         raise NotImplementedError(f"no sweep figure for {self.name}")
 
     def cleanup(self) -> None:
@@ -213,17 +218,30 @@ class SQLiteBench(BenchBackend):
     def filesystem(self) -> str:
         return describe_filesystem(self.dir)
 
-    def add_expired(self, url: str, rows: int) -> None:
-        """`rows` succeeded entries whose retention ended a day ago, for sweep to find."""
+    def add_expired(self, url: str, rows: int, among: int, label: str) -> None:
+        """`rows` succeeded entries whose retention ended a day ago, spread over the key space."""
         conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
         past = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         conn.executemany(
             f"INSERT INTO {ENTRIES} (key, state, run_id, fence, claimed_at, heartbeat_at, "
             "lease_expires_at, finalized_at, expires_at, dedup_on) "
             "VALUES (?, 'succeeded', 'old-run', 1, ?, ?, ?, ?, ?, 'success')",
-            [(f"expired/{i:06d}", past, past, past, past, past) for i in range(rows)],
+            [
+                (f"job/{i * among // rows:08d}/expired-{label}", past, past, past, past, past)
+                for i in range(rows)
+            ],
         )
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
+
+    def scan_seconds(self, url: str) -> float:
+        """For scale: one read of every entry, what a sweep without an index would pay."""
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        start = time.perf_counter()
+        conn.execute(f"SELECT count(*) FROM {ENTRIES} WHERE expires_at <= ''").fetchall()
+        seconds = time.perf_counter() - start
+        conn.close()
+        return seconds
 
     def bulk_fill(self, url: str, rows: int) -> None:
         open_ledger(url).close()  # the schema, exactly as the ledger creates it
@@ -304,10 +322,16 @@ def bench_cycle(backend: BenchBackend, keys: int, chunk: int) -> tuple[dict[str,
 
 
 def bench_latency(
-    backend: BenchBackend, small: int, large: int, samples: int, expired: int = 100
+    backend: BenchBackend,
+    small: int,
+    large: int,
+    samples: int,
+    expired: int = 100,
+    sweep_rounds: int = 5,
 ) -> tuple[dict[int, list[float]], dict[int, float]]:
     """Per-claim latencies of new keys landing at random places among `small` / `large` rows,
-    then the seconds a sweep of `expired` entries takes among each."""
+    then the median seconds a sweep of `expired` entries (spread over the keys) takes among
+    each, over `sweep_rounds` rounds."""
     ledgers: dict[int, Ledger] = {}
     urls: dict[int, str] = {}
     for rows in (small, large):
@@ -326,17 +350,21 @@ def bench_latency(
                 start = time.perf_counter()
                 ledgers[rows].claim(key, f"probe-run-{i}", pipeline="bench")
                 latencies[rows].append(time.perf_counter() - start)
-        sweeps: dict[int, float] = {}
-        for rows, ledger in ledgers.items():
-            backend.add_expired(urls[rows], expired)
-            start = time.perf_counter()
-            swept = ledger.sweep()
-            sweeps[rows] = time.perf_counter() - start
-            assert swept == expired, f"sweep removed {swept} entries, expected {expired}"
+        spent: dict[int, list[float]] = {rows: [] for rows in ledgers}
+        for i in range(sweep_rounds):
+            for rows, ledger in ledgers.items():
+                backend.add_expired(urls[rows], expired, rows, f"{i}")
+                start = time.perf_counter()
+                swept = ledger.sweep()
+                spent[rows].append(time.perf_counter() - start)
+                assert swept == expired, f"sweep removed {swept} entries, expected {expired}"
+        for rows in ledgers:
+            scan = backend.scan_seconds(urls[rows])
+            print(f"for scale: one scan of all {rows} entries (no index) takes {_us(scan)}")
     finally:
         for ledger in ledgers.values():
             ledger.close()
-    return latencies, sweeps
+    return latencies, {rows: statistics.median(values) for rows, values in spent.items()}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -385,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"p99 {_us(p99[rows])} over {len(values)} claims"
             )
         for rows, seconds in sweeps.items():
-            print(f"sweep of 100 expired entries among {rows} rows: {_us(seconds)}")
+            print(f"sweep of 100 expired entries among {rows} rows: {_us(seconds)} (median of 5)")
         label = "1M/1k" if (args.small, args.large) == (1_000, 1_000_000) else "large/small"
         print(f"ratio cycle/baseline = {cycle / baseline:.2f}")
         print(f"ratio p99 {label} = {p99[args.large] / p99[args.small]:.2f}")

@@ -65,7 +65,7 @@ from .model import (
 )
 from .queries import Dialect, ReadQueries
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_SCHEMA = "rocky_ledger"
 ENTRIES = "rocky_ledger_entries"
 EVENTS = "rocky_ledger_events"
@@ -202,11 +202,18 @@ class _Sql:
                 RETURNING key, run_id, fence, state
             ),
             gone AS (SELECT * FROM done UNION ALL SELECT * FROM abandoned),
+            -- events are appended in time order, so the old ones are a prefix in id order:
+            -- walking it from the first id costs what it deletes, with no index on `at`
             logged AS (
                 INSERT INTO {self.events} (key, kind, run_id, fence, at, detail)
                 SELECT key, 'swept', run_id, fence, %(now)s, state || ' entry expired' FROM gone
             ),
-            pruned AS (DELETE FROM {self.events} WHERE at < %(before)s)
+            pruned AS (
+                DELETE FROM {self.events}
+                WHERE at < %(before)s AND id < coalesce(
+                    (SELECT id FROM {self.events} WHERE at >= %(before)s ORDER BY id LIMIT 1),
+                    (SELECT max(id) + 1 FROM {self.events}))
+            )
             SELECT count(*) FROM gone"""
         self.stats = f"""
             SELECT count(*),
@@ -259,6 +266,27 @@ class _Sql:
             f"CREATE INDEX ON {self.events} (at)",
             f"INSERT INTO {self.meta} (name, value) VALUES ('schema_version', 1)",
         ]
+
+    def migrations(self) -> dict[int, list[str]]:
+        """Statements taking the schema from a version (the key) to the next; new schemas are
+        created as version 1 and migrated, so fresh and upgraded ledgers are the same.
+
+        Version 2 writes fewer index entries per claim+finalize (each is WAL to flush): one
+        partial index on in-flight rows (run_id, lease_expires_at) serves the reconcilers
+        (by run) and sweep of abandoned claims, instead of a lease index plus a run_id index
+        over every row; and sweep trims the event log as a prefix in id order (costs what it
+        deletes), so events need no index on `at`.
+        """
+        s = self.schema
+        return {
+            1: [
+                f"DROP INDEX IF EXISTS {s}.rocky_ledger_entries_lease_expires_at_idx",
+                f"DROP INDEX IF EXISTS {s}.rocky_ledger_entries_run_id_idx",
+                f"DROP INDEX IF EXISTS {s}.rocky_ledger_events_at_idx",
+                f"CREATE INDEX rocky_ledger_entries_in_flight ON {self.entries} "
+                "(run_id, lease_expires_at) WHERE state = 'in_flight'",
+            ],
+        }
 
 
 # --- URL --------------------------------------------------------------------------------------------
@@ -592,6 +620,17 @@ class PostgresLedger(Ledger):
                         if version is None:
                             for statement in self._sql.create_v1():
                                 conn.execute(statement)  # type: ignore[arg-type]
+                            version = 1
+                        migrations = self._sql.migrations()
+                        while version < SCHEMA_VERSION:
+                            for statement in migrations[version]:
+                                conn.execute(statement)  # type: ignore[arg-type]
+                            version += 1
+                        conn.execute(
+                            f"UPDATE {self._sql.meta} SET value = %s "  # type: ignore[arg-type]
+                            "WHERE name = 'schema_version'",
+                            (version,),
+                        )
                 finally:
                     conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock_key,))
         except psycopg.OperationalError as exc:

@@ -277,21 +277,10 @@ class _SQLiteTransaction:
         )
         self._last_event_id = cursor.lastrowid or 0
 
-    def log_as(
-        self,
-        event_id: int | None,
-        kind: EventKind,
-        key: str,
-        run_id: str | None,
-        detail: str | None,
-        *,
-        fence: int | None = None,
-    ) -> None:
-        """Log an event of the hot path: a claim's event takes its fence as id (`next_fence`)."""
-        if event_id is not None:
-            fence = event_id
+    def log_claim(self, fence: int, kind: EventKind, key: str, run_id: str, detail: str) -> None:
+        """Log the event of a claim the fast path made: its id is the fence (see `next_fence`)."""
         self.conn.execute(
-            _INSERT_EVENT_AS, (event_id, key, kind.value, run_id, fence, self.now_text, detail)
+            _INSERT_EVENT_AS, (fence, key, kind.value, run_id, fence, self.now_text, detail)
         )
 
     def seal(self) -> None:
@@ -567,7 +556,7 @@ class SQLiteLedger(Ledger):
             if row is None:
                 return self._claim_locked(tx, key, run_id, pipeline, fingerprint, force)
             (fence,) = row
-            tx.log_as(fence, NEW_KEY.event, key, run_id, NEW_KEY.detail)
+            tx.log_claim(fence, NEW_KEY.event, key, run_id, NEW_KEY.detail)
         return Claim(
             key=key,
             run_id=run_id,
@@ -595,7 +584,7 @@ class SQLiteLedger(Ledger):
             if row is None:
                 return self._finalize_locked(tx, key, fence, outcome, encoded, result)
             (holder,) = row
-            tx.log_as(None, EventKind(outcome.value), key, holder, None, fence=fence)
+            tx.log(EventKind(outcome.value), key, holder, fence, None)
         return FinalizeResult(
             key=key,
             fence=fence,

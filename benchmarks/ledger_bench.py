@@ -4,14 +4,23 @@ Figures, in one run on one file system with the ledger's own pragmas:
 
 (a) baseline: two plain write transactions per key on a hand-rolled claim table with the
     entry's columns (insert-if-absent, then update) — the least any durable
-    claim-then-finalize scheme can do, without validation, fences or an event log;
+    claim-then-finalize scheme can do, without validation, fences or an event log. Two
+    layouts of that table run side by side, a rowid table with a text primary key and a
+    WITHOUT ROWID table (the ledger's), and the cheaper one of this run is the baseline;
 (b) the ledger's claim + finalize cycle per key;
-(c) claim latency (p50/p99) with 1 000 vs 1 000 000 rows already in the ledger.
+(c) claim latency (p50/p99) with 1 000 vs 1 000 000 rows already in the ledger;
+(d) sweep of 100 expired entries (spread over the keys) among those 1 000 vs 1 000 000 rows,
+    after a checkpoint, median of 5 rounds (it must cost what it deletes, not the ledger's size).
 
 (a) and (b) run interleaved in chunks, and (c) alternates its two ledgers claim by claim,
-so background noise (other processes, fsync jitter) lands on both sides of each ratio.
+so background noise (other processes, fsync jitter) lands on both sides of each ratio. The
+file system of the scratch directory is printed: on a tmpfs fsync is free and every ratio
+looks better than on a disk.
 
-    python benchmarks/ledger_bench.py [--backend sqlite] [--dir DIR] [--keys 20000]
+    python benchmarks/ledger_bench.py [--backend sqlite] [--dir DIR] [--keys 20000] [--smoke]
+
+`--smoke` runs a handful of iterations (for CI: proves the benchmark still runs, measures
+nothing).
 
 A backend is a `BenchBackend` (fresh ledger URL, raw baseline writer, bulk fill) registered
 in `BACKENDS`; adding PostgreSQL means one class that reads `--url`.
@@ -20,10 +29,12 @@ in `BACKENDS`; adding PostgreSQL means one class that reads `--url`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -66,8 +77,9 @@ class BenchBackend(ABC):
         """The URL of a new, empty ledger."""
 
     @abstractmethod
-    def baseline(self, ledger: Ledger, label: str) -> Baseline:
-        """A raw baseline writer with the same settings as `ledger`'s connection."""
+    def baselines(self, ledger: Ledger, label: str) -> dict[str, Baseline]:
+        """Raw baseline writers (by layout name) with the same settings as `ledger`'s
+        connection; the cheapest of them in a run is that run's baseline."""
 
     @abstractmethod
     def bulk_fill(self, url: str, rows: int) -> None:
@@ -76,15 +88,58 @@ class BenchBackend(ABC):
     def describe(self, ledger: Ledger) -> str:
         return ""
 
+    def filesystem(self) -> str | None:
+        """The file system the store writes to (a local store only), for the reader to judge."""
+        return None
+
+    def add_expired(self, url: str, rows: int, among: int, label: str) -> None:
+        """Insert `rows` entries past retention between the `among` filled keys, then settle the store (a checkpoint), so that
+        the sweep timed next pays for what it deletes and not for earlier writes."""
+        raise NotImplementedError(f"no sweep figure for {self.name}")
+
+    def scan_seconds(self, url: str) -> float:
+        raise NotImplementedError(f"no sweep figure for {self.name}")
+
     def cleanup(self) -> None:
         return None
 
 
-class SQLiteBaseline(Baseline):
-    """A hand-rolled claim table: the ledger entry's columns, no events, no fence counter."""
+def describe_filesystem(directory: Path) -> str:
+    """The type and device of the mount holding `directory`, from /proc/mounts (`stat -f`
+    where there is none), with a warning for memory-backed ones."""
+    target = directory.resolve()
+    fstype, where = "unknown", ""
+    best = -1
+    try:
+        with open("/proc/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                device, point, kind = line.split()[:3]
+                point = point.replace("\\040", " ")
+                holds = target == Path(point) or Path(point) in target.parents
+                if holds and len(point) >= best:  # the innermost (last, if stacked) mount
+                    best, fstype, where = len(point), kind, f" ({device} mounted at {point})"
+    except OSError:
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            fstype = subprocess.run(
+                ["stat", "-f", "-c", "%T", str(target)], capture_output=True, text=True, check=True
+            ).stdout.strip()
+    text = f"{target} is on {fstype}{where}"
+    if fstype in ("tmpfs", "ramfs"):
+        text += " -- WARNING: memory-backed, fsync is free, every ratio is flattered"
+    return text
 
-    def __init__(self, path: Path, pragmas: dict[str, object]) -> None:
+
+class SQLiteBaseline(Baseline):
+    """A hand-rolled claim table: the ledger entry's columns, no events, no fence counter.
+
+    `layout` is "" (a rowid table plus its text primary key's index) or "WITHOUT ROWID" (one
+    key-ordered B-tree, as the ledger's entries); which is cheaper depends on the key order
+    and the file system, so the benchmark measures both.
+    """
+
+    def __init__(self, path: Path, pragmas: dict[str, object], layout: str = "") -> None:
         self.conn = sqlite3.connect(path, isolation_level=None)
+        pragmas = dict(pragmas)
         page_size = pragmas.pop("page_size", None)
         if page_size is not None:
             self.conn.execute(f"PRAGMA page_size = {page_size}")  # before the file has pages
@@ -94,7 +149,7 @@ class SQLiteBaseline(Baseline):
             "CREATE TABLE claims (key TEXT PRIMARY KEY, state TEXT NOT NULL, run_id TEXT NOT NULL, "
             "fence INTEGER NOT NULL, pipeline TEXT, claimed_at TEXT NOT NULL, "
             "heartbeat_at TEXT NOT NULL, lease_expires_at TEXT NOT NULL, finalized_at TEXT, "
-            "expires_at TEXT, dedup_on TEXT NOT NULL)"
+            f"expires_at TEXT, dedup_on TEXT NOT NULL) {layout}"
         )
 
     def cycle(self, key: str, n: int) -> None:
@@ -151,8 +206,42 @@ class SQLiteBench(BenchBackend):
         pragmas = " ".join(f"{k}={v}" for k, v in self._pragmas(ledger).items())
         return f"sqlite {sqlite3.sqlite_version} in {self.dir} ({pragmas})"
 
-    def baseline(self, ledger: Ledger, label: str) -> Baseline:
-        return SQLiteBaseline(self._path(label), self._pragmas(ledger))
+    def baselines(self, ledger: Ledger, label: str) -> dict[str, Baseline]:
+        pragmas = self._pragmas(ledger)
+        return {
+            "rowid table": SQLiteBaseline(self._path(f"{label}-rowid"), pragmas),
+            "WITHOUT ROWID": SQLiteBaseline(
+                self._path(f"{label}-without-rowid"), pragmas, "WITHOUT ROWID"
+            ),
+        }
+
+    def filesystem(self) -> str:
+        return describe_filesystem(self.dir)
+
+    def add_expired(self, url: str, rows: int, among: int, label: str) -> None:
+        """`rows` succeeded entries whose retention ended a day ago, spread over the key space."""
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        past = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        conn.executemany(
+            f"INSERT INTO {ENTRIES} (key, state, run_id, fence, claimed_at, heartbeat_at, "
+            "lease_expires_at, finalized_at, expires_at, dedup_on) "
+            "VALUES (?, 'succeeded', 'old-run', 1, ?, ?, ?, ?, ?, 'success')",
+            [
+                (f"job/{i * among // rows:08d}/expired-{label}", past, past, past, past, past)
+                for i in range(rows)
+            ],
+        )
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+
+    def scan_seconds(self, url: str) -> float:
+        """For scale: one read of every entry, what a sweep without an index would pay."""
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        start = time.perf_counter()
+        conn.execute(f"SELECT count(*) FROM {ENTRIES} WHERE expires_at <= ''").fetchall()
+        seconds = time.perf_counter() - start
+        conn.close()
+        return seconds
 
     def bulk_fill(self, url: str, rows: int) -> None:
         open_ledger(url).close()  # the schema, exactly as the ledger creates it
@@ -201,39 +290,52 @@ def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} us"
 
 
-def bench_cycle(backend: BenchBackend, keys: int, chunk: int) -> tuple[float, float]:
-    """Seconds per key of the raw baseline and of claim+finalize, measured in alternating chunks."""
+def bench_cycle(backend: BenchBackend, keys: int, chunk: int) -> tuple[dict[str, float], float]:
+    """Seconds per key of each raw baseline and of claim+finalize, measured in alternating
+    chunks (the baselines' order alternates too)."""
     ledger = open_ledger(backend.fresh_url("cycle"))
-    raw = backend.baseline(ledger, "baseline")
+    raws = backend.baselines(ledger, "baseline")
     print(f"store: {backend.describe(ledger)}")
-    spent = {"baseline": 0.0, "ledger": 0.0}
+    spent = dict.fromkeys(raws, 0.0)
+    spent_ledger = 0.0
     done = 0
     try:
         while done < keys:
             batch = [f"cycle/{done + i:08d}" for i in range(min(chunk, keys - done))]
-            start = time.perf_counter()
-            for n, key in enumerate(batch, done):
-                raw.cycle(key, n)
-            spent["baseline"] += time.perf_counter() - start
+            names = list(raws) if (done // chunk) % 2 == 0 else list(reversed(raws))
+            for name in names:
+                start = time.perf_counter()
+                for n, key in enumerate(batch, done):
+                    raws[name].cycle(key, n)
+                spent[name] += time.perf_counter() - start
             start = time.perf_counter()
             for key in batch:
                 claim = ledger.claim(key, "bench-run", pipeline="bench")
                 ledger.finalize(key, claim.fence or 0, Outcome.SUCCEEDED)
-            spent["ledger"] += time.perf_counter() - start
+            spent_ledger += time.perf_counter() - start
             done += len(batch)
     finally:
-        raw.close()
+        for raw in raws.values():
+            raw.close()
         ledger.close()
-    return spent["baseline"] / keys, spent["ledger"] / keys
+    return {name: t / keys for name, t in spent.items()}, spent_ledger / keys
 
 
 def bench_latency(
-    backend: BenchBackend, small: int, large: int, samples: int
-) -> dict[int, list[float]]:
-    """Per-claim latencies of new keys landing at random places among `small` / `large` rows."""
+    backend: BenchBackend,
+    small: int,
+    large: int,
+    samples: int,
+    expired: int = 100,
+    sweep_rounds: int = 5,
+) -> tuple[dict[int, list[float]], dict[int, float]]:
+    """Per-claim latencies of new keys landing at random places among `small` / `large` rows,
+    then the median seconds a sweep of `expired` entries (spread over the keys) takes among
+    each, over `sweep_rounds` rounds."""
     ledgers: dict[int, Ledger] = {}
+    urls: dict[int, str] = {}
     for rows in (small, large):
-        url = backend.fresh_url(f"rows-{rows}")
+        url = urls[rows] = backend.fresh_url(f"rows-{rows}")
         start = time.perf_counter()
         backend.bulk_fill(url, rows)
         print(f"filled {rows} rows (+{2 * rows} events) in {time.perf_counter() - start:.1f} s")
@@ -248,14 +350,29 @@ def bench_latency(
                 start = time.perf_counter()
                 ledgers[rows].claim(key, f"probe-run-{i}", pipeline="bench")
                 latencies[rows].append(time.perf_counter() - start)
+        spent: dict[int, list[float]] = {rows: [] for rows in ledgers}
+        for i in range(sweep_rounds):
+            for rows, ledger in ledgers.items():
+                backend.add_expired(urls[rows], expired, rows, f"{i}")
+                start = time.perf_counter()
+                swept = ledger.sweep()
+                spent[rows].append(time.perf_counter() - start)
+                assert swept == expired, f"sweep removed {swept} entries, expected {expired}"
+        for rows in ledgers:
+            scan = backend.scan_seconds(urls[rows])
+            print(f"for scale: one scan of all {rows} entries (no index) takes {_us(scan)}")
     finally:
         for ledger in ledgers.values():
             ledger.close()
-    return latencies
+    return latencies, {rows: statistics.median(values) for rows, values in spent.items()}
 
 
 def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+SMOKE = {"keys": 40, "chunk": 10, "small": 100, "large": 2_000, "samples": 40}
+"""--smoke: a handful of iterations, enough to prove every figure still runs."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -268,14 +385,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", type=int, default=1_000, help="rows in the small ledger")
     parser.add_argument("--large", type=int, default=1_000_000, help="rows in the large ledger")
     parser.add_argument("--samples", type=int, default=5_000, help="timed claims per ledger")
+    parser.add_argument("--smoke", action="store_true", help="a handful of iterations (CI)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
 
     backend = BACKENDS[args.backend](args)
     try:
-        baseline, cycle = bench_cycle(backend, args.keys, args.chunk)
-        print(f"baseline 2 raw write transactions/key: {_us(baseline)}/key over {args.keys} keys")
-        print(f"ledger claim+finalize cycle:           {_us(cycle)}/key over {args.keys} keys")
-        latencies = bench_latency(backend, args.small, args.large, args.samples)
+        filesystem = backend.filesystem()
+        if filesystem:
+            print(f"scratch file system: {filesystem}")
+        baselines, cycle = bench_cycle(backend, args.keys, args.chunk)
+        for name, seconds in baselines.items():
+            print(f"baseline 2 raw write transactions/key, {name}: {_us(seconds)}/key")
+        cheapest = min(baselines, key=lambda name: baselines[name])
+        baseline = baselines[cheapest]
+        print(f"baseline (the cheaper, {cheapest}):           {_us(baseline)}/key")
+        print(
+            f"ledger claim+finalize cycle:                  {_us(cycle)}/key over {args.keys} keys"
+        )
+        latencies, sweeps = bench_latency(backend, args.small, args.large, args.samples)
         p99 = {}
         for rows, values in latencies.items():
             p99[rows] = _pct(values, 99)
@@ -283,8 +412,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"claim latency with {rows} rows: p50 {_us(_pct(values, 50))}, "
                 f"p99 {_us(p99[rows])} over {len(values)} claims"
             )
+        for rows, seconds in sweeps.items():
+            print(f"sweep of 100 expired entries among {rows} rows: {_us(seconds)} (median of 5)")
+        label = "1M/1k" if (args.small, args.large) == (1_000, 1_000_000) else "large/small"
         print(f"ratio cycle/baseline = {cycle / baseline:.2f}")
-        print(f"ratio p99 1M/1k = {p99[args.large] / p99[args.small]:.2f}")
+        print(f"ratio p99 {label} = {p99[args.large] / p99[args.small]:.2f}")
+        print(f"ratio sweep {label} = {sweeps[args.large] / sweeps[args.small]:.2f}")
+        if args.smoke:
+            print("(smoke run: a handful of iterations; the ratios above mean nothing)")
     finally:
         backend.cleanup()
 

@@ -88,9 +88,15 @@ class Ledger(ABC):
 
     @abstractmethod
     def entries(
-        self, state: State | str | None = None, *, run_id: str | None = None, limit: int = 100
+        self,
+        state: State | str | None = None,
+        *,
+        run_id: str | None = None,
+        prefix: str | None = None,
+        limit: int = 100,
     ) -> list[Entry]:
-        """Entries newest claim first, optionally only one state and/or one run's."""
+        """Entries newest claim first, optionally only one state, one run's and/or the keys
+        starting with `prefix` (verbatim: no character of it is a wildcard)."""
 
     @abstractmethod
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
@@ -124,60 +130,72 @@ class Ledger(ABC):
         """Decide atomically if `run_id` may do `key`'s work (docs/contract.md "Claim decisions")."""
         key, run_id, pipeline, fingerprint = validate_claim(key, run_id, pipeline, fingerprint)
         with self.transaction() as tx:
-            while True:
-                existing = tx.load(key)
-                plan = decide(
-                    existing,
-                    now=tx.now,
-                    run_id=run_id,
-                    fingerprint=fingerprint,
-                    config=self.config,
-                    force=force,
-                )
-                if not plan.takes_key:
-                    assert existing is not None
-                    tx.log(plan.event, key, run_id, None, plan.detail)
-                    return Claim(
-                        key=key,
-                        run_id=run_id,
-                        decision=plan.decision,
-                        prior_run_id=plan.prior_run_id,
-                        held_by_run_id=plan.held_by_run_id,
-                        result=existing.result,
-                        lease_expires_at=existing.lease_expires_at
-                        if existing.state == State.IN_FLIGHT
-                        else None,
-                        expires_at=existing.expires_at,
-                    )
-                now = tx.now
-                entry = Entry(
-                    key=key,
-                    state=State.IN_FLIGHT,
-                    run_id=run_id,
-                    fence=tx.next_fence(),
-                    pipeline=pipeline,
-                    fingerprint=fingerprint,
-                    claimed_at=now,
-                    heartbeat_at=now,
-                    lease_expires_at=min(now + self.config.lease, now + self.config.in_flight_ttl),
-                    dedup_on=self.config.dedup_on.value,
-                    prior_run_id=plan.prior_run_id,
-                )
-                if existing is None:
-                    if not tx.insert(entry):
-                        continue  # another writer created the row first: decide again on it
-                else:
-                    tx.update(entry)
-                tx.log(plan.event, key, run_id, entry.fence, plan.detail)
+            return self._claim_locked(tx, key, run_id, pipeline, fingerprint, force)
+
+    def _claim_locked(
+        self,
+        tx: Transaction,
+        key: str,
+        run_id: str,
+        pipeline: str | None,
+        fingerprint: str | None,
+        force: bool,
+    ) -> Claim:
+        """A validated claim inside an open transaction: load the row, decide, write the plan."""
+        while True:
+            existing = tx.load(key)
+            plan = decide(
+                existing,
+                now=tx.now,
+                run_id=run_id,
+                fingerprint=fingerprint,
+                config=self.config,
+                force=force,
+            )
+            if not plan.takes_key:
+                assert existing is not None
+                tx.log(plan.event, key, run_id, None, plan.detail)
                 return Claim(
                     key=key,
                     run_id=run_id,
                     decision=plan.decision,
-                    fence=entry.fence,
                     prior_run_id=plan.prior_run_id,
-                    forced=plan.forced,
-                    lease_expires_at=entry.lease_expires_at,
+                    held_by_run_id=plan.held_by_run_id,
+                    result=existing.result,
+                    lease_expires_at=existing.lease_expires_at
+                    if existing.state == State.IN_FLIGHT
+                    else None,
+                    expires_at=existing.expires_at,
                 )
+            now = tx.now
+            entry = Entry(
+                key=key,
+                state=State.IN_FLIGHT,
+                run_id=run_id,
+                fence=tx.next_fence(),
+                pipeline=pipeline,
+                fingerprint=fingerprint,
+                claimed_at=now,
+                heartbeat_at=now,
+                lease_expires_at=min(now + self.config.lease, now + self.config.in_flight_ttl),
+                dedup_on=self.config.dedup_on.value,
+                prior_run_id=plan.prior_run_id,
+            )
+            if existing is None:
+                if not tx.insert(entry):
+                    continue  # another writer created the row first: decide again on it
+            else:
+                tx.update(entry)
+            tx.log(plan.event, key, run_id, entry.fence, plan.detail)
+            return Claim(
+                key=key,
+                run_id=run_id,
+                decision=plan.decision,
+                fence=entry.fence,
+                prior_run_id=plan.prior_run_id,
+                forced=plan.forced,
+                lease_expires_at=entry.lease_expires_at,
+            )
 
     def finalize(
         self,
@@ -190,40 +208,52 @@ class Ledger(ABC):
         """Compare-and-set the claim `fence` to its outcome; one-shot, never touches a newer claim."""
         key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
         with self.transaction() as tx:
-            row = tx.load(key)
-            if row is None:
-                tx.log(EventKind.LOST, key, None, fence, f"{outcome.value} reported, but no entry")
-                return FinalizeResult(
-                    key=key,
-                    fence=fence,
-                    outcome=outcome,
-                    applied=False,
-                    reason=FinalizeReason.NOT_FOUND,
-                )
-            if row.fence != fence:
-                tx.log(
-                    EventKind.LOST,
-                    key,
-                    None,
-                    fence,
-                    f"{outcome.value} discarded: fence {fence} was superseded by fence "
-                    f"{row.fence} of run {row.run_id}",
-                )
-                return _finalize_result(row, fence, outcome, FinalizeReason.STALE_FENCE)
-            if row.state != State.IN_FLIGHT:
-                return _finalize_result(row, fence, outcome, FinalizeReason.ALREADY_FINAL)
-            now = tx.now
-            final = row.model_copy(
-                update={
-                    "state": State(outcome.value),
-                    "finalized_at": now,
-                    "expires_at": now + self.config.retention,
-                    "result": None if encoded is None else result,
-                }
+            return self._finalize_locked(tx, key, fence, outcome, encoded, result)
+
+    def _finalize_locked(
+        self,
+        tx: Transaction,
+        key: str,
+        fence: int,
+        outcome: Outcome,
+        encoded: str | None,
+        result: dict[str, Any] | None,
+    ) -> FinalizeResult:
+        """A validated finalize inside an open transaction: compare-and-set under the row lock."""
+        row = tx.load(key)
+        if row is None:
+            tx.log(EventKind.LOST, key, None, fence, f"{outcome.value} reported, but no entry")
+            return FinalizeResult(
+                key=key,
+                fence=fence,
+                outcome=outcome,
+                applied=False,
+                reason=FinalizeReason.NOT_FOUND,
             )
-            tx.update(final)
-            tx.log(EventKind(outcome.value), key, row.run_id, fence, None)
-            return _finalize_result(final, fence, outcome, FinalizeReason.APPLIED)
+        if row.fence != fence:
+            tx.log(
+                EventKind.LOST,
+                key,
+                None,
+                fence,
+                f"{outcome.value} discarded: fence {fence} was superseded by fence "
+                f"{row.fence} of run {row.run_id}",
+            )
+            return _finalize_result(row, fence, outcome, FinalizeReason.STALE_FENCE)
+        if row.state != State.IN_FLIGHT:
+            return _finalize_result(row, fence, outcome, FinalizeReason.ALREADY_FINAL)
+        now = tx.now
+        final = row.model_copy(
+            update={
+                "state": State(outcome.value),
+                "finalized_at": now,
+                "expires_at": now + self.config.retention,
+                "result": None if encoded is None else result,
+            }
+        )
+        tx.update(final)
+        tx.log(EventKind(outcome.value), key, row.run_id, fence, None)
+        return _finalize_result(final, fence, outcome, FinalizeReason.APPLIED)
 
     def heartbeat(self, key: str, fence: int) -> bool:
         """Extend the lease of claim `fence`; False means the claim was lost and work must stop."""

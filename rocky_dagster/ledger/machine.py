@@ -1,13 +1,14 @@
 """The claim decision table (docs/contract.md, "Claim decisions") as one pure function.
 
 Backends lock the key's row, call `decide`, and write what it says, so every
-backend makes the same decision from the same row.
+backend makes the same decision from the same row. Their one-statement fast paths
+claim only a key with no row, writing `NEW_KEY` (what `decide(None, …)` returns).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from .config import DedupPolicy, LedgerConfig, MismatchPolicy
 from .errors import FingerprintMismatchError
@@ -121,3 +122,14 @@ def _check_fingerprint(existing: Entry, fingerprint: str | None, config: LedgerC
         raise FingerprintMismatchError(
             existing.key, existing.fingerprint, fingerprint, existing.run_id
         )
+
+
+NEW_KEY: Plan = decide(
+    None,
+    now=datetime(2000, 1, 1, tzinfo=UTC),
+    run_id="-",
+    fingerprint=None,
+    config=LedgerConfig(),
+)
+"""The decision for a key with no row (it depends on nothing else): the one case a backend's
+fast claim may take without loading a row; anything else goes through `decide`."""

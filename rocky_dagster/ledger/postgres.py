@@ -45,7 +45,7 @@ from .errors import (
     LedgerSchemaError,
     LedgerUnavailableError,
 )
-from .machine import decide
+from .machine import NEW_KEY
 from .model import (
     ENTRY_COLUMNS,
     TIME_COLUMNS,
@@ -63,8 +63,9 @@ from .model import (
     validate_fence,
     validate_key,
 )
+from .queries import Dialect, ReadQueries
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_SCHEMA = "rocky_ledger"
 ENTRIES = "rocky_ledger_entries"
 EVENTS = "rocky_ledger_events"
@@ -82,14 +83,6 @@ commit outcome always settles (see `_settle`)."""
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MICROSECOND = timedelta(microseconds=1)
-_NEW_CLAIM = decide(
-    None,
-    now=datetime(2000, 1, 1, tzinfo=UTC),
-    run_id="-",
-    fingerprint=None,
-    config=LedgerConfig(),
-)
-"""What the decision table says about a key with no row: the one case the fast claim handles."""
 
 
 T = TypeVar("T")
@@ -127,7 +120,8 @@ class _Sql:
         self.fences = f"{s}.{FENCES}"
         cols = ", ".join(ENTRY_COLUMNS)
         placeholders = ", ".join(f"%({c})s" for c in ENTRY_COLUMNS)
-        self.select = f"SELECT {cols} FROM {self.entries}"
+        self.reads = ReadQueries(Dialect("%s", binary=' COLLATE "C"'), self.entries, self.events)
+        self.select = self.reads.select_entry
         # The clock is read in the outer query, after the lateral subquery took the row lock,
         # so a claim that waited for the lock decides with the time it got it.
         self.load = (
@@ -208,11 +202,18 @@ class _Sql:
                 RETURNING key, run_id, fence, state
             ),
             gone AS (SELECT * FROM done UNION ALL SELECT * FROM abandoned),
+            -- events are appended in time order, so the old ones are a prefix in id order:
+            -- walking it from the first id costs what it deletes, with no index on `at`
             logged AS (
                 INSERT INTO {self.events} (key, kind, run_id, fence, at, detail)
                 SELECT key, 'swept', run_id, fence, %(now)s, state || ' entry expired' FROM gone
             ),
-            pruned AS (DELETE FROM {self.events} WHERE at < %(before)s)
+            pruned AS (
+                DELETE FROM {self.events}
+                WHERE at < %(before)s AND id < coalesce(
+                    (SELECT id FROM {self.events} WHERE at >= %(before)s ORDER BY id LIMIT 1),
+                    (SELECT max(id) + 1 FROM {self.events}))
+            )
             SELECT count(*) FROM gone"""
         self.stats = f"""
             SELECT count(*),
@@ -265,6 +266,27 @@ class _Sql:
             f"CREATE INDEX ON {self.events} (at)",
             f"INSERT INTO {self.meta} (name, value) VALUES ('schema_version', 1)",
         ]
+
+    def migrations(self) -> dict[int, list[str]]:
+        """Statements taking the schema from a version (the key) to the next; new schemas are
+        created as version 1 and migrated, so fresh and upgraded ledgers are the same.
+
+        Version 2 writes fewer index entries per claim+finalize (each is WAL to flush): one
+        partial index on in-flight rows (run_id, lease_expires_at) serves the reconcilers
+        (by run) and sweep of abandoned claims, instead of a lease index plus a run_id index
+        over every row; and sweep trims the event log as a prefix in id order (costs what it
+        deletes), so events need no index on `at`.
+        """
+        s = self.schema
+        return {
+            1: [
+                f"DROP INDEX IF EXISTS {s}.rocky_ledger_entries_lease_expires_at_idx",
+                f"DROP INDEX IF EXISTS {s}.rocky_ledger_entries_run_id_idx",
+                f"DROP INDEX IF EXISTS {s}.rocky_ledger_events_at_idx",
+                f"CREATE INDEX rocky_ledger_entries_in_flight ON {self.entries} "
+                "(run_id, lease_expires_at) WHERE state = 'in_flight'",
+            ],
+        }
 
 
 # --- URL --------------------------------------------------------------------------------------------
@@ -598,6 +620,17 @@ class PostgresLedger(Ledger):
                         if version is None:
                             for statement in self._sql.create_v1():
                                 conn.execute(statement)  # type: ignore[arg-type]
+                            version = 1
+                        migrations = self._sql.migrations()
+                        while version < SCHEMA_VERSION:
+                            for statement in migrations[version]:
+                                conn.execute(statement)  # type: ignore[arg-type]
+                            version += 1
+                        conn.execute(
+                            f"UPDATE {self._sql.meta} SET value = %s "  # type: ignore[arg-type]
+                            "WHERE name = 'schema_version'",
+                            (version,),
+                        )
                 finally:
                     conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock_key,))
         except psycopg.OperationalError as exc:
@@ -743,8 +776,8 @@ class PostgresLedger(Ledger):
             "lease_us": self._claim_lease_us,
             "dedup_on": self.config.dedup_on.value,
             "token": token,
-            "kind": _NEW_CLAIM.event.value,
-            "detail": _NEW_CLAIM.detail,
+            "kind": NEW_KEY.event.value,
+            "detail": NEW_KEY.detail,
         }
         with self._connection() as conn:
             try:
@@ -761,7 +794,7 @@ class PostgresLedger(Ledger):
         return Claim(
             key=key,
             run_id=run_id,
-            decision=_NEW_CLAIM.decision,
+            decision=NEW_KEY.decision,
             fence=int(row[0]),
             lease_expires_at=_utc(row[1]),
         )
@@ -878,37 +911,24 @@ class PostgresLedger(Ledger):
     # --- reads and housekeeping ---------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
-        rows = self._read(f"{self._sql.select} WHERE key = %s", (key,))
+        rows = self._read(*self._sql.reads.get(key))
         return _entry(rows[0]) if rows else None
 
     def entries(
-        self, state: State | str | None = None, *, run_id: str | None = None, limit: int = 100
+        self,
+        state: State | str | None = None,
+        *,
+        run_id: str | None = None,
+        prefix: str | None = None,
+        limit: int = 100,
     ) -> list[Entry]:
-        where, params = [], []
-        if state is not None:
-            where.append("state = %s")
-            params.append(State(state).value)
-        if run_id is not None:
-            where.append("run_id = %s")
-            params.append(run_id)
-        sql = self._sql.select + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY claimed_at DESC, fence DESC LIMIT %s"
-        return [_entry(r) for r in self._read(sql, (*params, int(limit)))]
+        sql, params = self._sql.reads.entries(state, run_id=run_id, prefix=prefix, limit=limit)
+        return [_entry(r) for r in self._read(sql, params)]
 
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
-        cols = "id, key, kind, run_id, fence, at, detail"
-        if limit is None:
-            sql = f"SELECT {cols} FROM {self._sql.events} WHERE key = %s ORDER BY id"
-            params: tuple[Any, ...] = (key,)
-        else:
-            sql = (
-                f"SELECT * FROM (SELECT {cols} FROM {self._sql.events} WHERE key = %s "
-                "ORDER BY id DESC LIMIT %s) AS last ORDER BY id"
-            )
-            params = (key, int(limit))
         return [
             Event(id=r[0], key=r[1], kind=r[2], run_id=r[3], fence=r[4], at=_utc(r[5]), detail=r[6])
-            for r in self._read(sql, params)
+            for r in self._read(*self._sql.reads.history(key, limit=limit))
         ]
 
     def stats(self) -> Stats:

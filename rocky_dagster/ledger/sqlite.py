@@ -6,9 +6,12 @@ processes; the busy timeout makes contenders wait instead of failing.
 `synchronous=FULL` because a success record must survive a power cut.
 
 Every commit fsyncs the pages it dirtied, so the layout keeps that number low: entries
-in one key-ordered B-tree (WITHOUT ROWID), two small indexes, UPDATEs of changed columns
-only, and no fence counter of its own (fences are event ids, see `next_fence`). A
-claim+finalize cycle writes ~9 pages; `benchmarks/ledger_bench.py` measures the cost.
+in one key-ordered B-tree (WITHOUT ROWID), one index serving both reconcilers and sweep,
+and no fence counter of its own (fences are event ids, see `next_fence`). The hot path is
+one statement each (plus its event): a claim of a key with no row is an insert-if-absent,
+a finalize of a live claim a compare-and-set UPDATE; anything else falls back, under the
+same write lock, to the decision table. A claim+finalize cycle writes ~10 WAL frames;
+`benchmarks/ledger_bench.py` measures the cost.
 """
 
 from __future__ import annotations
@@ -22,25 +25,31 @@ import time
 import weakref
 from collections.abc import Callable
 from contextlib import suppress
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .backend import Clock, Ledger
+from .backend import Clock, Ledger, validate_claim, validate_finalize
 from .config import LedgerConfig
 from .errors import LedgerConfigError, LedgerSchemaError, LedgerUnavailableError
+from .machine import NEW_KEY
 from .model import (
     ENTRY_COLUMNS,
+    Claim,
     Entry,
     Event,
     EventKind,
+    FinalizeReason,
+    FinalizeResult,
+    Outcome,
     State,
     Stats,
     decode_result,
     encode_result,
 )
+from .queries import Dialect, ReadQueries
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ENTRIES = "rocky_ledger_entries"
 EVENTS = "rocky_ledger_events"
 META = "rocky_ledger_meta"
@@ -48,7 +57,6 @@ BUSY_TIMEOUT_SECONDS = 30.0
 WRITABLE_RECHECK_SECONDS = 1.0
 WAL_AUTOCHECKPOINT_PAGES = 4000
 
-_SELECT_ENTRY = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM {ENTRIES}"
 # insert-if-absent (the protocol's `insert` reports a conflict) and a plain UPDATE: an
 # INSERT OR REPLACE would delete and re-insert the row, rewriting every index.
 _INSERT_ENTRY = (
@@ -62,6 +70,42 @@ def _update_sql(columns: tuple[str, ...]) -> str:
     """UPDATE of the given columns by key (one text per column set, so statements are cached)."""
     return f"UPDATE {ENTRIES} SET {', '.join(f'{c} = ?' for c in columns)} WHERE key = ?"
 
+
+HOLDER = "(CASE WHEN state = 'in_flight' THEN run_id END)"
+"""The run holding an in-flight row, NULL for a terminal one: the first column of the `due`
+index. Queries that should use the index spell it exactly so (SQLite matches expressions)."""
+
+_QUERIES = ReadQueries(Dialect("?", holder=HOLDER), ENTRIES, EVENTS)
+_SELECT_ENTRY = _QUERIES.select_entry
+
+_FAST_CLAIM = f"""
+    INSERT INTO {ENTRIES} (key, state, run_id, fence, pipeline, fingerprint, claimed_at,
+        heartbeat_at, lease_expires_at, dedup_on)
+    SELECT ?1, 'in_flight', ?2,
+        max(coalesce((SELECT max(id) FROM {EVENTS}), 0),
+            (SELECT value FROM {META} WHERE name = 'last_fence')) + 1,
+        ?3, ?4, ?5, ?5, ?6, ?7
+    WHERE true
+    ON CONFLICT (key) DO NOTHING
+    RETURNING fence"""
+"""A claim of a key with no row, its fence computed in place (see `next_fence`); no row back
+means the key has one, and the claim goes through the decision table."""
+_FAST_FINALIZE = (
+    f"UPDATE {ENTRIES} SET state = ?, finalized_at = ?, expires_at = ?, result = ? "
+    "WHERE key = ? AND fence = ? AND state = 'in_flight' RETURNING run_id"
+)
+"""Compare-and-set of the live claim `fence`; no row back sends the finalize to the generic path,
+which finds out why under the same write lock."""
+_INSERT_EVENT_AS = (
+    f"INSERT INTO {EVENTS} (id, key, kind, run_id, fence, at, detail) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+_SWEEP_DOOMED = f"""
+    SELECT key, run_id, fence, state FROM {ENTRIES} WHERE {HOLDER} IS NULL AND expires_at <= ?
+    UNION ALL
+    SELECT key, run_id, fence, state FROM {ENTRIES} WHERE {HOLDER} >= '' AND lease_expires_at <= ?"""
+"""Terminal rows past retention and claims abandoned for a retention period, both found through
+the `due` index (a range of it each), so a sweep costs what it deletes, not the ledger's size."""
 
 _FENCE_TOP = (
     f"SELECT max(coalesce((SELECT max(id) FROM {EVENTS}), 0), "
@@ -175,7 +219,7 @@ class _SQLiteTransaction:
     def __init__(self, conn: sqlite3.Connection, now: datetime) -> None:
         self.conn = conn
         self.now = now
-        self._now_text = _ts(now)
+        self.now_text = _ts(now)
         self._stored: dict[str, Entry] = {}
         """The rows as loaded or written in this transaction, so `update` writes only changes."""
         self._fence = 0
@@ -229,9 +273,15 @@ class _SQLiteTransaction:
         self, kind: EventKind, key: str, run_id: str | None, fence: int | None, detail: str | None
     ) -> None:
         cursor = self.conn.execute(
-            _INSERT_EVENT, (key, kind.value, run_id, fence, self._now_text, detail)
+            _INSERT_EVENT, (key, kind.value, run_id, fence, self.now_text, detail)
         )
         self._last_event_id = cursor.lastrowid or 0
+
+    def log_claim(self, fence: int, kind: EventKind, key: str, run_id: str, detail: str) -> None:
+        """Log the event of a claim the fast path made: its id is the fence (see `next_fence`)."""
+        self.conn.execute(
+            _INSERT_EVENT_AS, (fence, key, kind.value, run_id, fence, self.now_text, detail)
+        )
 
     def seal(self) -> None:
         """Before commit: a fence handed out with no event after it still must never recur."""
@@ -378,9 +428,12 @@ class SQLiteLedger(Ledger):
         self._check_writable()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if self._schema_version(conn) is None:
+            current = self._schema_version(conn)
+            if current is None:
                 self._refuse_foreign_tables(conn)
                 _create_schema(conn)
+            elif current < SCHEMA_VERSION:
+                _migrate(conn, current)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -460,38 +513,113 @@ class SQLiteLedger(Ledger):
     def now(self) -> datetime:
         return self._now(_utcnow)
 
+    # --- the hot path: one write statement (and its event) each ----------------------------------
+
+    @functools.cached_property
+    def _claim_lease(self) -> timedelta:
+        return min(self.config.lease, self.config.in_flight_ttl)
+
+    @functools.cached_property
+    def _dedup_on(self) -> str:
+        return self.config.dedup_on.value
+
+    def claim(
+        self,
+        key: str,
+        run_id: str,
+        *,
+        pipeline: str | None = None,
+        fingerprint: str | None = None,
+        force: bool = False,
+    ) -> Claim:
+        """As `Ledger.claim`; a key with no row is claimed by one insert-if-absent.
+
+        The insert and the decision table's fallback run under one write lock, so a key that
+        has a row (the only case the insert does not take) is decided by `decide` as ever.
+        """
+        key, run_id, pipeline, fingerprint = validate_claim(key, run_id, pipeline, fingerprint)
+        with self.transaction() as tx:
+            lease_expires_at = tx.now + self._claim_lease
+            conn = tx.conn
+            row = conn.execute(
+                _FAST_CLAIM,
+                (
+                    key,
+                    run_id,
+                    pipeline,
+                    fingerprint,
+                    tx.now_text,
+                    _ts(lease_expires_at),
+                    self._dedup_on,
+                ),
+            ).fetchone()
+            if row is None:
+                return self._claim_locked(tx, key, run_id, pipeline, fingerprint, force)
+            (fence,) = row
+            tx.log_claim(fence, NEW_KEY.event, key, run_id, NEW_KEY.detail)
+        return Claim(
+            key=key,
+            run_id=run_id,
+            decision=NEW_KEY.decision,
+            fence=fence,
+            lease_expires_at=lease_expires_at,
+        )
+
+    def finalize(
+        self,
+        key: str,
+        fence: int,
+        outcome: Outcome | str,
+        *,
+        result: dict[str, Any] | None = None,
+    ) -> FinalizeResult:
+        """As `Ledger.finalize`; a live claim is finalized by one compare-and-set UPDATE."""
+        key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
+        with self.transaction() as tx:
+            expires_at = tx.now + self.config.retention
+            row = tx.conn.execute(
+                _FAST_FINALIZE,
+                (outcome.value, tx.now_text, _ts(expires_at), encoded, key, fence),
+            ).fetchone()
+            if row is None:
+                return self._finalize_locked(tx, key, fence, outcome, encoded, result)
+            (holder,) = row
+            tx.log(EventKind(outcome.value), key, holder, fence, None)
+        return FinalizeResult(
+            key=key,
+            fence=fence,
+            outcome=outcome,
+            applied=True,
+            reason=FinalizeReason.APPLIED,
+            state=State(outcome.value),
+            run_id=holder,
+            expires_at=expires_at,
+        )
+
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             conn = self._connection()
             return self._guard(lambda: conn.execute(sql, params).fetchall())
 
     def get(self, key: str) -> Entry | None:
-        rows = self._read(f"{_SELECT_ENTRY} WHERE key = ?", (key,))
+        rows = self._read(*_QUERIES.get(key))
         return _entry(rows[0]) if rows else None
 
     def entries(
-        self, state: State | str | None = None, *, run_id: str | None = None, limit: int = 100
+        self,
+        state: State | str | None = None,
+        *,
+        run_id: str | None = None,
+        prefix: str | None = None,
+        limit: int = 100,
     ) -> list[Entry]:
-        where, params = [], []
-        if state is not None:
-            where.append("state = ?")
-            params.append(State(state).value)
-        if run_id is not None:
-            where.append("run_id = ?")
-            params.append(run_id)
-        sql = _SELECT_ENTRY + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY claimed_at DESC, fence DESC LIMIT ?"
-        return [_entry(r) for r in self._read(sql, (*params, int(limit)))]
+        sql, params = _QUERIES.entries(state, run_id=run_id, prefix=prefix, limit=limit)
+        return [_entry(r) for r in self._read(sql, params)]
 
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
-        sql = f"SELECT id, key, kind, run_id, fence, at, detail FROM {EVENTS} WHERE key = ? ORDER BY id"
-        params: tuple[Any, ...] = (key,)
-        if limit is not None:
-            sql = f"SELECT * FROM ({sql.replace('ORDER BY id', 'ORDER BY id DESC')} LIMIT ?) ORDER BY id"
-            params = (key, int(limit))
         return [
             Event(id=r[0], key=r[1], kind=r[2], run_id=r[3], fence=r[4], at=_dt(r[5]), detail=r[6])
-            for r in self._read(sql, params)
+            for r in self._read(*_QUERIES.history(key, limit=limit))
         ]
 
     def stats(self) -> Stats:
@@ -522,14 +650,7 @@ class SQLiteLedger(Ledger):
     def _sweep(self, now: datetime, abandoned_before: datetime) -> int:
         with self.transaction() as tx:
             conn = tx.conn
-            doomed = conn.execute(
-                f"""SELECT key, run_id, fence, state FROM {ENTRIES}
-                    WHERE state != 'in_flight' AND expires_at <= ?
-                    UNION ALL
-                    SELECT key, run_id, fence, state FROM {ENTRIES}
-                    WHERE state = 'in_flight' AND lease_expires_at <= ?""",
-                (_ts(now), _ts(abandoned_before)),
-            ).fetchall()
+            doomed = conn.execute(_SWEEP_DOOMED, (_ts(now), _ts(abandoned_before))).fetchall()
             conn.executemany(f"DELETE FROM {ENTRIES} WHERE key = ?", [(d[0],) for d in doomed])
             conn.executemany(
                 _INSERT_EVENT,
@@ -588,8 +709,7 @@ CREATE TABLE IF NOT EXISTS {EVENTS} (
     detail TEXT
 );
 CREATE TABLE IF NOT EXISTS {META} (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS {ENTRIES}_expiry ON {ENTRIES} (expires_at) WHERE state != 'in_flight';
-CREATE INDEX IF NOT EXISTS {ENTRIES}_in_flight ON {ENTRIES} (run_id) WHERE state = 'in_flight';
+CREATE INDEX IF NOT EXISTS {ENTRIES}_due ON {ENTRIES} ({HOLDER}, expires_at);
 CREATE INDEX IF NOT EXISTS {EVENTS}_key_id ON {EVENTS} (key, id);
 INSERT OR REPLACE INTO {META} (name, value) VALUES ('schema_version', {SCHEMA_VERSION});
 INSERT OR REPLACE INTO {META} (name, value) VALUES ('last_fence', 0);
@@ -600,14 +720,38 @@ def _create_schema(conn: sqlite3.Connection) -> None:
     """Few indexes, because each one is a page every claim or finalize writes and fsyncs.
 
     Entries are keyed by their text key (WITHOUT ROWID: one B-tree, not a table plus an
-    index): claim, finalize and heartbeat go by key. `expiry` serves sweep of terminal rows
-    (costs what it deletes). In-flight rows are few (one per running step), so one partial
-    index on them serves the run-status reconcilers (by run), stale counts and sweep of
-    abandoned claims; a heartbeat touches no index. `(key, id)` serves history.
+    index): claim, finalize and heartbeat go by key. One index, `due`, on (`HOLDER`,
+    expires_at) serves both the run-status reconcilers (in-flight rows by run) and sweep
+    (terminal rows by expiry; costs what it deletes). Its NULL-holder group (terminal rows)
+    ends with the newest expiries, right before the few in-flight rows, so the finalize
+    that moves a row from one group to the other dirties one index page, not two (schema
+    version 1 had two partial indexes). A heartbeat touches no index. `(key, id)` serves
+    history.
     """
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
+
+
+_MIGRATIONS = {
+    1: (
+        f"DROP INDEX IF EXISTS {ENTRIES}_expiry",
+        f"DROP INDEX IF EXISTS {ENTRIES}_in_flight",
+        f"CREATE INDEX IF NOT EXISTS {ENTRIES}_due ON {ENTRIES} ({HOLDER}, expires_at)",
+    ),
+}
+"""Statements taking a ledger file from the version (the key) to the next one; data is
+never rewritten, only indexes, so a migration is quick and keeps every row and event."""
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a ledger file written by an older rocky_dagster up to `SCHEMA_VERSION`, in the
+    caller's write transaction (all or nothing)."""
+    while version < SCHEMA_VERSION:
+        for statement in _MIGRATIONS[version]:
+            conn.execute(statement)
+        version += 1
+    conn.execute(f"UPDATE {META} SET value = ? WHERE name = 'schema_version'", (version,))
 
 
 _OPEN_LEDGERS: weakref.WeakSet[SQLiteLedger] = weakref.WeakSet()

@@ -26,6 +26,7 @@ from rocky_dagster.ledger import (
     EventKind,
     FinalizeReason,
     FingerprintMismatchError,
+    InvalidArgumentError,
     Ledger,
     LedgerConfig,
     Outcome,
@@ -739,6 +740,82 @@ def test_entries_list_newest_claim_first_filtered_by_state_and_run(
     assert [e.key for e in ledger.entries(run_id="r1")] == ["done", "k2", "k0"]
     assert [e.key for e in ledger.entries(State.IN_FLIGHT, run_id="r2")] == ["k3", "k1"]
     assert ledger.entries(State.FAILED) == []
+
+
+PREFIX_KEYS = [
+    "daily/2024-01-01/a",
+    "daily/2024-01-02/b",
+    "daily",
+    "daily0",
+    "dailyZ",
+    "Daily/upper",
+    "d%ily/pct",
+    "d_ily/underscore",
+    "d\\ily/backslash",
+    "p\U0010ffff",
+    "p\U0010ffffq",
+    "q",
+    "s\ud7ff",
+    "s\ud7ffx",
+    "s\ue000",
+    "é/1",
+    "éa",
+]
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["daily/", "daily", "d%", "d_", "d\\", "d", "p", "p\U0010ffff", "s\ud7ff", "é", "é/", "zz"],
+)
+def test_entries_by_prefix_are_exactly_the_keys_starting_with_it(ledger: Ledger, prefix: str):
+    """Verbatim, case-sensitive, by code point: `%`, `_` and `\\` are no wildcards."""
+    for key in PREFIX_KEYS:
+        claim_and_finish(ledger, key, "run-1", Outcome.SUCCEEDED)
+
+    found = [e.key for e in ledger.entries(prefix=prefix, limit=100)]
+    assert sorted(found) == sorted(k for k in PREFIX_KEYS if k.startswith(prefix))
+
+
+def test_entries_by_prefix_combine_with_state_run_and_limit(ledger: Ledger, clock: FakeClock):
+    for i, run in enumerate(["r1", "r2", "r1"]):
+        ledger.claim(f"daily/{i}", run)
+        ledger.claim(f"weekly/{i}", run)
+        clock.advance(seconds=1)
+    claim_and_finish(ledger, "daily/done", "r1", Outcome.SUCCEEDED)
+
+    assert [e.key for e in ledger.entries(prefix="daily/")] == [
+        "daily/done",
+        "daily/2",
+        "daily/1",
+        "daily/0",
+    ]
+    assert [e.key for e in ledger.entries(prefix="daily/", limit=2)] == ["daily/done", "daily/2"]
+    assert [e.key for e in ledger.entries(State.IN_FLIGHT, run_id="r1", prefix="daily/")] == [
+        "daily/2",
+        "daily/0",
+    ]
+    assert [e.key for e in ledger.entries(run_id="r1", prefix="weekly/")] == [
+        "weekly/2",
+        "weekly/0",
+    ]
+    assert ledger.entries(State.SUCCEEDED, prefix="weekly/") == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prefix": ""}, "prefix"),
+        ({"prefix": "a\nb"}, "prefix"),
+        ({"prefix": 7}, "prefix"),
+        ({"run_id": ""}, "run_id"),
+        ({"limit": -1}, "limit"),
+        ({"limit": "10"}, "limit"),
+        ({"state": "done"}, "state"),
+    ],
+)
+def test_entries_refuse_bad_filters_naming_the_argument(ledger: Ledger, kwargs, field: str):
+    with pytest.raises(InvalidArgumentError, match=field):
+        ledger.entries(**kwargs)
 
 
 def test_keys_are_stored_verbatim(ledger: Ledger):

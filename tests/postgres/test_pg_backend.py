@@ -32,7 +32,7 @@ from rocky_dagster.ledger import (
     State,
     open_ledger,
 )
-from rocky_dagster.ledger.postgres import DEFAULT_SCHEMA, SCHEMA_VERSION, PostgresLedger
+from rocky_dagster.ledger.postgres import DEFAULT_SCHEMA, SCHEMA_VERSION, PostgresLedger, _Sql
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -131,6 +131,66 @@ def test_newer_schema_version_is_refused(postgres_url):
         )
     with pytest.raises(LedgerSchemaError, match="version 99"):
         open_ledger(postgres_url)
+
+
+def _indexes(url: str, schema: str) -> set[str]:
+    with psycopg.connect(url.split("?")[0]) as conn:
+        rows = conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,)
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+V2_INDEXES = {
+    "rocky_ledger_entries_pkey",
+    "rocky_ledger_entries_expires_at_idx",
+    "rocky_ledger_entries_in_flight",
+    "rocky_ledger_events_pkey",
+    "rocky_ledger_events_key_id_idx",
+    "rocky_ledger_meta_pkey",
+}
+
+
+def test_a_version_1_schema_is_migrated_in_place_and_keeps_every_row(postgres_url):
+    schema = _schema(postgres_url)
+    sql = _Sql(schema)
+    clock = Clock()
+    with psycopg.connect(postgres_url.split("?")[0], autocommit=True) as conn:
+        for statement in sql.create_v1():  # exactly what rocky_dagster wrote as version 1
+            conn.execute(statement)
+        conn.execute(
+            f"INSERT INTO {sql.entries} (key, state, run_id, fence, claimed_at, heartbeat_at, "
+            "lease_expires_at, finalized_at, expires_at, dedup_on, result) VALUES "
+            "('done', 'succeeded', 'run-0', 1, %(t)s, %(t)s, %(t)s, %(t)s, %(later)s, 'success', "
+            "'{\"rows\": 3}'), ('old', 'succeeded', 'run-0', 2, %(t)s, %(t)s, %(t)s, %(t)s, %(t)s, "
+            "'success', NULL), ('live', 'in_flight', 'run-1', 3, %(t)s, %(t)s, %(later)s, NULL, "
+            "NULL, 'success', NULL)",
+            {"t": clock.now - timedelta(days=40), "later": clock.now + timedelta(minutes=1)},
+        )
+        conn.execute(f"SELECT setval('{sql.fences}', 3)")
+    assert "rocky_ledger_events_at_idx" in _indexes(postgres_url, schema)
+
+    with open_ledger(postgres_url, clock=clock) as ledger:
+        assert _indexes(postgres_url, schema) == V2_INDEXES
+        skip = ledger.claim("done", "run-2")
+        assert (skip.decision, skip.result) == (Decision.SKIPPED_COMPLETED, {"rows": 3})
+        assert [e.key for e in ledger.entries(State.IN_FLIGHT, run_id="run-1")] == ["live"]
+        fresh = ledger.claim("new", "run-2")
+        assert fresh.fence is not None and fresh.fence > 3
+        assert ledger.finalize("live", 3, Outcome.SUCCEEDED).applied
+        assert ledger.sweep() == 1  # the expired success
+        assert ledger.get("old") is None and ledger.get("done") is not None
+    with psycopg.connect(postgres_url.split("?")[0]) as conn:
+        (version,) = conn.execute(
+            f"SELECT value FROM {sql.meta} WHERE name = 'schema_version'"
+        ).fetchone()
+    assert version == SCHEMA_VERSION == 2
+
+
+def test_a_new_schema_has_the_migrated_layout(postgres_url):
+    with open_ledger(postgres_url) as ledger:
+        ledger.claim("k", "run-1")
+    assert _indexes(postgres_url, _schema(postgres_url)) == V2_INDEXES
 
 
 def test_a_foreign_meta_table_is_refused(postgres_url):

@@ -1,0 +1,143 @@
+"""The SQLite ledger's layout: files written by an older rocky_dagster keep working (migrated
+in place), and the queries that must stay cheap on a large ledger go through an index."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+from ledger_helpers import CLOCK_START, CONFIG, RETENTION, FakeClock
+
+from rocky_dagster.ledger import Decision, Outcome, State, open_ledger
+from rocky_dagster.ledger.sqlite import _QUERIES, _SWEEP_DOOMED, ENTRIES, SCHEMA_VERSION
+
+# Schema version 1 exactly as rocky_dagster wrote it (two partial indexes on the entries).
+_V1 = """
+CREATE TABLE rocky_ledger_entries (
+    key TEXT NOT NULL PRIMARY KEY, state TEXT NOT NULL, run_id TEXT NOT NULL,
+    fence INTEGER NOT NULL, pipeline TEXT, fingerprint TEXT, claimed_at TEXT NOT NULL,
+    heartbeat_at TEXT NOT NULL, lease_expires_at TEXT NOT NULL, finalized_at TEXT,
+    expires_at TEXT, dedup_on TEXT NOT NULL, result TEXT, prior_run_id TEXT
+) WITHOUT ROWID;
+CREATE TABLE rocky_ledger_events (
+    id INTEGER PRIMARY KEY, key TEXT NOT NULL, kind TEXT NOT NULL, run_id TEXT,
+    fence INTEGER, at TEXT NOT NULL, detail TEXT
+);
+CREATE TABLE rocky_ledger_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX rocky_ledger_entries_expiry ON rocky_ledger_entries (expires_at)
+    WHERE state != 'in_flight';
+CREATE INDEX rocky_ledger_entries_in_flight ON rocky_ledger_entries (run_id)
+    WHERE state = 'in_flight';
+CREATE INDEX rocky_ledger_events_key_id ON rocky_ledger_events (key, id);
+INSERT INTO rocky_ledger_meta (name, value) VALUES ('schema_version', 1);
+INSERT INTO rocky_ledger_meta (name, value) VALUES ('last_fence', 0);
+"""
+
+
+def _ts(delta: timedelta) -> str:
+    return (CLOCK_START + delta).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _write_v1_ledger(path: Path) -> None:
+    """A version-1 file with a live success, an expired success and run-1's in-flight claim."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(_V1)
+    rows = [
+        ("done", "succeeded", "run-0", 1, _ts(-timedelta(hours=1)), _ts(RETENTION), '{"rows":3}'),
+        ("old", "succeeded", "run-0", 3, _ts(-RETENTION * 2), _ts(-RETENTION), None),
+        ("live", "in_flight", "run-1", 5, _ts(-timedelta(seconds=1)), None, None),
+    ]
+    for key, state, run_id, fence, claimed, expires, result in rows:
+        lease = _ts(timedelta(seconds=59))
+        finalized = None if expires is None else claimed
+        conn.execute(
+            f"INSERT INTO {ENTRIES} VALUES (?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?, 'success', ?, "
+            "NULL)",
+            (key, state, run_id, fence, claimed, claimed, lease, finalized, expires, result),
+        )
+        conn.execute(
+            "INSERT INTO rocky_ledger_events (id, key, kind, run_id, fence, at) "
+            "VALUES (?, ?, 'claimed', ?, ?, ?)",
+            (fence, key, run_id, fence, claimed),
+        )
+    conn.close()
+
+
+def _indexes(path: Path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {
+            name
+            for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+            )
+        }
+    finally:
+        conn.close()
+
+
+def test_a_version_1_file_is_migrated_in_place_and_keeps_every_row(tmp_path: Path):
+    path = tmp_path / "ledger.db"
+    _write_v1_ledger(path)
+    clock = FakeClock()
+    ledger = open_ledger(f"sqlite:///{path}", CONFIG, clock=clock)
+    try:
+        assert _indexes(path) == {"rocky_ledger_entries_due", "rocky_ledger_events_key_id"}
+        conn = sqlite3.connect(path)
+        assert conn.execute(
+            "SELECT value FROM rocky_ledger_meta WHERE name = 'schema_version'"
+        ).fetchone() == (SCHEMA_VERSION,)
+        conn.close()
+
+        skip = ledger.claim("done", "run-2")
+        assert (skip.decision, skip.prior_run_id, skip.result) == (
+            Decision.SKIPPED_COMPLETED,
+            "run-0",
+            {"rows": 3},
+        )
+        assert [e.key for e in ledger.entries(State.IN_FLIGHT, run_id="run-1")] == ["live"]
+        assert ledger.claim("live", "run-2").decision == Decision.SKIPPED_IN_FLIGHT
+        fresh = ledger.claim("new", "run-2")
+        assert fresh.fence is not None and fresh.fence > 5  # fences never go back
+        assert ledger.finalize("live", 5, Outcome.SUCCEEDED).applied
+        assert ledger.sweep() == 1  # the expired success, found through the new index
+        assert ledger.get("old") is None and ledger.get("done") is not None
+    finally:
+        ledger.close()
+    # a second opener finds the file current and changes nothing
+    open_ledger(f"sqlite:///{path}").close()
+    assert _indexes(path) == {"rocky_ledger_entries_due", "rocky_ledger_events_key_id"}
+
+
+def _plan(path: Path, sql: str, params: tuple[object, ...]) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return " | ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+    finally:
+        conn.close()
+
+
+def test_sweep_and_the_reconcilers_query_search_an_index_not_the_table(tmp_path: Path):
+    """Both cost what they find, however many finished entries the ledger holds."""
+    path = tmp_path / "ledger.db"
+    with open_ledger(f"sqlite:///{path}", CONFIG, clock=FakeClock()) as ledger:
+        for n in range(50):
+            claim = ledger.claim(f"k{n}", f"run-{n % 3}")
+            assert claim.fence is not None
+            if n % 5:
+                ledger.finalize(f"k{n}", claim.fence, Outcome.SUCCEEDED)
+        now = _ts(timedelta(0))
+        sweep = _plan(path, _SWEEP_DOOMED, (now, now))
+        assert sweep.count("USING INDEX rocky_ledger_entries_due") == 2, sweep
+        assert "SCAN" not in sweep, sweep
+        # what entries(State.IN_FLIGHT, run_id=…) runs for the run-status reconcilers
+        by_run = _plan(path, *_QUERIES.entries(State.IN_FLIGHT, run_id="run-1"))
+        assert "USING INDEX rocky_ledger_entries_due" in by_run, by_run
+        # a key prefix walks the primary key
+        by_prefix = _plan(path, *_QUERIES.entries(prefix="k1"))
+        assert "USING PRIMARY KEY (key>? AND key<?)" in by_prefix, by_prefix
+        assert [e.key for e in ledger.entries(State.IN_FLIGHT, run_id="run-1")] == [
+            f"k{n}" for n in (40, 25, 10)
+        ]

@@ -20,7 +20,7 @@ import dagster as dg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..keys import KEY_TAG
-from ..pipelines import PipelineConfig, PipelineConfigError, pipeline_from_dict
+from ..pipelines import PipelineConfig, PipelineConfigError, PipelineError, pipeline_from_dict
 from ..pipelines.registry import PIPELINE_TYPES
 from .ledger import LedgerSettings, shared_ledger_defs
 
@@ -250,15 +250,20 @@ class PipelinesComponent(dg.Component, dg.Resolvable, dg.Model):
         for index, entry in enumerate(self.pipelines):
             pipeline, options = _parse_entry(entry, folder, index)
             name = options.name or f"{pipeline.pipeline_type}_{index}"
-            built = pipeline_assets(
-                pipeline,
-                name=name,
-                key_prefix=options.key_prefix or None,
-                group_name=options.group_name,
-                partitions_def=options.partitions.build() if options.partitions else None,
-                automation_condition=options.automation_condition,
-                key_fn=key_fn,
-            )
+            try:
+                built = pipeline_assets(
+                    pipeline,
+                    name=name,
+                    key_prefix=options.key_prefix or None,
+                    group_name=options.group_name,
+                    partitions_def=options.partitions.build() if options.partitions else None,
+                    automation_condition=options.automation_condition,
+                    key_fn=key_fn,
+                )
+            except (ValueError, PipelineError) as exc:
+                raise PipelineConfigError(
+                    f"pipelines[{index}] ({pipeline.pipeline_type}): {exc}"
+                ) from None
             assets.extend(built)
             job = dg.define_asset_job(f"{name}_job", selection=_selection(built))
             jobs.append(job)

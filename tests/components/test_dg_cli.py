@@ -59,6 +59,7 @@ def _dg(project: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "ROCKY_LEDGER_URL")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["NO_COLOR"] = "1"
+    env["PYTHONPATH"] = str(project / "src")  # an installed project would not need it
     done = subprocess.run(
         [DG, *args], cwd=project, env=env, capture_output=True, text=True, timeout=300
     )
@@ -73,6 +74,19 @@ def test_dg_lists_the_components_with_their_summaries(tmp_path: Path) -> None:
     ours = {item["key"]: item["summary"] for item in items if item["key"].startswith("rocky_")}
     assert "rocky_dagster.IdempotencyLedgerComponent" in ours
     assert "ledger" in ours["rocky_dagster.IdempotencyLedgerComponent"]
+    assert "pipelines" in ours["rocky_dagster.PipelinesComponent"]
+
+
+def test_scaffolded_pipelines_pass_dg_check_and_show_their_assets(tmp_path: Path) -> None:
+    defs_dir = _project(tmp_path)
+    _dg(tmp_path, "scaffold", "defs", "rocky_dagster.PipelinesComponent", "my_pipelines")
+    written = (defs_dir / "my_pipelines" / "defs.yaml").read_text()
+    assert written.startswith("type: rocky_dagster.PipelinesComponent")
+    _dg(tmp_path, "check", "yaml")
+    _dg(tmp_path, "check", "defs")
+    listed = _dg(tmp_path, "list", "defs", "--json").stdout
+    assets = {item["asset_key"] for item in json.loads(listed)["assets"]}
+    assert {"orders", "customer_totals"} <= assets
 
 
 def test_scaffolded_ledger_passes_dg_check_yaml_and_defs(tmp_path: Path) -> None:

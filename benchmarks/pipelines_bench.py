@@ -173,11 +173,59 @@ def bench_replication(
     )
 
 
+ASSET_TARGET = 1.05
+
+
+def bench_asset_path(tmp: Path, rows: int, repeat: int) -> tuple[float, float]:
+    """The same load through `pipeline_assets` (materialize) and through `load_op` (a job),
+    guarded by one SQLite ledger, in process; a fresh warehouse and key per run. Returns
+    (op seconds, asset seconds), each the best of `repeat`."""
+    import uuid
+
+    from dagster import DagsterInstance, job, materialize
+
+    from rocky_dagster import IdempotencyLedger, load_op, pipeline_assets
+
+    drops = tmp / "asset_drops"
+    drops.mkdir()
+    write_csv(drops / "rows.csv", rows)
+    warehouse = tmp / "asset_wh.db"
+    config = LoadPipeline(
+        warehouse=str(warehouse), directory=str(drops), table="t", create_table=True
+    )
+    ledger = IdempotencyLedger(url=f"sqlite:///{tmp / 'asset_ledger.db'}")
+    op_def = load_op(config, name="load_rows")
+
+    @job(resource_defs={"ledger": ledger})
+    def load_job() -> None:
+        op_def()
+
+    assets = pipeline_assets(config, name="load_rows_asset")
+    instance = DagsterInstance.ephemeral()
+    quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+
+    def via_op() -> None:
+        fresh(warehouse)
+        tags = {"rocky/idempotency_key": uuid.uuid4().hex}
+        assert load_job.execute_in_process(instance=instance, tags=tags, run_config=quiet).success
+
+    def via_asset() -> None:
+        fresh(warehouse)
+        tags = {"rocky/idempotency_key": uuid.uuid4().hex}
+        result = materialize(
+            assets, instance=instance, tags=tags, resources={"ledger": ledger}, run_config=quiet
+        )
+        assert result.success
+
+    return best_of(repeat, via_op, via_asset)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--changed", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--asset-rows", type=int, default=200_000, help="rows of the asset path")
     parser.add_argument("--check", action="store_true", help="exit 1 if a ratio is below target")
     parser.add_argument(
         "--smoke",
@@ -187,10 +235,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.rows, args.changed, args.repeat = SMOKE_ROWS, SMOKE_CHANGED, SMOKE_REPEAT
+        args.asset_rows = SMOKE_ROWS
     with tempfile.TemporaryDirectory(prefix="rocky-bench-") as name:
         tmp = Path(name)
         load = bench_load(tmp, args.rows, args.repeat)
         (initial, delta) = bench_replication(tmp, args.rows, args.changed, args.repeat)
+        op_s, asset_s = bench_asset_path(tmp, args.asset_rows, args.repeat)
     steps = [
         (f"load CSV, {args.rows:,} rows", args.rows, load),
         (f"replicate incremental, initial {args.rows:,} rows", args.rows, initial),
@@ -211,6 +261,16 @@ def main() -> int:
             verdict = "smoke: not judged"
         print(f"{label:<46}{rows / pipe_s:>17,.0f}{rows / base_s:>17,.0f}{ratio:>7.2f}x  {verdict}")
         print(f"{'':<46}{f'({pipe_s:.3f} s)':>17}{f'({base_s:.3f} s)':>17}")
+    ratio = asset_s / op_s
+    verdict = (
+        "smoke: not judged" if args.smoke else "ok" if ratio <= ASSET_TARGET else "ABOVE TARGET"
+    )
+    print(
+        f"\nthe same guarded load of {args.asset_rows:,} rows through pipeline_assets vs load_op "
+        f"(in process, best of {args.repeat}): op {op_s:.3f} s, asset {asset_s:.3f} s"
+    )
+    print(f"ratio asset/op = {ratio:.3f}  (target <= {ASSET_TARGET})  {verdict}")
+    below |= ratio > ASSET_TARGET
     return 1 if below and args.check and not args.smoke else 0
 
 

@@ -11,7 +11,9 @@ The base key is ``inputs:<digest>:code:<code version>`` (the ledger key appends 
 and the asset key); the digest covers, per upstream asset,
 its latest data version (``dagster/data_version`` of its latest materialization of the same
 partition) or, when it carries none, that materialization's storage id; an upstream asset never
-materialized counts as ``none``.
+materialized counts as ``none``. An asset with no upstream asset has no inputs to key on: the
+run's own key (tag, run_key, partition) applies, as without a key_fn. For an asset check the
+input is the asset it checks: the check runs again once that asset changed.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 DATA_VERSION_TAG = "dagster/data_version"
 
 
-def input_versions_key(context: Any, asset_key: AssetKey | None = None) -> str:
-    """The base key of `asset_key` (default: the context's asset) for this run's inputs.
+def input_versions_key(context: Any, asset_key: AssetKey | None = None) -> str | None:
+    """The base key of `asset_key` (default: the context's asset) for this run's inputs;
+    None (no opinion: the run's key applies) for an asset with no upstream asset.
 
     Examples:
         .. code-block:: python
@@ -37,10 +40,15 @@ def input_versions_key(context: Any, asset_key: AssetKey | None = None) -> str:
                 ...  # recomputed only when `orders` was materialized again or the code changed
     """
     key = asset_key or context.asset_key
-    assets_def = context.assets_def
-    code_version = assets_def.code_versions_by_key.get(key) or "-"
     partition = context.partition_key if context.has_partition_key else None
-    upstream = sorted(assets_def.asset_deps.get(key, ()), key=lambda k: k.to_user_string())
+    assets_def = getattr(context, "assets_def", None)
+    if assets_def is None:  # an asset check: its one input is the asset it checks
+        code_version, upstream = "-", [key]
+    else:
+        code_version = assets_def.code_versions_by_key.get(key) or "-"
+        upstream = sorted(assets_def.asset_deps.get(key, ()), key=lambda k: k.to_user_string())
+    if not upstream:
+        return None
     parts = [
         f"{dep.to_user_string()}={_latest_version(context.instance, dep, partition)}"
         for dep in upstream

@@ -84,10 +84,14 @@ class AssetsGuard(StepGuard):
         key_fn: AssetKeyFn | None = None,
         fingerprint: str | None = None,
         pipeline: str | None = None,
+        key_fn_subjects: Mapping[AssetKey, AssetKey] | None = None,
     ) -> None:
+        """`key_fn_subjects`: the asset a claim's `key_fn` is asked about, when the claim is
+        not an asset's own (an asset check's claim asks about the asset it checks)."""
         super().__init__(context, resource, fingerprint=fingerprint, pipeline=pipeline)
         self.asset_keys = list(asset_keys)
         self.asset_key_fn = key_fn
+        self.key_fn_subjects = dict(key_fn_subjects or {})
         self.by_asset: dict[AssetKey, KeyClaim] = {}
 
     def claim(self) -> Claim | None:
@@ -99,7 +103,8 @@ class AssetsGuard(StepGuard):
         unguarded: list[str] = []
         for asset_key in self.asset_keys:
             name = asset_key.to_user_string()
-            user_key = _call_key_fn(key_fn, self.context, asset_key) if key_fn else None
+            subject = self.key_fn_subjects.get(asset_key, asset_key)
+            user_key = _call_key_fn(key_fn, self.context, subject) if key_fn else None
             try:
                 resolved = resolve_key(
                     tags, name, user_key=user_key, partition=partition, asset_key=name

@@ -210,6 +210,7 @@ def _quality_checks(
             key_fn=key_fn,
             fingerprint=fingerprint,
             pipeline="quality",
+            key_fn_subjects={claim_keys[k]: k.asset_key for k in selected},
         )
         try:
             with guard.lifecycle():

@@ -21,6 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MAIN_EXAMPLE_SECTION = "Using it in Dagster"
+ASSETS_SECTION = "Using it with assets"
+YAML_SECTION = "In YAML, for `dg`"
 LEAKY_ENV = ("DAGSTER_HOME", "ROCKY_LEDGER_URL", "ROCKY_EXAMPLE_DATA_DIR")
 
 _FENCE = re.compile(r"^```(?P<lang>[\w-]*)[^\n]*\n(?P<code>.*?)^```[ \t]*$", re.M | re.S)
@@ -89,6 +91,10 @@ def test_python_block_runs_as_written_in_an_empty_directory(block: Block, tmp_pa
         assert (tmp_path / "published.txt").read_text().splitlines() == ["published 2 payments"]
         second = [line for line in done.stdout.splitlines() if line.startswith("run 2:")]
         assert second and "'replayed': True" in second[0], done.stdout
+    if block.section == ASSETS_SECTION:
+        # two runs with one key: the model materialized once, the warehouse built once
+        assert "after run 2: revenue materialized 1 time(s)" in done.stdout, done.stdout
+        assert "[('ada', 9.5), ('grace', 12.0)]" in done.stdout, done.stdout
 
 
 def test_the_main_example_is_a_whole_program_not_a_fragment():
@@ -101,6 +107,36 @@ def test_the_main_example_is_a_whole_program_not_a_fragment():
 @pytest.mark.parametrize("block", FRAGMENTS, ids=str)
 def test_fragment_compiles(block: Block):
     compile(block.code, str(block), "exec")
+
+
+def test_the_defs_yaml_block_loads_and_its_pipelines_run(tmp_path: Path) -> None:
+    """The YAML block, as written, in a defs folder beside the drops and models it names."""
+    [block] = [b for b in readme_blocks(TEXT, "yaml") if b.section == YAML_SECTION]
+    script = f"""
+from pathlib import Path
+import dagster as dg
+from dagster.components.testing import create_defs_folder_sandbox
+with create_defs_folder_sandbox() as sandbox:
+    folder = sandbox.defs_folder_path / "warehouse"
+    (folder / "drops").mkdir(parents=True)
+    (folder / "drops" / "orders.csv").write_text("id,customer,amount\\n1,ada,2\\n")
+    (folder / "models").mkdir()
+    (folder / "models" / "revenue.sql").write_text("SELECT customer FROM orders")
+    (folder / "defs.yaml").write_text({block.code!r})
+    with sandbox.load_component_and_build_defs(defs_path=folder) as (_, defs):
+        job = defs.get_repository_def().get_job("load_orders_job")
+        result = job.execute_in_process(
+            instance=dg.DagsterInstance.ephemeral(), tags={{"rocky/idempotency_key": "k"}}
+        )
+        assert result.success
+        print(sorted(k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()))
+"""
+    env = {**clean_env(), "ROCKY_LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "['orders', 'revenue']" in done.stdout, done.stdout
 
 
 def test_every_python_block_is_either_run_or_compiled():

@@ -1,40 +1,40 @@
-"""What guarding costs a Dagster run: the same job of N trivial ops, plain vs guarded.
+"""What guarding costs a Dagster run: the same job, plain vs guarded, in three scenarios.
 
-All jobs run with ``execute_in_process`` on one instance, in alternating order so background
-noise lands on every side, each run under a fresh key (so every guarded op claims, heartbeats
-and stamps its success: the full path, never a cheap skip). The guarded job is a `ledger_job`
-(ledger hooks attached) on a real SQLite ledger file (WAL, ``synchronous=FULL``).
+    python benchmarks/dagster_overhead.py                           # trivial + sleeping ops
+    python benchmarks/dagster_overhead.py --executor multiprocess   # 5 ops, one process each
+    python benchmarks/dagster_overhead.py --smoke                   # a few runs of all three (CI)
 
-    python benchmarks/dagster_overhead.py [--ops 20] [--pairs 15] [--persistent] [--dir DIR]
+Scenarios (each prints ``ratio guarded/plain = X.XX`` and its target):
 
-Prints per-run medians of wall-clock and CPU time and ``ratio guarded/plain = X.XX`` (the target
-is <= 1.10 at 20 ops). Two reference jobs split the overhead into what the requirements make
-unavoidable and what the layer adds on top:
+- **trivial**: 20 ops returning a small dict, in-process executor, in-memory instance: the
+  layer's cost laid bare (target <= 1.25). Two reference jobs explain the figure: "floor" is
+  the plain job plus the two durable commits any durable ledger needs per op (the claim before
+  the work, the stamp after it: bare SQLite ``BEGIN IMMEDIATE`` / ``INSERT`` / ``COMMIT`` with
+  ``synchronous=FULL`` beside the ledger), and "guarded + hooks" attaches the ledger's
+  optional backstop hook (what ``ledger_job`` no longer does by default).
+- **sleeping**: the same 20 ops each sleeping 50 ms, on a persistent (SQLite) instance: a job
+  whose ops do some work (target <= 1.03).
+- **multiprocess** (``--executor multiprocess``): 5 trivial ops, each in its own process (the
+  default executor), persistent instance (target <= 1.02).
 
-- "plain + UI writes" does what the layer asks of Dagster per op without a ledger: one decision
-  log line, one run-tag write (``instance.add_run_tags``), the ledger hook attached (one hook
-  event per step).
-- "floor" adds to that the two durable commits a durable ledger needs per op (the claim before
-  the work, the stamp after it) as bare SQLite ``BEGIN IMMEDIATE`` / ``INSERT`` / ``COMMIT``
-  transactions with ``synchronous=FULL`` in the ledger's directory: the cheapest any
-  implementation meeting the requirements could be, on this machine and disk.
-
-CPU time (``time.process_time``: this process, all threads) does not count the time waiting for
-fsync, and neither does it count the time other processes take the CPU away: on a shared
-machine it is the steadier measure of the Python work, and wall time minus CPU time shows what
-the disk costs. ``--persistent`` uses a SQLite-backed instance in a temp DAGSTER_HOME instead of
-the in-memory one (a slower Dagster, so a smaller ratio); ``--dir`` puts the ledger elsewhere
-(``/dev/shm`` shows the ledger without fsync costs).
+Jobs run alternately (noise lands on every side), each run under a fresh key, so every guarded
+op claims, heartbeats and stamps: the full path, never a cheap skip. The ledger is a real SQLite
+file (WAL, ``synchronous=FULL``) in a temp directory (``--dir`` elsewhere: ``/dev/shm`` shows
+the ledger without fsync costs). Medians of wall-clock time are compared; CPU time (this
+process's threads) is printed beside them, since it does not count fsync waits or time the
+CPU is taken away by other processes on a shared machine.
 """
 
 import argparse
 import os
 import sqlite3
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,32 +42,24 @@ from dagster import (
     DagsterInstance,
     JobDefinition,
     OpExecutionContext,
+    build_reconstructable_job,
+    execute_job,
     in_process_executor,
     job,
+    multiprocess_executor,
     op,
 )
 
 from rocky_dagster import IdempotencyLedger, idempotent_op, ledger_hooks, ledger_job
-from rocky_dagster.keys import KEY_TAG, decision_tag
+from rocky_dagster.keys import KEY_TAG
 
+HERE = Path(__file__).resolve().parent
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-NAMES = {
+LABELS = {
     "plain": "plain",
-    "plain_ui": "plain + UI writes",
-    "floor": "floor (+2 fsynced commits)",
+    "floor": "floor (+2 fsynced commits/op)",
     "guarded": "guarded",
-}
-SPLIT_NAMES = {
-    "tag_only": "plain + run tag",
-    "log_only": "plain + log line",
-    "hook_only": "plain + hook",
-}
-NOTES = {
-    "plain_ui": "log line, run tag, hook event",
-    "floor": "+ 2 durable commits per op",
-    "tag_only": "one instance.add_run_tags per op",
-    "log_only": "one context.log.info per op",
-    "hook_only": "ledger hook attached (one hook event per op)",
+    "hooked": "guarded + hooks",
 }
 
 
@@ -87,170 +79,176 @@ class DurableCommits:
             self.conn.execute("INSERT OR REPLACE INTO stamps VALUES (?, ?)", (key, state))
             self.conn.execute("COMMIT")
 
-    def close(self) -> None:
-        self.conn.close()
+
+_COMMITS: dict[str, DurableCommits] = {}
 
 
-def build_jobs(
-    n: int, ledger_url: str, commits: DurableCommits, split: bool = False
-) -> dict[str, JobDefinition]:
-    """The same graph several times: N independent ops returning a small summary."""
+def bench_job(kind: str, ops: int, sleep: float, ledger_url: str, multiprocess: bool) -> Any:
+    """One benchmark job (module level, so step processes can rebuild it by name)."""
 
     def body(context: OpExecutionContext) -> dict[str, int]:
-        return {"rows": 1}
-
-    def ui_writes(context: OpExecutionContext) -> str:
-        step = context.get_step_execution_context().step.key
-        context.instance.add_run_tags(context.run_id, {decision_tag(step): "proceed"})
-        context.log.info(f"decision for {step}: proceed")
-        return step
-
-    def ui_body(context: OpExecutionContext) -> dict[str, int]:
-        ui_writes(context)
-        return {"rows": 1}
-
-    def tag_body(context: OpExecutionContext) -> dict[str, int]:
-        step = context.get_step_execution_context().step.key
-        context.instance.add_run_tags(context.run_id, {decision_tag(step): "proceed"})
-        return {"rows": 1}
-
-    def log_body(context: OpExecutionContext) -> dict[str, int]:
-        context.log.info(f"decision for {context.get_step_execution_context().step.key}: proceed")
+        if sleep:
+            time.sleep(sleep)
         return {"rows": 1}
 
     def floor_body(context: OpExecutionContext) -> dict[str, int]:
-        key = f"{context.run_id}/{context.get_step_execution_context().step.key}"
+        commits = _COMMITS.setdefault(ledger_url, DurableCommits(_floor_path(ledger_url)))
+        key = f"{context.run_id}/{context.op.name}"
         commits.commit(key, "in_flight")
-        ui_writes(context)
+        result = body(context)
         commits.commit(key, "succeeded")
-        return {"rows": 1}
+        return result
 
-    def compose(ops: list[Any]) -> Callable[[], None]:
-        def graph() -> None:
-            for each in ops:
-                each()
+    def graph(steps: list[Any]) -> Callable[[], None]:
+        def compose() -> None:
+            for step in steps:
+                step()
 
-        return graph
+        return compose
 
-    def plain_job(name: str, fn: Callable[..., Any], hooks: bool) -> JobDefinition:
-        ops = [op(name=f"step_{i}")(fn) for i in range(n)]
-        return job(
-            name=name,
-            executor_def=in_process_executor,
-            hooks=set(ledger_hooks) if hooks else None,
-        )(compose(ops))
-
-    guarded = ledger_job(
-        compose([idempotent_op(name=f"step_{i}")(body) for i in range(n)]),
-        name="guarded",
+    executor = multiprocess_executor if multiprocess else in_process_executor
+    if kind in ("plain", "floor"):
+        fn = floor_body if kind == "floor" else body
+        steps = [op(name=f"step_{i}")(fn) for i in range(ops)]
+        return job(name=kind, executor_def=executor)(graph(steps))
+    steps = [idempotent_op(name=f"step_{i}")(body) for i in range(ops)]
+    return ledger_job(
+        graph(steps),
+        name=kind,
         ledger=IdempotencyLedger(url=ledger_url),
-        executor_def=in_process_executor,
+        executor_def=executor,
+        hooks=ledger_hooks if kind == "hooked" else None,
     )
-    jobs = {
-        "plain": plain_job("plain", body, hooks=False),
-        "plain_ui": plain_job("plain_ui", ui_body, hooks=True),
-        "floor": plain_job("floor", floor_body, hooks=True),
-        "guarded": guarded,
+
+
+def _floor_path(ledger_url: str) -> Path:
+    return Path(ledger_url.removeprefix("sqlite:///")).with_name("floor.db")
+
+
+@dataclass
+class Scenario:
+    name: str
+    ops: int
+    sleep: float
+    persistent: bool
+    multiprocess: bool
+    kinds: tuple[str, ...]
+    target: float
+
+
+SCENARIOS = {
+    "trivial": Scenario(
+        "trivial", 20, 0.0, False, False, ("plain", "floor", "guarded", "hooked"), 1.25
+    ),
+    "sleeping": Scenario("sleeping", 20, 0.05, True, False, ("plain", "guarded"), 1.03),
+    "multiprocess": Scenario("multiprocess", 5, 0.0, True, True, ("plain", "guarded"), 1.02),
+}
+
+
+def run_scenario(scenario: Scenario, pairs: int, warmup: int, scratch: Path) -> float:
+    ledger_url = f"sqlite:///{scratch / 'ledger.db'}"
+    if scenario.persistent:
+        home = scratch / "dagster_home"
+        home.mkdir(exist_ok=True)
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        os.environ["DAGSTER_HOME"] = str(home)
+        instance = DagsterInstance.get()
+    else:
+        instance = DagsterInstance.ephemeral()
+    counter = iter(range(10**9))
+    args = {
+        "ops": scenario.ops,
+        "sleep": scenario.sleep,
+        "ledger_url": ledger_url,
+        "multiprocess": scenario.multiprocess,
     }
-    if split:
-        jobs["tag_only"] = plain_job("tag_only", tag_body, hooks=False)
-        jobs["log_only"] = plain_job("log_only", log_body, hooks=False)
-        jobs["hook_only"] = plain_job("hook_only", body, hooks=True)
-    return jobs
 
+    def launcher(kind: str) -> Callable[[], Any]:
+        tags_for = lambda: {KEY_TAG: f"bench-{next(counter)}"}  # noqa: E731
+        if scenario.multiprocess:
+            recon = build_reconstructable_job(
+                "dagster_overhead",
+                "bench_job",
+                reconstructable_kwargs={"kind": kind, **args},
+                reconstructor_working_directory=str(HERE),
+            )
+            return lambda: execute_job(recon, instance=instance, tags=tags_for(), run_config=QUIET)
+        built: JobDefinition = bench_job(kind, **args)
+        return lambda: built.execute_in_process(
+            instance=instance, tags=tags_for(), run_config=QUIET
+        )
 
-def timed(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one run."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    if not result.success:
-        raise SystemExit("a benchmark run failed")
-    return wall, cpu
+    launchers = {kind: launcher(kind) for kind in scenario.kinds}
+    walls: dict[str, list[float]] = {k: [] for k in scenario.kinds}
+    cpus: dict[str, list[float]] = {k: [] for k in scenario.kinds}
+    order = list(scenario.kinds)
+    for i in range(warmup + pairs):
+        for kind in order if i % 2 == 0 else order[::-1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = launchers[kind]()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if not result.success:
+                raise SystemExit(f"a {kind} benchmark run failed")
+            if i >= warmup:
+                walls[kind].append(wall)
+                cpus[kind].append(cpu)
+    if scenario.persistent:
+        instance.dispose()
+
+    w = {k: statistics.median(v) for k, v in walls.items()}
+    c = {k: statistics.median(v) for k, v in cpus.items()}
+    where = "persistent (SQLite)" if scenario.persistent else "in-memory"
+    executor = "multiprocess" if scenario.multiprocess else "in-process"
+    sleep = f", ops sleep {scenario.sleep * 1000:g} ms" if scenario.sleep else ""
+    print(
+        f"[{scenario.name}] {scenario.ops} ops{sleep}, {executor} executor, {where} instance, "
+        f"{pairs} alternating rounds"
+    )
+    print(f"  {'ms/run (median)':32s} {'wall':>9s} {'cpu':>9s}   per op vs plain (wall)")
+    for kind in scenario.kinds:
+        line = f"  {LABELS[kind]:32s} {w[kind] * 1000:9.1f} {c[kind] * 1000:9.1f}"
+        if kind != "plain":
+            line += f"   {(w[kind] - w['plain']) * 1000 / scenario.ops:+.2f} ms/op"
+        print(line)
+    if "floor" in w:
+        print(f"  ratio floor/plain = {w['floor'] / w['plain']:.2f} (the disk's share: no layer)")
+    if "hooked" in w:
+        print(f"  ratio (guarded + hooks)/plain = {w['hooked'] / w['plain']:.2f}")
+    ratio = w["guarded"] / w["plain"]
+    print(
+        f"  ratio guarded/plain = {ratio:.2f} (target <= {scenario.target:.2f}; "
+        f"median cpu {c['guarded'] / c['plain']:.2f})"
+    )
+    return ratio
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--ops", type=int, default=20)
-    parser.add_argument("--pairs", type=int, default=15, help="rounds of alternating runs")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--persistent", action="store_true")
-    parser.add_argument("--dir", help="directory for the ledger (default: a temp dir)")
+    parser.add_argument("--executor", choices=["in_process", "multiprocess"], default="in_process")
     parser.add_argument(
-        "--split",
-        action="store_true",
-        help="also time each required Dagster write on its own (run tag, log line, hook)",
+        "--pairs", type=int, help="rounds of alternating runs (default per scenario)"
     )
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="a few runs of every scenario (CI)")
+    parser.add_argument("--dir", help="directory for the ledger (default: a temp dir)")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="rocky-dagster-bench-", dir=args.dir) as scratch:
-        ledger_url = f"sqlite:///{Path(scratch) / 'ledger.db'}"
-        if args.persistent:
-            home = Path(scratch) / "dagster_home"
-            home.mkdir()
-            (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-            os.environ["DAGSTER_HOME"] = str(home)
-            instance = DagsterInstance.get()
-        else:
-            instance = DagsterInstance.ephemeral()
-        commits = DurableCommits(Path(scratch) / "floor.db")
-        jobs = build_jobs(args.ops, ledger_url, commits, split=args.split)
-        counter = iter(range(10**9))
-
-        def run(job_def: JobDefinition) -> Any:
-            # every job gets a fresh key tag: only the guarded job reads it (and then proceeds)
-            return job_def.execute_in_process(
-                instance=instance, tags={KEY_TAG: f"bench-{next(counter)}"}, run_config=QUIET
-            )
-
-        order = list(jobs.values())
-        for _ in range(args.warmup):
-            for job_def in order:
-                timed(lambda job_def=job_def: run(job_def))
-        walls: dict[str, list[float]] = {name: [] for name in jobs}
-        cpus: dict[str, list[float]] = {name: [] for name in jobs}
-        for i in range(args.pairs):
-            for job_def in order if i % 2 == 0 else order[::-1]:
-                wall, cpu = timed(lambda job_def=job_def: run(job_def))
-                walls[job_def.name].append(wall)
-                cpus[job_def.name].append(cpu)
-        commits.close()
-
-    w = {name: statistics.median(v) for name, v in walls.items()}
-    c = {name: statistics.median(v) for name, v in cpus.items()}
-    m = {name: min(v) for name, v in walls.items()}
-    kind = "persistent (SQLite) instance" if args.persistent else "in-memory instance"
-    print(f"{args.ops} ops, {args.pairs} alternating rounds, {kind}, ledger on {scratch}")
-    per_op = 1000 / args.ops
-    print(
-        f"{'ms/run':27s} {'median wall':>11s} {'median cpu':>10s} {'min wall':>9s}"
-        "   median per op vs plain (wall / cpu)"
-    )
-    for name, label in {**NAMES, **(SPLIT_NAMES if args.split else {})}.items():
-        line = f"{label:27s} {w[name] * 1000:11.1f} {c[name] * 1000:10.1f} {m[name] * 1000:9.1f}"
-        if name != "plain":
-            line += (
-                f"   {(w[name] - w['plain']) * per_op:+.2f} / {(c[name] - c['plain']) * per_op:+.2f}"
-                f" ms/op  {NOTES.get(name, '')}"
-            )
-        print(line)
-    print(
-        f"the layer's own share (guarded - floor): {(w['guarded'] - w['floor']) * per_op:+.2f} "
-        f"ms/op wall, {(c['guarded'] - c['floor']) * per_op:+.2f} ms/op cpu, "
-        f"{(m['guarded'] - m['floor']) * per_op:+.2f} ms/op min wall"
-    )
-
-    def ratio(label: str, a: str, b: str) -> None:
-        print(
-            f"ratio {label} = {w[a] / w[b]:.2f} (median cpu {c[a] / c[b]:.2f}, "
-            f"min wall {m[a] / m[b]:.2f})"
-        )
-
-    ratio("floor/plain", "floor", "plain")
-    ratio("guarded/floor", "guarded", "floor")
-    ratio("guarded/(plain + UI writes)", "guarded", "plain_ui")
-    ratio("guarded/plain", "guarded", "plain")
+    if args.smoke:
+        plan = [(SCENARIOS[name], 1, 0) for name in ("trivial", "sleeping", "multiprocess")]
+    elif args.executor == "multiprocess":
+        plan = [(SCENARIOS["multiprocess"], args.pairs or 5, args.warmup)]
+    else:
+        plan = [
+            (SCENARIOS["trivial"], args.pairs or 15, args.warmup),
+            (SCENARIOS["sleeping"], args.pairs or 8, args.warmup),
+        ]
+    for scenario, pairs, warmup in plan:
+        with tempfile.TemporaryDirectory(prefix="rocky-dagster-bench-", dir=args.dir) as scratch:
+            run_scenario(scenario, pairs, warmup, Path(scratch))
+    if args.smoke:
+        print("smoke: every scenario ran (figures from so few runs are not meaningful)")
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))  # step processes import this file as `dagster_overhead`
     main()

@@ -26,7 +26,7 @@ single assets hold one; a multi-asset guard holds one per selected asset.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any
@@ -154,10 +154,13 @@ class StepGuard:
         fingerprint: str | None = None,
         pipeline: str | None = None,
         asset_key: str | None = None,
+        asset_keys: Sequence[str] | None = None,
         skip_event: bool = False,
     ) -> None:
-        """`skip_event`: the step yields nothing when it skips (an asset-check op), so every skip
-        is reported as a step engine event carrying its metadata."""
+        """`asset_key`: the single asset the step materializes (its partition may key it).
+        `asset_keys`: a multi-asset's selected assets, one claim each, keyed
+        ``<base>/<asset key>``. `skip_event`: the step yields nothing when it skips (an
+        asset-check op), so every skip is reported as a step engine event with its metadata."""
         if not isinstance(resource, IdempotencyLedger):
             raise Failure(
                 description=(
@@ -173,6 +176,7 @@ class StepGuard:
         self.fingerprint = fingerprint
         self.pipeline = pipeline
         self.asset_key = asset_key
+        self.asset_keys = list(asset_keys) if asset_keys else None
         self.skip_event = skip_event
         self.run_id: str = self.op_ctx.run_id
         self.step_key: str = _compat.step_key(self.op_ctx)
@@ -224,36 +228,51 @@ class StepGuard:
     # --- claim -------------------------------------------------------------------------------
 
     def claim(self) -> Claim | None:
-        """Resolve the key and claim it; None when the step has no key and runs unguarded."""
+        """Resolve the key(s) and claim; returns the (first) claim, None when unguarded."""
         tags = tags_with_inherited_key(self.op_ctx)
-        resolved = resolve_step_key(
-            self.context,
-            self.op_ctx,
-            self.step_key,
-            tags,
-            key_fn=self.key_fn,
-            asset_key=self.asset_key,
-        )
-        held = KeyClaim(resolved, asset_key=self.asset_key)
-        self.claims.append(held)
-        if not resolved.guarded:
-            self.op_ctx.log.warning(unguarded_message(self.step_key, asset=bool(self.asset_key)))
-            RUN_TAGS.note(self.op_ctx, self.run_id, UNGUARDED)
-            return None
-        self._claim_key(held, force=is_forced(tags))
-        # the base goes on the run (and so on its retries) only when it names the whole run: an
-        # op's own key_fn names that op's work, an asset partition that asset's
-        run_wide = resolved.source in (KeySource.TAG, KeySource.RUN_KEY) or (
-            resolved.source == KeySource.KEY_FN and self.key_fn is None
-        )
-        assert held.claim is not None
-        RUN_TAGS.note(
-            self.op_ctx,
-            self.run_id,
-            held.claim.decision.value,
-            {KEY_TAG: str(resolved.base)} if run_wide else None,
-        )
-        return held.claim
+        force = is_forced(tags)
+        units: list[str | None] = list(self.asset_keys) if self.asset_keys else [self.asset_key]
+        for unit in units:
+            resolved = resolve_step_key(
+                self.context,
+                self.op_ctx,
+                unit if self.asset_keys else self.step_key,
+                tags,
+                key_fn=self.key_fn,
+                asset_key=unit,
+            )
+            held = KeyClaim(resolved, asset_key=unit)
+            self.claims.append(held)
+            if not resolved.guarded:
+                self.op_ctx.log.warning(unguarded_message(self.step_key, asset=unit is not None))
+                RUN_TAGS.note(self.op_ctx, self.run_id, UNGUARDED)
+                continue
+            self._claim_key(held, force=force)
+            # the base goes on the run (and so on its retries) only when it names the whole
+            # run: an op's own key_fn names that op's work, an asset partition that asset's
+            run_wide = resolved.source in (KeySource.TAG, KeySource.RUN_KEY) or (
+                resolved.source == KeySource.KEY_FN and self.key_fn is None
+            )
+            assert held.claim is not None
+            RUN_TAGS.note(
+                self.op_ctx,
+                self.run_id,
+                held.claim.decision.value,
+                {KEY_TAG: str(resolved.base)} if run_wide else None,
+            )
+        return self.primary.claim
+
+    @property
+    def proceeding(self) -> list[KeyClaim]:
+        """The claims whose work must be done (a multi-asset produces only these assets)."""
+        return [c for c in self.claims if c.should_run]
+
+    def claim_for(self, asset_key: str) -> KeyClaim:
+        """The claim of one selected asset of a multi-asset step."""
+        for held in self.claims:
+            if held.asset_key == asset_key:
+                return held
+        raise KeyError(f"step '{self.step_key}' holds no claim for asset {asset_key!r}")
 
     def _claim_key(self, held: KeyClaim, *, force: bool) -> None:
         key = held.key
@@ -337,7 +356,7 @@ class StepGuard:
         if message is None:
             return
         decision = held.claim.decision
-        if held.state == ClaimState.SKIPPED and self.asset_key is not None:
+        if held.state == ClaimState.SKIPPED and held.asset_key is not None:
             return  # the asset's observation is its decision line (see assets.py)
         if decision == Decision.SKIPPED_IN_FLIGHT or (
             held.state == ClaimState.SKIPPED and self.skip_event

@@ -40,12 +40,14 @@ from daemon_server import (
 )
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
+from rocky_dagster import step_decisions as run_decisions
 from rocky_dagster.ledger import EventKind, Ledger, State
 
 pytestmark = pytest.mark.e2e
 
 KEY_TAG = "rocky/idempotency_key"
 FORCE_TAG = "rocky/idempotency"
+OUTCOME_TAG = "rocky/outcome"
 SENSOR = "payments_drop_sensor"
 SCHEDULE = "daily_warehouse_schedule"
 ON_FAILURE = "rocky_ledger_on_failure"
@@ -63,8 +65,13 @@ PAYMENT_HEADER = "payment_id,order_id,method,amount,paid_at\n"
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 
 
-def decision(tags: dict[str, str], step: str) -> str | None:
-    return tags.get(f"rocky/idempotency/{step}")
+def decision(instance: DagsterInstance, run_id: str, step: str) -> str | None:
+    """The decision the step showed in its metadata (the run's tags carry only a summary)."""
+    return run_decisions(instance, run_id).get(step)
+
+
+def rocky_tags(server: DaemonServer, run_id: str) -> dict[str, str]:
+    return {k: v for k, v in server.tags(run_id).items() if k.startswith("rocky/")}
 
 
 def hold(seconds: float) -> dict[str, Any]:
@@ -153,7 +160,7 @@ def ensure_payments_table(server: DaemonServer, data_dir: Path) -> None:
 
 
 def test_sensor_run_key_ticking_repeatedly_runs_once_then_skips_naming_the_winner(
-    dagster_dev: DaemonServer, ledger: Ledger, data_dir: Path
+    dagster_dev: DaemonServer, ledger: Ledger, data_dir: Path, instance: DagsterInstance
 ) -> None:
     """Row: sensor with a run_key, ticking repeatedly over the same input.
 
@@ -203,7 +210,7 @@ def test_sensor_run_key_ticking_repeatedly_runs_once_then_skips_naming_the_winne
         tags = dagster_dev.tags(run["runId"])
         key = tags[KEY_TAG]
         assert tags["dagster/run_key"] == key  # a key that never ran keeps run_key == key
-        assert decision(tags, "load_payments") == "proceed"
+        assert decision(instance, run["runId"], "load_payments") == "proceed"
         assert claimants(ledger, f"{key}/load_payments") == [run["runId"]]
         entry = ledger.get(f"{key}/load_payments")
         assert entry is not None and entry.state == State.SUCCEEDED
@@ -218,7 +225,7 @@ def test_sensor_run_key_ticking_repeatedly_runs_once_then_skips_naming_the_winne
 
 
 def test_sensor_failed_input_is_requested_again_and_proceeds_once_fixed(
-    dagster_dev: DaemonServer, ledger: Ledger, data_dir: Path
+    dagster_dev: DaemonServer, ledger: Ledger, data_dir: Path, instance: DagsterInstance
 ) -> None:
     """Row: sensor input whose run failed, then is fixed.
 
@@ -289,7 +296,7 @@ def test_sensor_failed_input_is_requested_again_and_proceeds_once_fixed(
         second = dagster_dev.tags(second_id)
         assert second[KEY_TAG] == key  # same input, same ledger key
         assert second["dagster/run_key"] == f"{key}#1"  # new run_key, so Dagster launches it
-        assert decision(second, "load_payments") == "proceed"
+        assert decision(instance, second_id, "load_payments") == "proceed"
         assert history(ledger, ledger_key) == [
             ("claimed", first_id),
             ("failed", first_id),
@@ -307,7 +314,7 @@ def test_sensor_failed_input_is_requested_again_and_proceeds_once_fixed(
 
 
 def test_schedule_tick_fired_twice_does_the_work_once(
-    dagster_dev: DaemonServer, ledger: Ledger
+    dagster_dev: DaemonServer, ledger: Ledger, instance: DagsterInstance
 ) -> None:
     """Row: schedule tick fired twice for the same tick.
 
@@ -342,18 +349,17 @@ def test_schedule_tick_fired_twice_does_the_work_once(
     )
     for run_id in run_ids:
         assert dagster_dev.wait_for_run(run_id, RUN_TIMEOUT)["status"] == "SUCCESS"
-    run_tags = {run_id: dagster_dev.tags(run_id) for run_id in run_ids}
 
     workers = set()
     for step in WAREHOUSE_STEPS:
         worker = only(claimants(ledger, f"{key}/{step}"))
         assert worker in run_ids
         workers.add(worker)
-        assert decision(run_tags[worker], step) == "proceed"
+        assert decision(instance, worker, step) == "proceed"
         other = next(r for r in run_ids if r != worker)
-        assert decision(run_tags[other], step) in {*SKIPS, None}, (step, run_tags[other])
+        assert decision(instance, other, step) in {*SKIPS, None}, (step, other)
     # one of the two runs skipped its very first op: it did none of the work
-    assert any(decision(run_tags[r], "load_payments") in SKIPS for r in run_ids), run_tags
+    assert any(decision(instance, r, "load_payments") in SKIPS for r in run_ids), run_ids
 
     again = dagster_dev.evaluate_schedule(SCHEDULE, tick)
     assert not again["runRequests"], again
@@ -396,12 +402,11 @@ def test_manual_launch_twice_with_one_key_second_run_skips_every_op(
     metadata would name the first run.
     """
     first_id, second_id = manual_runs
-    first, second = dagster_dev.tags(first_id), dagster_dev.tags(second_id)
     home = Path(dagster_dev.home)
 
     for step in WAREHOUSE_STEPS:
-        assert decision(first, step) == "proceed"
-        assert decision(second, step) == "skipped_completed"
+        assert decision(instance, first_id, step) == "proceed"
+        assert decision(instance, second_id, step) == "skipped_completed"
         shown = only(step_decisions(instance, second_id, step))
         assert shown["rocky/decision"] == "skipped_completed"
         assert shown["rocky/prior_run_id"] == first_id
@@ -417,18 +422,23 @@ def test_manual_launch_twice_with_one_key_second_run_skips_every_op(
         ]
 
 
-def test_manual_relaunch_names_the_prior_run_in_its_tags(
-    dagster_dev: DaemonServer, manual_runs: tuple[str, str]
+def test_manual_relaunch_shows_a_two_tag_summary_and_names_the_prior_run_in_metadata(
+    dagster_dev: DaemonServer, instance: DagsterInstance, manual_runs: tuple[str, str]
 ) -> None:
-    """Row: manual launch, then the same key again — the second run's tags name the prior run.
+    """Row: manual launch, then the same key again — the runs list reads at a glance.
 
-    Without the ledger: no tag would name it either.
+    Each run carries two `rocky/` tags whatever its op count: the key and `rocky/outcome`
+    (`worked`, then `skipped`); the skipped step's metadata links the run that did the work.
+
+    Without the ledger: no outcome tag would say the second run skipped, and no metadata would
+    name the first run.
     """
     first_id, second_id = manual_runs
-    tags = dagster_dev.tags(second_id)
-    assert decision(tags, "load_payments") == "skipped_completed"
-    assert first_id in {v for k, v in tags.items() if k.startswith("rocky/")}, tags
-    assert tags["rocky/idempotency_run/load_payments"] == first_id, tags
+    assert rocky_tags(dagster_dev, first_id) == {KEY_TAG: MANUAL_KEY, OUTCOME_TAG: "worked"}
+    assert rocky_tags(dagster_dev, second_id) == {KEY_TAG: MANUAL_KEY, OUTCOME_TAG: "skipped"}
+    assert decision(instance, second_id, "load_payments") == "skipped_completed"
+    shown = only(step_decisions(instance, second_id, "load_payments"))
+    assert shown["rocky/prior_run_id"] == first_id
 
 
 # --- run retries and re-execution ----------------------------------------------------------------
@@ -468,8 +478,10 @@ def test_automatic_run_retry_proceeds_without_any_run_status_sensor(
     assert root["dagster/will_retry"] == "true"
     assert retry["dagster/retry_number"] == "1"
     assert retry[KEY_TAG] == key
-    assert decision(root, "flaky_step") == "proceed"
-    assert decision(retry, "flaky_step") == "proceed"  # overwritten, not the inherited tag
+    assert decision(instance, root_id, "flaky_step") == "proceed"
+    assert decision(instance, retry_id, "flaky_step") == "proceed"  # its own, not inherited
+    assert rocky_tags(dagster_dev, root_id) == {KEY_TAG: key, OUTCOME_TAG: "worked"}
+    assert rocky_tags(dagster_dev, retry_id) == {KEY_TAG: key, OUTCOME_TAG: "worked"}
     assert history(ledger, f"{key}/flaky_step") == [
         ("claimed", root_id),
         ("failed", root_id),
@@ -482,7 +494,7 @@ def test_automatic_run_retry_proceeds_without_any_run_status_sensor(
 
 
 def test_ui_reexecution_from_failure_proceeds(
-    dagster_dev: DaemonServer, ledger: Ledger, data_dir: Path
+    dagster_dev: DaemonServer, ledger: Ledger, data_dir: Path, instance: DagsterInstance
 ) -> None:
     """Row: UI re-execution from failure.
 
@@ -519,8 +531,8 @@ def test_ui_reexecution_from_failure_proceeds(
     rerun = dagster_dev.tags(rerun_id)
     assert rerun[KEY_TAG] == key
     assert set(dagster_dev.step_statuses(rerun_id)) == {"check_quality", "snapshot_customers"}
-    assert decision(rerun, "check_quality") == "proceed"
-    assert decision(rerun, "snapshot_customers") == "proceed"
+    assert decision(instance, rerun_id, "check_quality") == "proceed"
+    assert decision(instance, rerun_id, "snapshot_customers") == "proceed"
     assert history(ledger, f"{key}/check_quality") == [
         ("claimed", root_id),
         ("failed", root_id),
@@ -554,7 +566,9 @@ def test_ui_reexecute_all_of_a_success_skips_unless_forced(
     assert dagster_dev.wait_for_run(again_id, RUN_TIMEOUT)["status"] == "SUCCESS"
     again = dagster_dev.tags(again_id)
     assert again[KEY_TAG] == key
-    assert decision(again, "flaky_step") == "skipped_completed"
+    assert decision(instance, again_id, "flaky_step") == "skipped_completed"
+    # the re-execution copied its parent's `worked`; it shows its own summary
+    assert rocky_tags(dagster_dev, again_id)[OUTCOME_TAG] == "skipped"
     shown = only(step_decisions(instance, again_id, "flaky_step"))
     assert shown["rocky/prior_run_id"] == root_id
     assert stored_output(home, again_id, "flaky_step") == {
@@ -567,7 +581,7 @@ def test_ui_reexecute_all_of_a_success_skips_unless_forced(
     assert dagster_dev.wait_for_run(forced_id, RUN_TIMEOUT)["status"] == "SUCCESS"
     forced = dagster_dev.tags(forced_id)
     assert forced[FORCE_TAG] == "force"
-    assert decision(forced, "flaky_step") == "proceed"
+    assert decision(instance, forced_id, "flaky_step") == "proceed"
     assert stored_output(home, forced_id, "flaky_step") == {"attempt": 0}
     assert history(ledger, f"{key}/flaky_step") == [
         ("claimed", root_id),
@@ -645,33 +659,52 @@ def test_two_launches_of_one_key_at_once_exactly_one_works(
 ) -> None:
     """Row: two launches of one key at the same moment.
 
-    Two `slow_job` runs with one key are launched at the same instant; the op holds its claim
-    for 20 s. Exactly one run proceeds and stores its result; the other is `skipped_in_flight`,
-    names the run holding the key, stores nothing and still ends SUCCESS.
+    Two `slow_job` runs with one key are launched at the same instant; the op would hold its
+    claim for 600 s. The test waits for events, not for time: once the ledger shows one run's
+    claim and the other run's `skipped_in_flight`, and the skipped run has ended SUCCESS
+    (storing nothing, naming the holder), the holder is terminated, which releases its claim
+    from the step itself. However slow the machine, the second run decides while the first
+    still holds the key.
 
-    Without the ledger: both runs would hold the claim op's body at once (two stored results,
-    no `skipped_in_flight` decision, no run named as holder).
+    Without the ledger: both runs would hold the claim op's body at once (no
+    `skipped_in_flight` decision, no run named as holder).
     """
     key = "e2e-concurrent"
+    ledger_key = f"{key}/hold_claim"
     home = Path(dagster_dev.home)
-    run_ids = launch_together(lambda: dagster_dev.launch_run("slow_job", {KEY_TAG: key}, hold(20)))
-    for run_id in run_ids:
-        assert dagster_dev.wait_for_run(run_id, RUN_TIMEOUT)["status"] == "SUCCESS"
-    decisions = {r: decision(dagster_dev.tags(r), "hold_claim") for r in run_ids}
-    assert sorted(decisions.values(), key=str) == ["proceed", "skipped_in_flight"], decisions
-    winner = only([r for r, d in decisions.items() if d == "proceed"])
-    loser = only([r for r, d in decisions.items() if d == "skipped_in_flight"])
+    run_ids = launch_together(lambda: dagster_dev.launch_run("slow_job", {KEY_TAG: key}, hold(600)))
+    try:
+        decided = wait_for(
+            lambda: len(history(ledger, ledger_key)) >= 2 and history(ledger, ledger_key),
+            "both runs to ask the ledger",
+            RUN_TIMEOUT,
+        )
+        winner = only([r for kind, r in decided if kind == "claimed"])
+        loser = only([r for kind, r in decided if kind == "skipped_in_flight"])
+        assert sorted(run_ids) == sorted([winner, loser])
+        assert dagster_dev.wait_for_run(loser, RUN_TIMEOUT)["status"] == "SUCCESS"
+        assert in_flight_by(ledger, ledger_key, winner)  # still holding: the loser never waited
+        dagster_dev.terminate(winner)
+        assert dagster_dev.wait_for_run(winner, RUN_TIMEOUT)["status"] == "CANCELED"
+    finally:
+        for run_id in run_ids:
+            end_if_running(dagster_dev, run_id)
 
+    assert decision(instance, winner, "hold_claim") == "proceed"
+    assert decision(instance, loser, "hold_claim") == "skipped_in_flight"
     shown = only(step_decisions(instance, loser, "hold_claim"))
-    assert shown["rocky/decision"] == "skipped_in_flight"
     assert shown["rocky/held_by_run_id"] == winner
-    assert stored_output(home, winner, "hold_claim") == {"held_seconds": 20.0}
     assert stored_output(home, loser, "hold_claim") is None
-    assert history(ledger, f"{key}/hold_claim") == [
+    assert rocky_tags(dagster_dev, loser) == {KEY_TAG: key, OUTCOME_TAG: "skipped"}
+    assert history(ledger, ledger_key) == [
         ("claimed", winner),
         ("skipped_in_flight", loser),
-        ("succeeded", winner),
+        ("released", winner),
     ]
+    # released by the winner's own step on the cancel, not later by the CANCELED sensor
+    assert ledger.history(ledger_key)[-1].detail == (
+        f"run {winner} was interrupted (canceled) during the work"
+    )
 
 
 def test_sigkill_of_the_run_worker_mid_op_lets_the_next_run_proceed_at_once(
@@ -713,7 +746,7 @@ def test_sigkill_of_the_run_worker_mid_op_lets_the_next_run_proceed_at_once(
 
         nxt = dagster_dev.launch_run("slow_job", {KEY_TAG: key}, hold(0))
         assert dagster_dev.wait_for_run(nxt, 100)["status"] == "SUCCESS"
-    assert decision(dagster_dev.tags(nxt), "hold_claim") == "proceed"
+    assert decision(instance, nxt, "hold_claim") == "proceed"
     shown = only(step_decisions(instance, nxt, "hold_claim"))
     assert shown["rocky/decision"] == "proceed"
     # the reap is the point of this row; should a run-status tick still in the daemon's queue from
@@ -751,10 +784,13 @@ def test_terminated_run_is_canceled_its_claim_released_and_the_next_run_proceeds
     assert dagster_dev.wait_for_run(victim, 120)["status"] == "CANCELED"
     wait_for(lambda: ledger.get(ledger_key) is None, "the canceled run's claim to be released", 60)
     assert history(ledger, ledger_key) == [("claimed", victim), ("released", victim)]
+    # the step released it on the interrupt (the CANCELED sensor would say "sensor")
+    released = ledger.history(ledger_key)[-1]
+    assert released.detail == f"run {victim} was interrupted (canceled) during the work"
 
     nxt = dagster_dev.launch_run("slow_job", {KEY_TAG: key}, hold(0))
     assert dagster_dev.wait_for_run(nxt, RUN_TIMEOUT)["status"] == "SUCCESS"
-    assert decision(dagster_dev.tags(nxt), "hold_claim") == "proceed"
+    assert decision(instance, nxt, "hold_claim") == "proceed"
     shown = only(step_decisions(instance, nxt, "hold_claim"))
     assert "rocky/reaped_run_id" not in shown
     assert history(ledger, ledger_key)[2:] == [("claimed", nxt), ("succeeded", nxt)]
@@ -800,7 +836,7 @@ def test_read_only_ledger_fails_closed_and_does_no_work(
         assert "LedgerUnavailableError" in failure, failure
         assert "read-only" in failure, failure
         assert "did no work" in failure, failure
-        assert decision(dagster_dev.tags(failed_id), "load_payments") is None
+        assert decision(instance, failed_id, "load_payments") is None
         assert payment_ids(data_dir, 990101, 990103) == []
         assert ledger.get(ledger_key) is None
         assert history(ledger, ledger_key) == []
@@ -812,7 +848,7 @@ def test_read_only_ledger_fails_closed_and_does_no_work(
 
         retried_id = dagster_dev.launch_run("load_job", {KEY_TAG: key})
         assert dagster_dev.wait_for_run(retried_id, RUN_TIMEOUT)["status"] == "SUCCESS"
-        assert decision(dagster_dev.tags(retried_id), "load_payments") == "proceed"
+        assert decision(instance, retried_id, "load_payments") == "proceed"
         assert payment_ids(data_dir, 990101, 990103) == [990101, 990102, 990103]
         assert history(ledger, ledger_key) == [("claimed", retried_id), ("succeeded", retried_id)]
     finally:

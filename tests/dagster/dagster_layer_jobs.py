@@ -7,6 +7,7 @@ runs, so a test can count the work that happened independently of what the ledge
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,9 +16,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dagster import Config, Failure, RetryPolicy, in_process_executor, op
+from dagster import (
+    Config,
+    Failure,
+    IOManager,
+    RetryPolicy,
+    in_process_executor,
+    io_manager,
+    job,
+    logger,
+    op,
+)
 
-from rocky_dagster import IdempotencyLedger, idempotent_op, ledger_job
+from rocky_dagster import IdempotencyLedger, idempotent_op, ledger_hooks, ledger_job
 
 HERE = Path(__file__).resolve().parent
 GO_TIMEOUT_SECONDS = 120
@@ -116,7 +127,7 @@ def hold_job() -> None:
     hold()
 
 
-@ledger_job(**_JOB)
+@ledger_job(**_JOB, hooks=ledger_hooks)  # the failure hook fires on `explode`
 def hold_and_explode_job() -> None:
     hold()
     explode()
@@ -253,3 +264,75 @@ def pipelines_job():
         notify()
 
     return job
+
+
+# --- a ledger that turns read-only while a step stores its output (the backstop stories) -------
+
+
+def ledger_path() -> Path:
+    return Path(os.environ["ROCKY_LEDGER_URL"].removeprefix("sqlite:///"))
+
+
+class LedgerGoesReadOnly(IOManager):
+    """Stores nothing; marks the ledger file read-only, as an operator or a full disk would.
+
+    The ledger refuses a read-only file even for root (it checks the mode at most once a second,
+    so the body below outlasts that interval before its output is stored).
+    """
+
+    def handle_output(self, context, obj) -> None:
+        ledger_path().chmod(0o444)
+
+    def load_input(self, context):  # pragma: no cover - never read back
+        raise NotImplementedError
+
+
+def make_ledger_writable() -> None:
+    ledger_path().chmod(0o644)
+
+
+@logger
+def ledger_back_when_stamp_fails(init_context):
+    """Makes the ledger writable again the moment the step says its stamp failed: after the
+    step's own write and before its hooks run, i.e. "briefly" unwritable, deterministically."""
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "could not stamp ledger key" in record.getMessage():
+                make_ledger_writable()
+
+    log = logging.getLogger("rocky_test_stamp_watch")
+    log.setLevel(logging.INFO)
+    log.handlers = [_Handler()]
+    return log
+
+
+@idempotent_op
+def slow_stamp(context) -> dict[str, Any]:
+    did_work("slow_stamp", context.run_id)
+    time.sleep(1.2)  # past the ledger's once-a-second writability check (not a race: a floor)
+    return {"rows": 3}
+
+
+_STAMP_JOB = {
+    "executor_def": in_process_executor,
+    "resource_defs": {
+        "ledger": IdempotencyLedger(),
+        "io_manager": io_manager(lambda _: LedgerGoesReadOnly()),
+    },
+}
+
+
+@job(**_STAMP_JOB, hooks=set(ledger_hooks), logger_defs={"watch": ledger_back_when_stamp_fails})
+def stamp_fails_with_hook_job() -> None:
+    slow_stamp()
+
+
+@job(**_STAMP_JOB)
+def stamp_fails_without_hooks_job() -> None:
+    slow_stamp()
+
+
+@job(executor_def=in_process_executor, resource_defs={"ledger": IdempotencyLedger()})
+def slow_stamp_job() -> None:
+    slow_stamp()

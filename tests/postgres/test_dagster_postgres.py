@@ -4,9 +4,9 @@
 the multiprocess executor runs its work once per key, whether the job is launched twice in a
 row (the second run skips) or twice at the same time (exactly one run works).
 
-The proof is three-fold: the ledger entries and history, the decision run tags
-``rocky/idempotency/<step key>``, and the side effects (rows in a PostgreSQL table, which would
-double if a second run did the work).
+The proof is three-fold: the ledger entries and history, each step's decision in its metadata
+(``rocky/decision``), and the side effects (rows in a PostgreSQL table, which would double if a
+second run did the work).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from dagster import (
     reconstructable,
 )
 
-from rocky_dagster.keys import KEY_TAG, decision_tag
+from rocky_dagster import step_decisions
+from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import EventKind, State, open_ledger
 
 HERE = Path(__file__).resolve().parent
@@ -122,14 +123,9 @@ def _step_pids(env: dict[str, str]) -> dict[str, set[int]]:
 
 
 def _decisions(instance: DagsterInstance, run_id: str) -> dict[str, str]:
-    """step key -> the decision tag the guarded step put on the run."""
-    run = instance.get_run_by_id(run_id)
-    assert run is not None
-    return {
-        step: run.tags[decision_tag(step)]
-        for step in ("extract", "load")
-        if decision_tag(step) in run.tags
-    }
+    """step key -> the decision the guarded step showed in its metadata."""
+    shown = step_decisions(instance, run_id)
+    return {step: shown[step] for step in ("extract", "load") if step in shown}
 
 
 def _history(env: dict[str, str], key: str) -> list[tuple[EventKind, str | None]]:

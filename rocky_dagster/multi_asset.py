@@ -137,13 +137,13 @@ class AssetsGuard(StepGuard):
             )
             RUN_TAGS.note(self.op_ctx, self.run_id, UNGUARDED)
         with _PROCEEDING_LOCK:
-            _PROCEEDING[(self.run_id, self.step_key)] = frozenset(self.proceeding())
+            _PROCEEDING[(self.run_id, self.step_key)] = frozenset(self.proceeding_keys())
         return None
 
-    def proceeding(self) -> list[AssetKey]:
+    def proceeding_keys(self) -> list[AssetKey]:
         return [key for key in self.asset_keys if self.by_asset[key].should_run]
 
-    def skipped(self) -> list[AssetKey]:
+    def skipped_keys(self) -> list[AssetKey]:
         return [key for key in self.asset_keys if not self.by_asset[key].should_run]
 
     def observe_skips(self, context: Any) -> None:
@@ -154,7 +154,7 @@ class AssetsGuard(StepGuard):
         (when the run's key names them too), or warns that one of them still has work to do.
         """
         partition = partition_of(self.op_ctx)
-        for asset_key in self.skipped():
+        for asset_key in self.skipped_keys():
             held = self.by_asset[asset_key]
             context.log_event(
                 AssetObservation(
@@ -167,7 +167,7 @@ class AssetsGuard(StepGuard):
         self._observe_downstream(context, partition)
 
     def _observe_downstream(self, context: Any, partition: str | None) -> None:
-        skipped = self.skipped()
+        skipped = self.skipped_keys()
         if not skipped or self.ledger is None:
             return
         base = next(
@@ -358,7 +358,7 @@ def idempotent_multi_asset(
             try:
                 with guard.lifecycle():
                     guard.observe_skips(context)
-                    proceeding = frozenset(guard.proceeding())
+                    proceeding = frozenset(guard.proceeding_keys())
                     if not proceeding:
                         return
                     produced: set[AssetKey] = set()

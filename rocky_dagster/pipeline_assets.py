@@ -126,7 +126,7 @@ def pipeline_assets(
         try:
             with guard.lifecycle():
                 guard.observe_skips(context)
-                proceeding = [tables[key] for key in guard.proceeding()]
+                proceeding = [tables[key] for key in guard.proceeding_keys()]
                 if not proceeding:
                     return
                 result = narrow(pipeline, proceeding, plan).run()
@@ -214,7 +214,7 @@ def _quality_checks(
         )
         try:
             with guard.lifecycle():
-                proceeding = set(guard.proceeding())
+                proceeding = set(guard.proceeding_keys())
                 for key in selected:
                     held = guard.by_asset[claim_keys[key]]
                     if claim_keys[key] not in proceeding and held.claim is not None:

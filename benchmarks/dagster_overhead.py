@@ -140,7 +140,7 @@ SCENARIOS = {
     "trivial": Scenario(
         "trivial", 20, 0.0, False, False, ("plain", "floor", "guarded", "hooked"), 1.25
     ),
-    "sleeping": Scenario("sleeping", 20, 0.05, True, False, ("plain", "guarded"), 1.03),
+    "sleeping": Scenario("sleeping", 20, 0.05, True, False, ("plain", "floor", "guarded"), 1.03),
     "multiprocess": Scenario("multiprocess", 5, 0.0, True, True, ("plain", "guarded"), 1.02),
 }
 

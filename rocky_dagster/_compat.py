@@ -34,6 +34,7 @@ from dagster_shared.record import copy as copy_record
 __all__ = [
     "UnresolvedAssetJobDefinition",
     "add_run_tags",
+    "asset_job_with_hooks",
     "copy_record",
     "event_list_hook",
     "event_metadata",
@@ -126,6 +127,11 @@ def event_metadata(event: DagsterEvent) -> Mapping[str, Any]:
         if isinstance(value, Mapping):
             return value
     return {}
+
+
+def asset_job_with_hooks(target: UnresolvedAssetJobDefinition, hooks: Any) -> Any:
+    """`define_asset_job`'s result with `hooks` added (it has no public `with_hooks`)."""
+    return copy_record(target, hooks={*(target.hooks or set()), *hooks})
 
 
 def optional_out(out: Out) -> Out:

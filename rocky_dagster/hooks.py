@@ -1,15 +1,19 @@
-"""Hooks settling a step's claim: the in-process backstop of a guarded step.
+"""Hooks settling a step's claim: an optional in-process backstop of a guarded step.
 
-A guarded step settles its own claim right after its outputs are stored; these hooks (which
-Dagster runs in the step's process, after the step) settle what the step could not — a ledger
-write that failed, a step that failed while storing its outputs. They act only on a claim the
-same step of the same run registered in this process, so a `skipped_in_flight` step (which holds
-nothing) can never release another run's claim.
+A guarded step settles its own claim: stamped once its outputs are stored, failed when the body
+or storing an output raised. These hooks (which Dagster runs in the step's process, after the
+step) settle what the step could not: a stamp that failed because the ledger was briefly
+unwritable. Without them the SUCCESS run-status sensor, or the next run's on-the-spot reap of
+a finished holder, records that step `succeeded` later. They act only on a claim the same step
+of the same run registered in this process, so a `skipped_in_flight` step (which holds nothing)
+can never release another run's claim.
 
-`ledger_hooks`, the set `ledger_job` / `with_ledger` attach, holds one hook that settles on
-either outcome: Dagster stores one event per attached hook per step (HOOK_SKIPPED included), so
-one hook instead of a success/failure pair halves what the backstop costs a trivial step.
-`ledger_success_hook` / `ledger_failure_hook` are the same logic split by outcome.
+`ledger_job` attaches no hooks unless asked (``ledger_job(hooks=ledger_hooks)``): each hook
+adds an event per step, which measured more than the claim and stamp themselves on trivial
+ops (see benchmarks/dagster_overhead.py). `with_ledger` attaches them to an existing job, asset
+job or assets. `ledger_hooks` holds one hook that settles on either outcome (one event per
+step instead of a success/failure pair); `ledger_success_hook` / `ledger_failure_hook` are the
+same logic split by outcome.
 
 Hooks are best-effort (they never fire on a cancel or a killed process, and an error inside one
 is only logged): `ledger_run_status_sensors` and the lease back them.

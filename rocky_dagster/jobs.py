@@ -21,7 +21,7 @@ from typing import Any, TypeVar, overload
 
 from dagster import AssetsDefinition, GraphDefinition, HookDefinition, JobDefinition, job
 
-from ._compat import UnresolvedAssetJobDefinition, copy_record
+from ._compat import UnresolvedAssetJobDefinition, asset_job_with_hooks
 from .guard import KeyFn, register_job_key_fn
 from .hooks import ledger_hooks
 from .resource import RESOURCE_KEY, IdempotencyLedger
@@ -121,7 +121,7 @@ def with_ledger(target: Any, *, key_fn: KeyFn | None = None) -> Any:
     if isinstance(target, JobDefinition):
         hooked: Any = target.with_hooks(set(ledger_hooks))
     elif isinstance(target, UnresolvedAssetJobDefinition):
-        hooked = copy_record(target, hooks={*(target.hooks or set()), *ledger_hooks})
+        hooked = asset_job_with_hooks(target, ledger_hooks)
     elif isinstance(target, AssetsDefinition):
         hooked = target.with_hooks(set(ledger_hooks))
     elif isinstance(target, (list, tuple)):  # after the Dagster types: records are tuples

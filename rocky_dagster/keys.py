@@ -24,7 +24,8 @@ from .ledger.model import validate_key
 
 KEY_TAG = "rocky/idempotency_key"
 """Run tag holding the base key. Set by sensors/schedules (guard_run_requests) or by hand; the
-op layer writes it back so retries and re-executions, which copy tags, keep the same key."""
+first guarded step writes it back (with `OUTCOME_TAG`, in one write) so retries and
+re-executions, which copy tags, keep the same key."""
 
 FORCE_TAG = "rocky/idempotency"
 """Run tag; the value ``force`` re-runs steps whose key already succeeded (audited in the ledger).

@@ -62,6 +62,11 @@ _EXPORTS: dict[str, str] = {
     "LoadPipeline": ".pipelines",
     "PipelineResult": ".pipelines",
     "QualityChecksFailed": ".pipelines",
+    "PipelineError": ".pipelines",
+    "FenceLostError": ".pipelines",
+    "ClaimRefusedError": ".pipelines",
+    "exactly_once": ".pipelines",
+    "running_claim": ".guard",
 }
 """Every public name and the module it lives in: the one export list (``__all__`` is its keys)."""
 
@@ -111,6 +116,9 @@ if TYPE_CHECKING:
     )
     from .components import (
         PipelinesComponent as PipelinesComponent,
+    )
+    from .guard import (
+        running_claim as running_claim,
     )
     from .hooks import (
         ledger_failure_hook as ledger_failure_hook,
@@ -203,7 +211,16 @@ if TYPE_CHECKING:
         transformation_op as transformation_op,
     )
     from .pipelines import (
+        ClaimRefusedError as ClaimRefusedError,
+    )
+    from .pipelines import (
+        FenceLostError as FenceLostError,
+    )
+    from .pipelines import (
         LoadPipeline as LoadPipeline,
+    )
+    from .pipelines import (
+        PipelineError as PipelineError,
     )
     from .pipelines import (
         PipelineResult as PipelineResult,
@@ -222,6 +239,9 @@ if TYPE_CHECKING:
     )
     from .pipelines import (
         TransformationPipeline as TransformationPipeline,
+    )
+    from .pipelines import (
+        exactly_once as exactly_once,
     )
     from .presentation import (
         step_decisions as step_decisions,

@@ -102,6 +102,22 @@ _ACTIVE: dict[tuple[str, str], StepGuard] = {}
 _ACTIVE_LOCK = threading.Lock()
 
 
+def running_claim(context: Any) -> Claim | None:
+    """The claim the running step holds and works under (None: unguarded or not running).
+
+    A pipeline hands it to ``run(claim=...)``, so its warehouse writes commit together with
+    the claim's effect marker (exactly once per key generation, even against a zombie)."""
+    op_ctx = getattr(context, "op_execution_context", context)
+    with _ACTIVE_LOCK:
+        guard = _ACTIVE.get((op_ctx.run_id, _compat.step_key(op_ctx)))
+    if guard is None:
+        return None
+    running = [c.claim for c in guard.claims if c.state == ClaimState.RUNNING and c.claim]
+    if len(running) != 1 or getattr(running[0], "generation", None) is None:
+        return None  # several claims (see pipeline_assets.effect_claim), or no generation
+    return running[0]
+
+
 def take_active(run_id: str, step_key: str) -> StepGuard | None:
     """The guard of a step of this process whose claims are not all settled, removed."""
     with _ACTIVE_LOCK:

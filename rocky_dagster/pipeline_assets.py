@@ -10,6 +10,7 @@ models — so a subset launch does only the subset's work.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from dagster import (
@@ -28,6 +29,7 @@ from dagster import (
 )
 
 from .keys import GUARDED_OP_TAG
+from .ledger import Claim
 from .multi_asset import AssetKeyFn, AssetsGuard
 from .pipeline_specs import PipelinePlan, TableAsset, TableCheck, plan_pipeline
 from .pipelines import (
@@ -129,7 +131,8 @@ def pipeline_assets(
                 proceeding = [tables[key] for key in guard.proceeding_keys()]
                 if not proceeding:
                     return
-                result = narrow(pipeline, proceeding, plan).run()
+                claims = [guard.by_asset[asset.key].claim for asset in proceeding]
+                result = narrow(pipeline, proceeding, plan).run(claim=effect_claim(op_name, claims))
                 for asset in proceeding:
                     stats = result.table(asset.table)
                     held = guard.by_asset[asset.key]
@@ -143,6 +146,35 @@ def pipeline_assets(
             guard.forget()
 
     return [_assets]
+
+
+@dataclass(frozen=True)
+class StepClaims:
+    """The claims a multi-asset step works under, as the one claim its warehouse transaction
+    is fenced by: the same assets of the same generation name the same marker, and the
+    newest holder of any of them holds the highest fence."""
+
+    key: str
+    generation: int
+    fence: int
+    run_id: str
+    should_run: bool = True
+
+
+def effect_claim(op_name: str, claims: Sequence[Claim | None]) -> Claim | StepClaims | None:
+    """What `run(claim=...)` gets: the one claim, or the step's claims combined; None when a
+    claim carries no generation (nothing to fence the warehouse writes by)."""
+    held = [c for c in claims if c is not None]
+    if not held or any(getattr(c, "generation", None) is None or c.fence is None for c in held):
+        return None
+    if len(held) == 1:
+        return held[0]
+    return StepClaims(
+        key=f"{op_name}:" + "+".join(sorted(c.key for c in held)),
+        generation=min(int(c.generation) for c in held),  # type: ignore[arg-type]
+        fence=max(int(c.fence) for c in held),  # type: ignore[arg-type]
+        run_id=held[0].run_id,
+    )
 
 
 def narrow(
@@ -230,7 +262,11 @@ def _quality_checks(
                 )
                 failed: QualityChecksFailed | None = None
                 try:
-                    result: PipelineResult = narrowed.run()
+                    claims = [
+                        guard.by_asset[claim_keys[AssetCheckKey(c.asset, c.name)]].claim
+                        for c in todo
+                    ]
+                    result: PipelineResult = narrowed.run(claim=effect_claim(op_name, claims))
                 except QualityChecksFailed as exc:
                     failed, result = exc, exc.result
                 outcomes = {(c.table, c.name): c for c in result.checks}

@@ -1,6 +1,6 @@
 """`pipeline_op`: one guarded op for any of the five pipelines, built from its config object.
 
-The op runs ``config.run()`` under `idempotent_op`, with ``config.fingerprint()`` as the claim's
+The op runs ``config.run(claim=...)`` under `idempotent_op`, with ``config.fingerprint()`` as the claim's
 fingerprint (the same key must keep naming the same work), and returns ``result.summary()``: the
 small JSON dict the ledger keeps and later runs replay. Every pipeline op has an optional
 ``after`` input of type Nothing, so ops can be ordered without passing data:
@@ -37,7 +37,7 @@ from dagster import (
     multi_asset_check,
 )
 
-from .guard import KeyFn, StepGuard
+from .guard import KeyFn, StepGuard, running_claim
 from .keys import GUARDED_OP_TAG
 from .ops import idempotent_op
 from .resource import IdempotencyLedger
@@ -160,7 +160,7 @@ def quality_checks(
                 return  # its decision and replayed summary are on the step's engine event
             failed = None
             try:
-                result = config.run()
+                result = config.run(claim=running_claim(context))
             except QualityChecksFailed as exc:
                 failed, result = exc, exc.result
             targets = {(spec.asset_key, spec.name) for spec in specs}
@@ -266,11 +266,16 @@ def pipeline_op(
     quality = pipeline_type == "quality"
 
     def run_pipeline(context: Any) -> Iterator[Any]:
-        """Run the pipeline and return its summary (replayed on a skip)."""
+        """Run the pipeline under the step's claim and return its summary (replayed on a
+        skip). The warehouse writes commit with the claim's effect marker: a zombie of this
+        key's generation cannot apply them, and an adopter that finds them applied returns
+        the recorded summary instead of doing the work again."""
         if quality:
             yield from _run_quality(context, pipeline)
             return
-        result = pipeline.run()
+        result = pipeline.run(claim=running_claim(context))
+        if result.already_applied:
+            context.log.info(_already_applied_message(result))
         yield Output(result.summary(), metadata=_result_metadata(result))
 
     run_pipeline.__name__ = name or pipeline_type
@@ -320,7 +325,7 @@ def _run_quality(context: Any, config: Any) -> Iterator[Any]:
 
     failed: QualityChecksFailed | None = None
     try:
-        result = config.run()
+        result = config.run(claim=running_claim(context))
     except QualityChecksFailed as exc:
         failed, result = exc, exc.result
     for check in result.checks:
@@ -337,8 +342,17 @@ def _run_quality(context: Any, config: Any) -> Iterator[Any]:
     yield Output(result.summary(), metadata=meta)
 
 
+def _already_applied_message(result: PipelineResult) -> str:
+    return (
+        "rocky_dagster: an earlier holder of this claim already committed the work to the "
+        "warehouse (its effect marker is there); nothing was applied again and its recorded "
+        "result is stamped"
+    )
+
+
 def _result_metadata(result: PipelineResult) -> dict[str, Any]:
     return {
+        "rocky/already_applied": MetadataValue.bool(bool(result.already_applied)),
         "rows_read": MetadataValue.int(result.rows_read),
         "rows_changed": MetadataValue.int(result.rows_changed),
         "tables_touched": MetadataValue.json(list(result.tables_touched)),

@@ -58,6 +58,7 @@ from .model import (
     Outcome,
     State,
     Stats,
+    corrupt_row,
     decode_result,
     encode_result,
     validate_fence,
@@ -324,10 +325,23 @@ def _utc(value: datetime | None) -> datetime | None:
 
 def _entry(row: tuple[Any, ...] | list[Any]) -> Entry:
     data = dict(zip(ENTRY_COLUMNS, row, strict=True))
-    for name in TIME_COLUMNS:
-        data[name] = _utc(data[name])
-    data["result"] = decode_result(data["result"])
-    return Entry.model_validate(data)
+    try:
+        for name in TIME_COLUMNS:
+            data[name] = _utc(data[name])
+        data["result"] = decode_result(data["result"])
+        return Entry.model_validate(data)
+    except (ValueError, TypeError, RecursionError) as exc:  # pydantic's errors are ValueErrors
+        raise corrupt_row(ENTRIES, data["key"], exc) from None
+
+
+def _event(row: tuple[Any, ...]) -> Event:
+    try:
+        return Event(
+            id=row[0], key=row[1], kind=row[2], run_id=row[3], fence=row[4], at=_utc(row[5]),
+            detail=row[6],
+        )  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        raise corrupt_row(EVENTS, row[1], exc) from None
 
 
 def _entry_params(entry: Entry) -> dict[str, Any]:
@@ -906,10 +920,7 @@ class PostgresLedger(Ledger):
                 "ORDER BY id DESC LIMIT %s) AS last ORDER BY id"
             )
             params = (key, int(limit))
-        return [
-            Event(id=r[0], key=r[1], kind=r[2], run_id=r[3], fence=r[4], at=_utc(r[5]), detail=r[6])
-            for r in self._read(sql, params)
-        ]
+        return [_event(r) for r in self._read(sql, params)]
 
     def stats(self) -> Stats:
         ((n, in_flight, ok, failed, expired, stale, events, fence),) = self._read(

@@ -25,10 +25,16 @@ from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from .backend import Clock, Ledger
 from .config import LedgerConfig
-from .errors import LedgerConfigError, LedgerSchemaError, LedgerUnavailableError
+from .errors import (
+    LedgerConfigError,
+    LedgerCorruptError,
+    LedgerSchemaError,
+    LedgerUnavailableError,
+)
 from .model import (
     ENTRY_COLUMNS,
     Entry,
@@ -36,16 +42,17 @@ from .model import (
     EventKind,
     State,
     Stats,
+    corrupt_row,
     decode_result,
     encode_result,
 )
 
 SCHEMA_VERSION = 1
+SQLITE_MAGIC = b"SQLite format 3\x00"
 ENTRIES = "rocky_ledger_entries"
 EVENTS = "rocky_ledger_events"
 META = "rocky_ledger_meta"
 BUSY_TIMEOUT_SECONDS = 30.0
-WRITABLE_RECHECK_SECONDS = 1.0
 WAL_AUTOCHECKPOINT_PAGES = 4000
 
 _SELECT_ENTRY = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM {ENTRIES}"
@@ -94,7 +101,12 @@ def _ts(value: datetime | None) -> str | None:
 
 
 def _dt(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
+    if value is None:
+        return None
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise ValueError(f"timestamp {value!r} has no time zone")
+    return parsed
 
 
 _VALUE_FIELDS = ENTRY_COLUMNS[1:]
@@ -137,6 +149,23 @@ def _row(entry: Entry) -> tuple[Any, ...]:
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
+    try:
+        return _decode_entry(row)
+    except (ValueError, TypeError, RecursionError) as exc:  # pydantic's errors are ValueErrors
+        raise corrupt_row(ENTRIES, row[0] if row else None, exc) from None
+
+
+def _event(row: tuple[Any, ...]) -> Event:
+    try:
+        return Event(
+            id=row[0], key=row[1], kind=row[2], run_id=row[3], fence=row[4], at=_dt(row[5]),
+            detail=row[6],
+        )  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        raise corrupt_row(EVENTS, row[1], exc) from None
+
+
+def _decode_entry(row: tuple[Any, ...]) -> Entry:
     (
         key,
         state,
@@ -256,16 +285,18 @@ class _WriteTransaction:
 
     def __enter__(self) -> _SQLiteTransaction:
         ledger = self.ledger
+        if not _FORK_GATE.is_set():
+            _FORK_GATE.wait(FORK_WAIT_SECONDS)  # let a pending fork take the lock first
         ledger._lock.acquire()
         try:
             conn = self.conn = ledger._connection()
-            if time.monotonic() - ledger._writable_checked_at >= WRITABLE_RECHECK_SECONDS:
-                ledger._check_writable()  # a stat per write would cost more than the write
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise ledger._translate(exc) from exc
             try:
+                # under the write lock: the path still names the file this connection writes
+                ledger._check_file(writing=True)
                 self.tx = _SQLiteTransaction(conn, ledger._now(_utcnow))
                 return self.tx
             except BaseException:
@@ -289,15 +320,15 @@ class _WriteTransaction:
                     raise ledger._translate(error) from error
                 return
             _rollback(conn)
-            if isinstance(exc, sqlite3.Error):
+            if isinstance(exc, sqlite3.Error | UnicodeDecodeError):
                 raise ledger._translate(exc) from exc
         finally:
             ledger._lock.release()
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        with suppress(sqlite3.Error):  # the original error is the one worth reporting
+    with suppress(sqlite3.Error):  # the original error is the one worth reporting
+        if conn.in_transaction:
             conn.execute("ROLLBACK")
 
 
@@ -325,7 +356,10 @@ class SQLiteLedger(Ledger):
         self._busy_timeout = busy_timeout_seconds
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
-        self._writable_checked_at = -WRITABLE_RECHECK_SECONDS
+        self._identity: tuple[int, int] | None = None
+        """(st_dev, st_ino) of the file the connection has open; set once it is a ledger."""
+        self._gone: str | None = None
+        """Why every call fails: the file was deleted or replaced under this handle."""
         with self._lock:
             self._connection()
         _OPEN_LEDGERS.add(self)
@@ -336,17 +370,26 @@ class SQLiteLedger(Ledger):
         """This process's connection (a forked child drops its parent's: see `_after_fork`)."""
         conn = self._conn
         if conn is None:
+            if self._gone is not None:
+                raise LedgerUnavailableError(self._gone)
             conn = self._conn = self._guard(self._connect)
         return conn
 
     def _after_fork_in_child(self) -> None:
-        # the parent's connection and lock state are not ours: never use or close them here
+        # The parent's connection is not ours: never use it, and never close it here (closing
+        # would checkpoint and unlock on the parent's behalf), so keep it referenced forever.
+        if self._conn is not None:
+            _ORPHANED_CONNECTIONS.append(self._conn)
         self._conn = None
         self._lock = threading.RLock()
 
     def _connect(self) -> sqlite3.Connection:
+        """Open the file, but only write to it once it is known to be a ledger (or empty)."""
+        must_exist = self._identity is not None
+        self._inspect(must_exist=must_exist)
         conn = sqlite3.connect(
-            str(self.path),
+            f"file:{quote(str(self.path))}?mode={'rw' if must_exist else 'rwc'}",
+            uri=True,
             timeout=self._busy_timeout,
             isolation_level=None,
             check_same_thread=False,
@@ -361,20 +404,61 @@ class SQLiteLedger(Ledger):
             # the file and two more fsyncs) every ~16 MB of WAL rather than SQLite's 4 MB.
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
             self._ensure_schema(conn)
+            opened = os.stat(self.path)
+            self._identity = (opened.st_dev, opened.st_ino)
         except BaseException:
             conn.close()
             raise
         return conn
 
+    def _inspect(self, *, must_exist: bool) -> None:
+        """Refuse a file that is not a ledger without writing a byte to it (or beside it).
+
+        Runs before the read-write connection, whose `journal_mode = WAL` would rewrite the
+        header of another application's database (and SQLite treats a file shorter than a
+        page as empty, so it would overwrite a 1-byte file). `immutable=1` reads the file with
+        no locks and no -wal/-shm files.
+        """
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            if must_exist:
+                raise LedgerUnavailableError(
+                    f"ledger file {self.path} was deleted while in use; no work was done. "
+                    "Restore it from a backup (a new, empty ledger would run every key again)"
+                ) from None
+            return
+        except OSError as exc:
+            raise LedgerUnavailableError(f"ledger file {self.path} cannot be used: {exc}") from None
+        if size == 0:
+            return  # a new ledger (created, or touched beforehand)
+        try:
+            with open(self.path, "rb") as file:
+                magic = file.read(len(SQLITE_MAGIC))
+        except OSError as exc:
+            raise LedgerUnavailableError(f"ledger file {self.path} cannot be read: {exc}") from None
+        if magic != SQLITE_MAGIC:
+            raise LedgerConfigError(
+                f"url: {self.path} is not a SQLite database; point the ledger url at a ledger "
+                "file or at a path that does not exist yet"
+            )
+        look = sqlite3.connect(
+            f"file:{quote(str(self.path))}?mode=ro&immutable=1", uri=True, check_same_thread=False
+        )
+        try:
+            version = self._guard(lambda: self._schema_version(look))
+            if version is None:
+                self._guard(lambda: self._refuse_foreign_tables(look))
+            else:
+                self._check_version(version)
+        finally:
+            look.close()
+
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         version = self._schema_version(conn)
         if version == SCHEMA_VERSION:
             return
-        if version is not None and version > SCHEMA_VERSION:
-            raise LedgerSchemaError(
-                f"{self.path} holds ledger schema version {version}, but this rocky_dagster "
-                f"understands up to {SCHEMA_VERSION}: upgrade rocky_dagster to use this ledger"
-            )
+        self._check_version(version)
         self._check_writable()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -409,9 +493,19 @@ class SQLiteLedger(Ledger):
         if not exists:
             return None
         row = conn.execute(f"SELECT value FROM {META} WHERE name = 'schema_version'").fetchone()
-        if row is None:
-            raise LedgerSchemaError(f"{self.path}: table {META} has no schema_version row")
-        return int(row[0])
+        if row is None or isinstance(row[0], bool) or not isinstance(row[0], int):
+            raise LedgerSchemaError(
+                f"{self.path}: table {META} has no valid schema_version row (found "
+                f"{None if row is None else row[0]!r}); it was not written by rocky_dagster"
+            )
+        return row[0]
+
+    def _check_version(self, version: int | None) -> None:
+        if version is not None and version > SCHEMA_VERSION:
+            raise LedgerSchemaError(
+                f"{self.path} holds ledger schema version {version}, but this rocky_dagster "
+                f"understands up to {SCHEMA_VERSION}: upgrade rocky_dagster to use this ledger"
+            )
 
     def _check_writable(self) -> None:
         """Refuse a file marked read-only even where the OS would let us write (root)."""
@@ -419,22 +513,84 @@ class SQLiteLedger(Ledger):
             mode = os.stat(self.path).st_mode
         except FileNotFoundError:
             return
+        self._refuse_read_only(mode)
+
+    def _refuse_read_only(self, mode: int) -> None:
         if not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
             raise LedgerUnavailableError(
                 f"ledger file {self.path} is read-only (mode {stat.filemode(mode)}): make it "
                 "writable (chmod u+w) or point the ledger url at a writable file; no work was done"
             )
-        self._writable_checked_at = time.monotonic()
+
+    def _check_file(self, *, writing: bool) -> None:
+        """The path still names the file our connection has open, else the call fails.
+
+        A ledger file deleted or replaced under a running process would otherwise take its
+        writes into an unlinked inode and report success. One stat per call (a claim fsyncs;
+        a stat is microseconds). The failure is final for this handle: the -wal file beside
+        the path still holds the old file's pages, which SQLite would lay over the new file,
+        so only a deliberate reopen (a new process, or `open_ledger` again) uses the path.
+        """
+        if self._gone is not None:
+            raise LedgerUnavailableError(self._gone)
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            self._gone = (
+                f"ledger file {self.path} was deleted while in use; no work was done. Restore "
+                "it from a backup (a new, empty ledger would run every key again)"
+            )
+        else:
+            if (now.st_dev, now.st_ino) != self._identity:
+                self._gone = (
+                    f"ledger file {self.path} was replaced by another file while in use; no "
+                    "work was done. Stop every process using it, then open the ledger again"
+                )
+            elif writing:
+                self._refuse_read_only(now.st_mode)
+                return
+            else:
+                return
+        self._drop_connection()
+        raise LedgerUnavailableError(self._gone)
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _rollback(conn)
+            with suppress(sqlite3.Error):
+                conn.close()
 
     def _guard(self, fn: Callable[[], T]) -> T:
         """Run `fn`, turning sqlite3 errors into ledger errors that say what to do."""
         try:
             return fn()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
             raise self._translate(exc) from exc
 
-    def _translate(self, exc: sqlite3.Error) -> Exception:
+    def _translate(self, exc: sqlite3.Error | UnicodeDecodeError) -> Exception:
         text = str(exc)
+        if isinstance(exc, UnicodeDecodeError):  # the module decodes TEXT as it reads a row
+            return LedgerCorruptError(
+                f"ledger file {self.path} holds text that is not UTF-8 ({text}); it is damaged "
+                "and no work was done. See `rocky-dagster ledger check` and restore the ledger "
+                "from a backup"
+            )
+        name = getattr(exc, "sqlite_errorname", "")
+        if self._identity is not None and (
+            name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+            or "malformed" in text
+            or "file is not a database" in text
+        ):
+            return LedgerCorruptError(
+                f"ledger file {self.path} is damaged ({text}); no work was done. See "
+                "`rocky-dagster ledger check` and restore the ledger from a backup"
+            )
+        if name.startswith("SQLITE_CORRUPT") or "malformed" in text:
+            return LedgerCorruptError(
+                f"{self.path} is a damaged SQLite database ({text}); restore it from a backup "
+                "or point the ledger url elsewhere"
+            )
         if "file is not a database" in text or "file is encrypted" in text:
             return LedgerConfigError(
                 f"url: {self.path} is not a SQLite database; point the ledger url at a ledger "
@@ -461,8 +617,11 @@ class SQLiteLedger(Ledger):
         return self._now(_utcnow)
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if not _FORK_GATE.is_set():
+            _FORK_GATE.wait(FORK_WAIT_SECONDS)
         with self._lock:
             conn = self._connection()
+            self._check_file(writing=False)
             return self._guard(lambda: conn.execute(sql, params).fetchall())
 
     def get(self, key: str) -> Entry | None:
@@ -489,10 +648,7 @@ class SQLiteLedger(Ledger):
         if limit is not None:
             sql = f"SELECT * FROM ({sql.replace('ORDER BY id', 'ORDER BY id DESC')} LIMIT ?) ORDER BY id"
             params = (key, int(limit))
-        return [
-            Event(id=r[0], key=r[1], kind=r[2], run_id=r[3], fence=r[4], at=_dt(r[5]), detail=r[6])
-            for r in self._read(sql, params)
-        ]
+        return [_event(r) for r in self._read(sql, params)]
 
     def stats(self) -> Stats:
         now = _ts(self.now())
@@ -611,14 +767,58 @@ def _create_schema(conn: sqlite3.Connection) -> None:
 
 
 _OPEN_LEDGERS: weakref.WeakSet[SQLiteLedger] = weakref.WeakSet()
+_ORPHANED_CONNECTIONS: list[sqlite3.Connection] = []
+"""Connections inherited through fork: the parent's, so the child never closes them."""
+_HELD_FOR_FORK: list[SQLiteLedger] = []
+FORK_WAIT_SECONDS = BUSY_TIMEOUT_SECONDS + 5
+"""How long a fork waits for another thread's ledger call to end (each call is bounded by
+the busy timeout); past that it forks anyway."""
+
+
+_FORK_GATE = threading.Event()
+"""Cleared while a fork waits for the ledgers' locks: new calls wait, so a thread looping
+ledger calls cannot starve the fork (locks are not fair)."""
+_FORK_GATE.set()
+
+
+def _before_fork() -> None:
+    """Let no other thread be inside a ledger call while the process forks.
+
+    SQLite keeps per-process lock state for each open file. A child forked while another
+    thread was inside a transaction inherits "this process holds the write lock" with no
+    thread left to release it, so its own connection would wait out the busy timeout and
+    fail. Holding every ledger's lock across `fork()` makes the child start clean.
+    """
+    ledgers = list(_OPEN_LEDGERS)
+    if not ledgers:
+        return
+    _FORK_GATE.clear()
+    for ledger in ledgers:
+        if ledger._lock.acquire(timeout=FORK_WAIT_SECONDS):
+            _HELD_FOR_FORK.append(ledger)
+
+
+def _after_fork_in_parent() -> None:
+    while _HELD_FOR_FORK:
+        _HELD_FOR_FORK.pop()._lock.release()
+    _FORK_GATE.set()
 
 
 def _after_fork_in_child() -> None:
+    global _FORK_GATE
+    # fresh objects: another thread of the parent may have been inside the old ones
+    _FORK_GATE = threading.Event()
+    _FORK_GATE.set()
+    _HELD_FOR_FORK.clear()
     for ledger in list(_OPEN_LEDGERS):
         ledger._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 def _retry_busy(fn: Callable[[], T], attempts: int = 50) -> T:

@@ -82,8 +82,8 @@ def open_ledger(
     `clock` (returning an aware UTC datetime) replaces the store's clock, for tests.
     """
     config = LedgerConfig.parse(config)
-    text = os.fspath(url)
-    if not isinstance(text, str) or not text.strip():
+    text = _url_text(url)
+    if not text.strip():
         raise LedgerConfigError(
             "url: empty ledger url; give sqlite:///path/to/ledger.db or postgresql://user@host/db"
         )
@@ -117,3 +117,21 @@ def open_ledger(
         f"url: unknown scheme {scheme!r} in {redact_url(text)!r}; use sqlite:///path/to/ledger.db "
         "or postgresql://user:password@host:5432/dbname"
     )
+
+
+def _url_text(url: object) -> str:
+    """The URL as text, refusing what no store could be named by (bytes, numbers, NUL, …)."""
+    text = os.fspath(url) if isinstance(url, str | os.PathLike) else url
+    if not isinstance(text, str):
+        raise LedgerConfigError(
+            f"url must be a string or a path, got {type(text).__name__}; give "
+            "sqlite:///path/to/ledger.db or postgresql://user@host/db"
+        )
+    for position, char in enumerate(text):
+        if char == "\x00" or "\ud800" <= char <= "\udfff":
+            what = "a NUL character" if char == "\x00" else "a lone surrogate (undecodable bytes)"
+            raise LedgerConfigError(
+                f"url contains {what} at position {position}; give the ledger url as plain "
+                "UTF-8 text"
+            )
+    return text

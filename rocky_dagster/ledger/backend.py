@@ -30,7 +30,10 @@ from .model import (
     encode_result,
     validate_fence,
     validate_key,
+    validate_limit,
     validate_optional_label,
+    validate_reason,
+    validate_state,
 )
 
 Clock = Callable[[], datetime]
@@ -88,9 +91,15 @@ class Ledger(ABC):
 
     @abstractmethod
     def entries(
-        self, state: State | str | None = None, *, run_id: str | None = None, limit: int = 100
+        self,
+        state: State | str | None = None,
+        *,
+        run_id: str | None = None,
+        prefix: str | None = None,
+        limit: int = 100,
     ) -> list[Entry]:
-        """Entries newest claim first, optionally only one state and/or one run's."""
+        """Entries newest claim first, optionally only one state, one run's, and/or keys
+        starting with `prefix` (a tagged key's steps: `prefix="base/key/"`)."""
 
     @abstractmethod
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
@@ -263,6 +272,7 @@ class Ledger(ABC):
         key = validate_key(key)
         run_id = validate_optional_label(run_id, "run_id")
         fence = None if fence is None else validate_fence(fence)
+        reason = validate_reason(reason)
         with self.transaction() as tx:
             row = tx.load(key)
             if row is None or row.state != State.IN_FLIGHT:
@@ -278,6 +288,7 @@ class Ledger(ABC):
     def reset(self, key: str, *, reason: str = "reset by an operator") -> bool:
         """Forget a finalized key so the next claim proceeds; in-flight claims need `release`."""
         key = validate_key(key)
+        reason = validate_reason(reason)
         with self.transaction() as tx:
             row = tx.load(key)
             if row is None or row.state == State.IN_FLIGHT:
@@ -325,6 +336,23 @@ def validate_claim(
         validate_optional_label(pipeline, "pipeline"),
         validate_optional_label(fingerprint, "fingerprint"),
     )
+
+
+def validate_entries_filter(
+    state: object, run_id: object, prefix: object, limit: object
+) -> tuple[State | None, str | None, str | None, int]:
+    """`entries()` filters checked before the query: a bad one is a named error, not an
+    empty answer or a driver's exception."""
+    return (
+        validate_state(state),
+        validate_optional_label(run_id, "run_id"),
+        validate_optional_label(prefix, "prefix"),
+        validate_limit(limit),
+    )
+
+
+def validate_history(key: object, limit: object) -> tuple[str, int | None]:
+    return validate_key(key), None if limit is None else validate_limit(limit)
 
 
 def validate_finalize(

@@ -38,7 +38,15 @@ import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .backend import Clock, Ledger, redact_url, validate_claim, validate_finalize
+from .backend import (
+    Clock,
+    Ledger,
+    redact_url,
+    validate_claim,
+    validate_entries_filter,
+    validate_finalize,
+    validate_history,
+)
 from .config import LedgerConfig
 from .errors import (
     LedgerConfigError,
@@ -892,24 +900,36 @@ class PostgresLedger(Ledger):
     # --- reads and housekeeping ---------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
+        key = validate_key(key)
         rows = self._read(f"{self._sql.select} WHERE key = %s", (key,))
         return _entry(rows[0]) if rows else None
 
     def entries(
-        self, state: State | str | None = None, *, run_id: str | None = None, limit: int = 100
+        self,
+        state: State | str | None = None,
+        *,
+        run_id: str | None = None,
+        prefix: str | None = None,
+        limit: int = 100,
     ) -> list[Entry]:
-        where, params = [], []
+        state, run_id, prefix, limit = validate_entries_filter(state, run_id, prefix, limit)
+        where: list[str] = []
+        params: list[Any] = []
         if state is not None:
             where.append("state = %s")
-            params.append(State(state).value)
+            params.append(state.value)
         if run_id is not None:
             where.append("run_id = %s")
             params.append(run_id)
+        if prefix is not None:
+            where.append("starts_with(key, %s)")
+            params.append(prefix)
         sql = self._sql.select + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY claimed_at DESC, fence DESC LIMIT %s"
         return [_entry(r) for r in self._read(sql, (*params, int(limit)))]
 
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
+        key, limit = validate_history(key, limit)
         cols = "id, key, kind, run_id, fence, at, detail"
         if limit is None:
             sql = f"SELECT {cols} FROM {self._sql.events} WHERE key = %s ORDER BY id"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from .backend import Clock, Ledger
+from .backend import Clock, Ledger, validate_entries_filter, validate_history
 from .config import LedgerConfig
 from .errors import (
     LedgerConfigError,
@@ -45,6 +45,7 @@ from .model import (
     corrupt_row,
     decode_result,
     encode_result,
+    validate_key,
 )
 
 SCHEMA_VERSION = 1
@@ -625,24 +626,36 @@ class SQLiteLedger(Ledger):
             return self._guard(lambda: conn.execute(sql, params).fetchall())
 
     def get(self, key: str) -> Entry | None:
+        key = validate_key(key)
         rows = self._read(f"{_SELECT_ENTRY} WHERE key = ?", (key,))
         return _entry(rows[0]) if rows else None
 
     def entries(
-        self, state: State | str | None = None, *, run_id: str | None = None, limit: int = 100
+        self,
+        state: State | str | None = None,
+        *,
+        run_id: str | None = None,
+        prefix: str | None = None,
+        limit: int = 100,
     ) -> list[Entry]:
-        where, params = [], []
+        state, run_id, prefix, limit = validate_entries_filter(state, run_id, prefix, limit)
+        where: list[str] = []
+        params: list[Any] = []
         if state is not None:
             where.append("state = ?")
-            params.append(State(state).value)
+            params.append(state.value)
         if run_id is not None:
             where.append("run_id = ?")
             params.append(run_id)
+        if prefix is not None:
+            where.append("substr(key, 1, ?) = ?")
+            params += [len(prefix), prefix]
         sql = _SELECT_ENTRY + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY claimed_at DESC, fence DESC LIMIT ?"
         return [_entry(r) for r in self._read(sql, (*params, int(limit)))]
 
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
+        key, limit = validate_history(key, limit)
         sql = f"SELECT id, key, kind, run_id, fence, at, detail FROM {EVENTS} WHERE key = ? ORDER BY id"
         params: tuple[Any, ...] = (key,)
         if limit is not None:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .config import LedgerConfig
-from .errors import InvalidArgumentError, LedgerConfigError
+from .errors import InvalidArgumentError, LedgerConfigError, LedgerError
 from .machine import decide
 from .model import (
     Claim,
@@ -100,6 +100,24 @@ class Ledger(ABC):
     ) -> list[Entry]:
         """Entries newest claim first, optionally only one state, one run's, and/or keys
         starting with `prefix` (a tagged key's steps: `prefix="base/key/"`)."""
+
+    @abstractmethod
+    def entries_touched_by(
+        self,
+        run_id: str,
+        state: State | str | None = None,
+        *,
+        prefix: str | None = None,
+        limit: int = 100,
+    ) -> list[Entry]:
+        """What one run claimed or did: entries it holds or last held, plus every key whose
+        event history names it (claimed and lost to an adopter, skipped, reaped), newest claim
+        first. A key whose entry is gone (reset, released, swept) has no entry to show."""
+
+    @abstractmethod
+    def check(self) -> list[str]:
+        """Problems found in the store (damaged pages, rows that do not decode, missing
+        tables); empty when the ledger is sound. Reads everything: for operators, not hot paths."""
 
     @abstractmethod
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
@@ -349,6 +367,19 @@ def validate_entries_filter(
         validate_optional_label(prefix, "prefix"),
         validate_limit(limit),
     )
+
+
+def row_problems(
+    rows: list[tuple[Any, ...]], decode: Callable[[tuple[Any, ...]], object]
+) -> list[str]:
+    """One line per stored row that does not decode (a `LedgerError` naming it)."""
+    problems = []
+    for row in rows:
+        try:
+            decode(row)
+        except LedgerError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def validate_history(key: object, limit: object) -> tuple[str, int | None]:

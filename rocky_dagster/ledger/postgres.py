@@ -42,6 +42,7 @@ from .backend import (
     Clock,
     Ledger,
     redact_url,
+    row_problems,
     validate_claim,
     validate_entries_filter,
     validate_finalize,
@@ -927,6 +928,63 @@ class PostgresLedger(Ledger):
         sql = self._sql.select + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY claimed_at DESC, fence DESC LIMIT %s"
         return [_entry(r) for r in self._read(sql, (*params, int(limit)))]
+
+    def entries_touched_by(
+        self,
+        run_id: str,
+        state: State | str | None = None,
+        *,
+        prefix: str | None = None,
+        limit: int = 100,
+    ) -> list[Entry]:
+        state, _, prefix, limit = validate_entries_filter(state, None, prefix, limit)
+        run_id = validate_key(run_id, "run_id")
+        where = [f"(run_id = %s OR key IN (SELECT key FROM {self._sql.events} WHERE run_id = %s))"]
+        params: list[Any] = [run_id, run_id]
+        if state is not None:
+            where.append("state = %s")
+            params.append(state.value)
+        if prefix is not None:
+            where.append("starts_with(key, %s)")
+            params.append(prefix)
+        sql = f"{self._sql.select} WHERE {' AND '.join(where)} ORDER BY claimed_at DESC, fence DESC"
+        return [_entry(r) for r in self._read(sql + " LIMIT %s", (*params, limit))]
+
+    def check(self) -> list[str]:
+        """The ledger's tables and fence sequence exist at this schema version, every entry
+        and event decodes as a call would, and no stored fence is above the sequence."""
+        problems: list[str] = []
+        try:
+            for name in (self._sql.entries, self._sql.events, self._sql.meta, self._sql.fences):
+                ((found,),) = self._read("SELECT to_regclass(%s)", (name,))
+                if found is None:
+                    problems.append(f"{name} is missing")
+            if problems:
+                return problems
+            ((version,),) = self._read(
+                f"SELECT max(value) FROM {self._sql.meta} WHERE name = 'schema_version'"
+            )
+            if version != SCHEMA_VERSION:
+                problems.append(f"schema_version is {version!r}, expected {SCHEMA_VERSION}")
+            problems += row_problems(self._read(self._sql.select), _entry)
+            problems += row_problems(
+                self._read(
+                    f"SELECT id, key, kind, run_id, fence, at, detail FROM {self._sql.events}"
+                ),
+                _event,
+            )
+            ((top, issued),) = self._read(
+                f"SELECT (SELECT max(fence) FROM {self._sql.entries}), "
+                f"(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {self._sql.fences})"
+            )
+            if top is not None and top > issued:
+                problems.append(
+                    f"an entry holds fence {top}, above the last one the sequence {self._sql.fences} "
+                    f"handed out ({issued}): a new claim could reuse a fence"
+                )
+        except LedgerUnavailableError as exc:
+            problems.append(str(exc))
+        return problems
 
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
         key, limit = validate_history(key, limit)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from .backend import Clock, Ledger, validate_entries_filter, validate_history
+from .backend import Clock, Ledger, row_problems, validate_entries_filter, validate_history
 from .config import LedgerConfig
 from .errors import (
     LedgerConfigError,
@@ -653,6 +653,45 @@ class SQLiteLedger(Ledger):
         sql = _SELECT_ENTRY + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY claimed_at DESC, fence DESC LIMIT ?"
         return [_entry(r) for r in self._read(sql, (*params, int(limit)))]
+
+    def entries_touched_by(
+        self,
+        run_id: str,
+        state: State | str | None = None,
+        *,
+        prefix: str | None = None,
+        limit: int = 100,
+    ) -> list[Entry]:
+        state, _, prefix, limit = validate_entries_filter(state, None, prefix, limit)
+        run_id = validate_key(run_id, "run_id")
+        where = [f"(run_id = ? OR key IN (SELECT key FROM {EVENTS} WHERE run_id = ?))"]
+        params: list[Any] = [run_id, run_id]
+        if state is not None:
+            where.append("state = ?")
+            params.append(state.value)
+        if prefix is not None:
+            where.append("substr(key, 1, ?) = ?")
+            params += [len(prefix), prefix]
+        sql = f"{_SELECT_ENTRY} WHERE {' AND '.join(where)} ORDER BY claimed_at DESC, fence DESC"
+        return [_entry(r) for r in self._read(sql + " LIMIT ?", (*params, limit))]
+
+    def check(self) -> list[str]:
+        """`PRAGMA integrity_check`, then every entry and event decoded as a call would."""
+        problems: list[str] = []
+        try:
+            problems += [
+                f"integrity_check: {message}"
+                for (message,) in self._read("PRAGMA integrity_check")
+                if message != "ok"
+            ]
+            problems += row_problems(self._read(_SELECT_ENTRY), _entry)
+            problems += row_problems(
+                self._read(f"SELECT id, key, kind, run_id, fence, at, detail FROM {EVENTS}"),
+                _event,
+            )
+        except LedgerUnavailableError as exc:
+            problems.append(str(exc))
+        return problems
 
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
         key, limit = validate_history(key, limit)

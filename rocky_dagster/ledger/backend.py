@@ -161,8 +161,12 @@ class Ledger(ABC):
                     config=self.config,
                     force=force,
                 )
+                if plan.rebased is not None:
+                    existing = plan.rebased
                 if not plan.takes_key:
                     assert existing is not None
+                    if plan.rebased is not None:
+                        tx.update(plan.rebased)
                     tx.log(plan.event, key, run_id, None, plan.detail)
                     return Claim(
                         key=key,
@@ -175,20 +179,27 @@ class Ledger(ABC):
                         if existing.state == State.IN_FLIGHT
                         else None,
                         expires_at=existing.expires_at,
+                        generation=existing.generation_fence,
                     )
                 now = tx.now
+                fence = tx.next_fence()
+                # a same-run re-entry keeps the first attempt's claimed_at: the TTL cap holds
+                claimed_at = existing.claimed_at if plan.reentrant and existing else now
                 entry = Entry(
                     key=key,
                     state=State.IN_FLIGHT,
                     run_id=run_id,
-                    fence=tx.next_fence(),
+                    fence=fence,
                     pipeline=pipeline,
                     fingerprint=fingerprint,
-                    claimed_at=now,
+                    claimed_at=claimed_at,
                     heartbeat_at=now,
-                    lease_expires_at=min(now + self.config.lease, now + self.config.in_flight_ttl),
+                    lease_expires_at=min(
+                        now + self.config.lease, claimed_at + self.config.in_flight_ttl
+                    ),
                     dedup_on=self.config.dedup_on.value,
                     prior_run_id=plan.prior_run_id,
+                    generation=existing.generation_fence if plan.continues and existing else fence,
                 )
                 if existing is None:
                     if not tx.insert(entry):
@@ -204,6 +215,7 @@ class Ledger(ABC):
                     prior_run_id=plan.prior_run_id,
                     forced=plan.forced,
                     lease_expires_at=entry.lease_expires_at,
+                    generation=entry.generation,
                 )
 
     def finalize(
@@ -261,13 +273,16 @@ class Ledger(ABC):
             if row is None or row.fence != fence or row.state != State.IN_FLIGHT:
                 return False
             now = tx.now
+            claimed_at = min(row.claimed_at, now)  # a clock stepped back: see machine._rebase
+            deadline = claimed_at + self.config.in_flight_ttl
+            if deadline <= now:
+                return False  # past the hard cap the claim is adoptable: it is lost
             tx.update(
                 row.model_copy(
                     update={
+                        "claimed_at": claimed_at,
                         "heartbeat_at": now,
-                        "lease_expires_at": min(
-                            now + self.config.lease, row.claimed_at + self.config.in_flight_ttl
-                        ),
+                        "lease_expires_at": min(now + self.config.lease, deadline),
                     }
                 )
             )

@@ -1,4 +1,4 @@
-"""The claim decision table (DESIGN §1.3) as one pure function.
+"""The claim decision table (docs/contract.md, "Ledger contract") as one pure function.
 
 Backends lock the key's row, call `decide`, and write what it says, so every
 backend makes the same decision from the same row.
@@ -25,6 +25,13 @@ class Plan:
     prior_run_id: str | None = None
     held_by_run_id: str | None = None
     forced: bool = False
+    continues: bool = False
+    """The new claim continues the existing entry's generation (adoption, same-run re-entry)."""
+    reentrant: bool = False
+    """Same-run re-entry: the claim keeps the original `claimed_at`, so the TTL cap holds."""
+    rebased: Entry | None = None
+    """The existing in-flight row with times from the future clamped to `now` (the clock
+    stepped back): written even when the claim does not take the key."""
 
 
 def dedups(entry: Entry) -> bool:
@@ -48,7 +55,12 @@ def decide(
         return Plan(Decision.PROCEED, True, EventKind.CLAIMED, "new claim")
 
     if existing.state == State.IN_FLIGHT:
+        rebased = _rebase(existing, now, config)
+        if rebased is not None:
+            existing = rebased
         if existing.lease_expires_at <= now:
+            if not force:  # the adopter would continue different work under the same key
+                _check_fingerprint(existing, fingerprint, config)
             return Plan(
                 Decision.ADOPTED_STALE,
                 True,
@@ -56,6 +68,8 @@ def decide(
                 f"adopted from run {existing.run_id} (fence {existing.fence}): its lease expired "
                 f"at {existing.lease_expires_at.isoformat()}",
                 prior_run_id=existing.run_id,
+                continues=True,
+                rebased=rebased,
             )
         if not force:  # an audited override also overrides the parameter check
             _check_fingerprint(existing, fingerprint, config)
@@ -66,6 +80,9 @@ def decide(
                 EventKind.CLAIMED,
                 f"re-entrant claim by the same run (replaces fence {existing.fence})",
                 prior_run_id=existing.run_id,
+                continues=True,
+                reentrant=True,
+                rebased=rebased,
             )
         return Plan(
             Decision.SKIPPED_IN_FLIGHT,
@@ -74,6 +91,7 @@ def decide(
             f"held by run {existing.run_id} (fence {existing.fence}) until at least "
             f"{existing.lease_expires_at.isoformat()}",
             held_by_run_id=existing.run_id,
+            rebased=rebased,
         )
 
     if existing.is_expired(now):
@@ -108,6 +126,28 @@ def decide(
         EventKind.SKIPPED_COMPLETED,
         f"{existing.state.value} in run {existing.run_id}",
         prior_run_id=existing.run_id,
+    )
+
+
+def _rebase(existing: Entry, now: datetime, config: LedgerConfig) -> Entry | None:
+    """An in-flight row written "in the future" means the clock stepped back since.
+
+    Its lease would then last until the old clock's time came round again (years, after a
+    bad NTP step). Clamp its times to `now`: a live holder's next heartbeat renews the lease
+    as usual; a dead holder's claim becomes adoptable one lease from now, and the TTL cap
+    counts from now at the latest. None when no time is ahead of `now`.
+    """
+    if existing.claimed_at <= now and existing.heartbeat_at <= now:
+        return None
+    claimed_at = min(existing.claimed_at, now)
+    return existing.model_copy(
+        update={
+            "claimed_at": claimed_at,
+            "heartbeat_at": min(existing.heartbeat_at, now),
+            "lease_expires_at": min(
+                existing.lease_expires_at, now + config.lease, claimed_at + config.in_flight_ttl
+            ),
+        }
     )
 
 

@@ -105,6 +105,13 @@ class Entry(_Frozen):
     dedup_on: str
     result: dict[str, Any] | None = None
     prior_run_id: str | None = None
+    generation: int | None = None
+    """The fence of the claim that began this generation of the key (see `Claim.generation`);
+    stored NULL means this entry's own fence (a claim that began one, or a pre-v2 row)."""
+
+    @property
+    def generation_fence(self) -> int:
+        return self.fence if self.generation is None else self.generation
 
     def is_expired(self, now: datetime) -> bool:
         """A terminal entry past retention no longer dedups, swept or not."""
@@ -137,6 +144,11 @@ class Claim(_Frozen):
     forced: bool = False
     lease_expires_at: datetime | None = None
     expires_at: datetime | None = None
+    generation: int | None = None
+    """The fence of the claim that began this generation of the key: a proceed after no entry,
+    a failure, expiry, reset/release or force begins one (generation == fence); adopting a
+    stale claim and a same-run re-entry continue it. Work done once per generation is done
+    once, whichever holder of the generation did it. For a skip, the recorded entry's."""
 
     @property
     def should_run(self) -> bool:

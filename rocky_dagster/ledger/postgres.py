@@ -74,7 +74,8 @@ from .model import (
     validate_key,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the first release. 2: `generation` column on entries (NULL reads as the entry's fence)."""
 DEFAULT_SCHEMA = "rocky_ledger"
 ENTRIES = "rocky_ledger_entries"
 EVENTS = "rocky_ledger_events"
@@ -201,6 +202,7 @@ class _Sql:
                                          claimed_at + %(ttl_us)s * interval '1 microsecond')
             FROM (SELECT coalesce(%(now)s::timestamptz, statement_timestamp()) AS now) AS t
             WHERE key = %(key)s AND fence = %(fence)s AND state = 'in_flight'
+                AND t.now < claimed_at + %(ttl_us)s * interval '1 microsecond'
             RETURNING 1"""
         self.written_by = (
             f"SELECT state, run_id, fence, expires_at, lease_expires_at FROM {self.entries} "
@@ -276,6 +278,14 @@ class _Sql:
             f"INSERT INTO {self.meta} (name, value) VALUES ('schema_version', 1)",
         ]
 
+    def migrate_v2(self) -> list[str]:
+        """Version 2: the generation a claim continues (NULL: the entry's own fence, which is
+        what every v1 row and every claim that begins a generation have)."""
+        return [
+            f"ALTER TABLE {self.entries} ADD COLUMN generation bigint",
+            f"UPDATE {self.meta} SET value = 2 WHERE name = 'schema_version'",
+        ]
+
 
 # --- URL --------------------------------------------------------------------------------------------
 
@@ -338,6 +348,8 @@ def _entry(row: tuple[Any, ...] | list[Any]) -> Entry:
         for name in TIME_COLUMNS:
             data[name] = _utc(data[name])
         data["result"] = decode_result(data["result"])
+        if data["generation"] is None:
+            data["generation"] = data["fence"]
         return Entry.model_validate(data)
     except (ValueError, TypeError, RecursionError) as exc:  # pydantic's errors are ValueErrors
         raise corrupt_row(ENTRIES, data["key"], exc) from None
@@ -621,6 +633,10 @@ class PostgresLedger(Ledger):
                         if version is None:
                             for statement in self._sql.create_v1():
                                 conn.execute(statement)  # type: ignore[arg-type]
+                            version = 1
+                        if version == 1:
+                            for statement in self._sql.migrate_v2():
+                                conn.execute(statement)  # type: ignore[arg-type]
                 finally:
                     conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock_key,))
         except psycopg.OperationalError as exc:
@@ -787,6 +803,7 @@ class PostgresLedger(Ledger):
             decision=_NEW_CLAIM.decision,
             fence=int(row[0]),
             lease_expires_at=_utc(row[1]),
+            generation=int(row[0]),  # a new claim begins a generation (stored NULL)
         )
 
     def _written_by(self, key: str, token: str, exc: psycopg.Error) -> tuple[Any, ...] | None:

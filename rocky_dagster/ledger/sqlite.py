@@ -48,7 +48,8 @@ from .model import (
     validate_key,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the first release. 2: `generation` column on entries (NULL reads as the entry's fence)."""
 SQLITE_MAGIC = b"SQLite format 3\x00"
 ENTRIES = "rocky_ledger_entries"
 EVENTS = "rocky_ledger_events"
@@ -146,6 +147,7 @@ def _row(entry: Entry) -> tuple[Any, ...]:
         entry.dedup_on,
         None if entry.result is None else encode_result(entry.result),
         entry.prior_run_id,
+        entry.generation,
     )
 
 
@@ -182,6 +184,7 @@ def _decode_entry(row: tuple[Any, ...]) -> Entry:
         dedup_on,
         result,
         prior_run_id,
+        generation,
     ) = row
     return Entry(
         key=key,
@@ -198,6 +201,7 @@ def _decode_entry(row: tuple[Any, ...]) -> Entry:
         dedup_on=dedup_on,
         result=decode_result(result),
         prior_run_id=prior_run_id,
+        generation=fence if generation is None else generation,
     )
 
 
@@ -463,9 +467,13 @@ class SQLiteLedger(Ledger):
         self._check_writable()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if self._schema_version(conn) is None:
+            version = self._schema_version(conn)
+            if version is None:
                 self._refuse_foreign_tables(conn)
                 _create_schema(conn)
+            elif version == 1:
+                conn.execute(f"ALTER TABLE {ENTRIES} ADD COLUMN generation INTEGER")
+                conn.execute(f"UPDATE {META} SET value = 2 WHERE name = 'schema_version'")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -784,7 +792,8 @@ CREATE TABLE IF NOT EXISTS {ENTRIES} (
     expires_at TEXT,
     dedup_on TEXT NOT NULL,
     result TEXT,
-    prior_run_id TEXT
+    prior_run_id TEXT,
+    generation INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS {EVENTS} (
     id INTEGER PRIMARY KEY,

@@ -13,6 +13,7 @@ from pathlib import Path
 from ledger_helpers import replay
 
 from rocky_dagster.ledger import Outcome, open_ledger
+from rocky_dagster.ledger.sqlite import SCHEMA_VERSION
 
 
 def test_threads_sharing_one_ledger_get_one_winner_per_generation(tmp_path: Path):
@@ -59,6 +60,6 @@ def test_the_file_is_in_wal_mode_for_every_later_reader(tmp_path: Path):
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute(
             "SELECT value FROM rocky_ledger_meta WHERE name = 'schema_version'"
-        ).fetchone() == (1,)
+        ).fetchone() == (SCHEMA_VERSION,)
     finally:
         conn.close()

@@ -488,6 +488,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(2, str(exc))
     except (LedgerError, CliError) as exc:
         return _fail(1, str(exc))
+    except UnicodeEncodeError as exc:  # a terminal that cannot show a key's characters
+        return _fail(
+            1,
+            f"cannot write the output in this terminal's encoding ({exc}); "
+            "set PYTHONIOENCODING=utf-8",
+        )
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130

@@ -557,3 +557,10 @@ def test_check_on_postgres(postgres_url: str):
     one_line_error(damaged, 1, "1 problem found")
     assert "'k'" in damaged.stdout
     assert "s3cret" not in damaged.stdout + damaged.stderr
+
+
+def test_a_terminal_that_cannot_show_a_key_gets_one_line(url: str):
+    with open_ledger(url) as ledger:
+        ledger.claim("отчёт/2031", "run-1")
+    result = rocky("ledger", "list", "--url", url, env={"PYTHONIOENCODING": "ascii"})
+    one_line_error(result, 1, "PYTHONIOENCODING=utf-8")

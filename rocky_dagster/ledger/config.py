@@ -67,6 +67,13 @@ class LedgerConfig(BaseModel):
         description="'error': a claim whose fingerprint differs from the recorded one raises; 'ignore': it does not.",
     )
 
+    def __init__(self, **data: Any) -> None:
+        """As pydantic's, but a bad field is a `LedgerConfigError` here too (not only in `parse`)."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise LedgerConfigError(describe_validation_error(exc, "ledger config")) from None
+
     @field_validator("retention_days", "in_flight_ttl_hours", "lease_seconds")
     @classmethod
     def _a_representable_duration(cls, value: float, info: Any) -> float:
@@ -107,7 +114,8 @@ class LedgerConfig(BaseModel):
         if value is None:
             return cls()
         if isinstance(value, LedgerConfig):
-            return value
+            # checked again: `model_copy(update=...)` and `model_construct` skip validation
+            value = dict(value.__dict__)
         try:
             return cls.model_validate(value)
         except ValidationError as exc:

@@ -256,7 +256,7 @@ class _SQLiteTransaction:
         a claim writes no counter page of its own (a page less to fsync per claim).
         """
         (top,) = self.conn.execute(_FENCE_TOP).fetchone()
-        self._fence = max(top, self._fence) + 1
+        self._fence = max(_fence_top(top), self._fence) + 1
         return self._fence
 
     def log(
@@ -271,6 +271,13 @@ class _SQLiteTransaction:
         """Before commit: a fence handed out with no event after it still must never recur."""
         if self._fence > self._last_event_id:
             self.conn.execute(_RAISE_FENCE_FLOOR, (self._fence,))
+
+
+def _fence_top(value: object) -> int:
+    """The fence high-water mark as read; damage there could hand out a fence twice."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise corrupt_row(META, "last_fence", ValueError(f"fence floor is {value!r}"))
+    return value
 
 
 def _utcnow() -> datetime:
@@ -378,6 +385,7 @@ class SQLiteLedger(Ledger):
             if self._gone is not None:
                 raise LedgerUnavailableError(self._gone)
             conn = self._conn = self._guard(self._connect)
+            _OPEN_LEDGERS.add(self)  # again after close(): forks must see it
         return conn
 
     def _after_fork_in_child(self) -> None:
@@ -544,7 +552,11 @@ class SQLiteLedger(Ledger):
             raise LedgerUnavailableError(self._gone)
         try:
             now = os.stat(self.path)
-        except FileNotFoundError:
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):  # e.g. the directory lost its x bit
+                raise LedgerUnavailableError(
+                    f"ledger file {self.path} cannot be checked ({exc}); no work was done"
+                ) from None
             self._gone = (
                 f"ledger file {self.path} was deleted while in use; no work was done. Restore "
                 "it from a backup (a new, empty ledger would run every key again)"
@@ -732,7 +744,7 @@ class SQLiteLedger(Ledger):
             expired=counts[4],
             stale_in_flight=counts[5],
             events=events,
-            last_fence=int(fence),
+            last_fence=_fence_top(fence),
         )
 
     def _sweep(self, now: datetime, abandoned_before: datetime) -> int:
@@ -758,7 +770,7 @@ class SQLiteLedger(Ledger):
             # events are appended in time order, so the old ones are a prefix in id order
             # (found by walking it: costs what it deletes, and no index on `at` to maintain).
             # Event ids are the fence counter: keep their high-water mark before trimming.
-            conn.execute(_RAISE_FENCE_FLOOR, (conn.execute(_FENCE_TOP).fetchone()[0],))
+            conn.execute(_RAISE_FENCE_FLOOR, (_fence_top(conn.execute(_FENCE_TOP).fetchone()[0]),))
             young = conn.execute(
                 f"SELECT id FROM {EVENTS} WHERE at >= ? ORDER BY id LIMIT 1",
                 (_ts(abandoned_before),),

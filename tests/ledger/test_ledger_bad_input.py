@@ -584,3 +584,16 @@ def test_a_url_with_nul_or_undecodable_bytes_is_a_config_error(tmp_path: Path, b
     with pytest.raises(LedgerConfigError, match="url contains"):
         open_ledger(bad)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_built_directly_or_copied_is_checked_too(
+    make_ledger: MakeLedger, clock: FakeClock
+):
+    with pytest.raises(LedgerConfigError, match="retention_days"):
+        LedgerConfig(retention_days=3e6)
+    sneaky = CONFIG.model_copy(update={"lease_seconds": 1e12})
+    with pytest.raises(LedgerConfigError, match="lease_seconds"):
+        make_ledger(sneaky, clock)
+    unchecked = LedgerConfig.model_construct(retention_days=float("inf"))
+    with pytest.raises(LedgerConfigError, match="retention_days"):
+        make_ledger(unchecked, clock)

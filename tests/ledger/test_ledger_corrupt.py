@@ -183,3 +183,14 @@ def test_a_damaged_page_is_a_corrupt_error_naming_the_file(big_ledger: Path):
             for n in range(300):
                 ledger.claim(f"key/{n:04d}", "run-new")
         assert str(big_ledger) in str(raised.value)
+
+
+def test_a_damaged_fence_floor_is_a_corrupt_error_not_a_type_error(tmp_path: Path):
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with open_ledger(url) as ledger:
+        ledger.claim("k", "run-1")
+        raw_sql(url, "UPDATE rocky_ledger_meta SET value = 'many' WHERE name = 'last_fence'")
+        for call in (lambda: ledger.claim("new", "run-2"), ledger.stats, ledger.sweep):
+            with pytest.raises(LedgerCorruptError, match="last_fence"):
+                call()
+        assert ledger.get("new") is None

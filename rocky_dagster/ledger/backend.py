@@ -77,6 +77,11 @@ class Ledger(ABC):
     def __init__(self, url: str, config: LedgerConfig | None, clock: Clock | None) -> None:
         self.url = redact_url(url)
         self.config = LedgerConfig.parse(config)
+        if clock is not None and not callable(clock):
+            raise LedgerConfigError(
+                f"clock must be a function returning an aware UTC datetime, got "
+                f"{type(clock).__name__}"
+            )
         self._clock = clock
 
     # --- what a backend provides ---------------------------------------------------------------
@@ -149,7 +154,9 @@ class Ledger(ABC):
         force: bool = False,
     ) -> Claim:
         """Atomically decide whether `run_id` may do the work named by `key` (DESIGN §1.3)."""
-        key, run_id, pipeline, fingerprint = validate_claim(key, run_id, pipeline, fingerprint)
+        key, run_id, pipeline, fingerprint = validate_claim(
+            key, run_id, pipeline, fingerprint, force=force
+        )
         with self.transaction() as tx:
             while True:
                 existing = tx.load(key)
@@ -345,6 +352,8 @@ class Ledger(ABC):
 
     def _now(self, store_now: Callable[[], datetime]) -> datetime:
         value = self._clock() if self._clock is not None else store_now()
+        if not isinstance(value, datetime):
+            raise LedgerConfigError(f"clock must return a datetime, got {type(value).__name__}")
         if value.tzinfo is None:
             raise LedgerConfigError("clock must return a timezone-aware datetime (UTC)")
         return value.astimezone(UTC)
@@ -360,9 +369,11 @@ class Ledger(ABC):
 
 
 def validate_claim(
-    key: object, run_id: object, pipeline: object, fingerprint: object
+    key: object, run_id: object, pipeline: object, fingerprint: object, *, force: object = False
 ) -> tuple[str, str, str | None, str | None]:
     """A claim's arguments checked before anything is written, by every backend's claim."""
+    if not isinstance(force, bool):
+        raise InvalidArgumentError(f"force must be True or False, got {force!r}")
     return (
         validate_key(key),
         validate_key(run_id, "run_id"),

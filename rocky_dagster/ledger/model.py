@@ -109,6 +109,20 @@ class Entry(_Frozen):
     """The fence of the claim that began this generation of the key (see `Claim.generation`);
     stored NULL means this entry's own fence (a claim that began one, or a pre-v2 row)."""
 
+    def checked(self) -> Entry:
+        """This entry as read back from a store, if it could have been written by a ledger;
+        a ValueError names what could not (the backends turn it into `LedgerCorruptError`)."""
+        if not 1 <= self.fence <= MAX_FENCE or not 1 <= self.generation_fence <= self.fence:
+            raise ValueError(f"fence {self.fence} / generation {self.generation} out of range")
+        if self.dedup_on not in ("success", "any"):
+            raise ValueError(f"unknown dedup_on {self.dedup_on!r}")
+        if self.state == State.IN_FLIGHT:
+            if self.finalized_at is not None or self.expires_at is not None:
+                raise ValueError("an in-flight entry has a finalized_at or expires_at")
+        elif self.finalized_at is None or self.expires_at is None:
+            raise ValueError(f"a {self.state.value} entry has no finalized_at or expires_at")
+        return self
+
     @property
     def generation_fence(self) -> int:
         return self.fence if self.generation is None else self.generation

@@ -350,7 +350,7 @@ def _entry(row: tuple[Any, ...] | list[Any]) -> Entry:
         data["result"] = decode_result(data["result"])
         if data["generation"] is None:
             data["generation"] = data["fence"]
-        return Entry.model_validate(data)
+        return Entry.model_validate(data).checked()
     except (ValueError, TypeError, RecursionError) as exc:  # pydantic's errors are ValueErrors
         raise corrupt_row(ENTRIES, data["key"], exc) from None
 
@@ -756,7 +756,9 @@ class PostgresLedger(Ledger):
         force: bool = False,
     ) -> Claim:
         """As `Ledger.claim`; a key with no row is claimed in one statement (one round trip)."""
-        key, run_id, pipeline, fingerprint = validate_claim(key, run_id, pipeline, fingerprint)
+        key, run_id, pipeline, fingerprint = validate_claim(
+            key, run_id, pipeline, fingerprint, force=force
+        )
 
         def attempt() -> Claim:
             claim = self._fast_claim(key, run_id, pipeline, fingerprint)

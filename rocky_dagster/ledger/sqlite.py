@@ -202,7 +202,7 @@ def _decode_entry(row: tuple[Any, ...]) -> Entry:
         result=decode_result(result),
         prior_run_id=prior_run_id,
         generation=fence if generation is None else generation,
-    )
+    ).checked()
 
 
 class _SQLiteTransaction:
@@ -358,12 +358,16 @@ class SQLiteLedger(Ledger):
     ) -> None:
         super().__init__(url, config, clock)
         self.path = Path(path).expanduser().absolute()
-        if not self.path.parent.is_dir():
+        try:
+            parent_is_dir, is_dir = self.path.parent.is_dir(), self.path.is_dir()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise LedgerConfigError(f"url: {self.path} cannot be a ledger file: {exc}") from None
+        if not parent_is_dir:
             raise LedgerConfigError(
                 f"url: directory {self.path.parent} does not exist; create it first or point the "
                 "ledger url at a file in an existing directory"
             )
-        if self.path.is_dir():
+        if is_dir:
             raise LedgerConfigError(f"url: {self.path} is a directory; give a file path")
         self._busy_timeout = busy_timeout_seconds
         self._lock = threading.RLock()
@@ -488,16 +492,21 @@ class SQLiteLedger(Ledger):
             raise
 
     def _refuse_foreign_tables(self, conn: sqlite3.Connection) -> None:
-        """Never add ledger tables to another application's database (e.g. Dagster's)."""
-        tables = [
-            name
-            for (name,) in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-                "ORDER BY name"
+        """Never add ledger tables to another application's database (e.g. Dagster's): one
+        with any table, view or trigger, or an application id / user version of its own."""
+        objects = [
+            f"{kind} {name}" if kind != "table" else name
+            for (kind, name) in conn.execute(
+                "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' "
+                "ORDER BY type = 'table' DESC, name"
             )
         ]
-        if tables:
-            shown = ", ".join(tables[:5]) + (", …" if len(tables) > 5 else "")
+        for pragma in ("application_id", "user_version"):
+            (value,) = conn.execute(f"PRAGMA {pragma}").fetchone()
+            if value:
+                objects.append(f"{pragma} {value}")
+        if objects:
+            shown = ", ".join(objects[:5]) + (", …" if len(objects) > 5 else "")
             raise LedgerSchemaError(
                 f"{self.path} is a SQLite database of something else (tables: {shown}), not a "
                 "ledger: point the ledger url at a file of its own"

@@ -597,3 +597,27 @@ def test_a_config_built_directly_or_copied_is_checked_too(
     unchecked = LedgerConfig.model_construct(retention_days=float("inf"))
     with pytest.raises(LedgerConfigError, match="retention_days"):
         make_ledger(unchecked, clock)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None, [True]])
+def test_force_must_be_a_bool(held: tuple[Ledger, int], bad: Any):
+    ledger, _ = held
+    rejected(ledger, InvalidArgumentError, lambda: ledger.claim("k", "run-2", force=bad), "force")
+    rejected(ledger, InvalidArgumentError, lambda: ledger.claim("new", "run-2", force=bad), "force")
+    assert ledger.get("new") is None
+
+
+@pytest.mark.parametrize("bad", [5, "now", object()], ids=["int", "str", "object"])
+def test_a_clock_that_is_not_a_function_is_refused_at_open(ledger_url: str, bad: Any):
+    with pytest.raises(LedgerConfigError, match="clock must be a function"):
+        open_ledger(ledger_url, clock=bad)
+
+
+def test_a_clock_that_returns_no_datetime_is_refused(make_ledger: MakeLedger, clock: FakeClock):
+    ledger = make_ledger(CONFIG, clock)
+    ledger.claim("k", "run-1")
+    before = snapshot(ledger, "k")
+    broken = make_ledger(CONFIG, lambda: "2031-03-14")
+    with pytest.raises(LedgerConfigError, match="clock must return a datetime"):
+        broken.claim("k", "run-2")
+    assert snapshot(ledger, "k") == before

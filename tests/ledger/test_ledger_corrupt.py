@@ -86,6 +86,17 @@ SQLITE_ONLY_DAMAGE = {
     "fence-not-an-integer": "UPDATE rocky_ledger_entries SET fence = 'seven' WHERE key = 'k'",
     "fence-fractional": "UPDATE rocky_ledger_entries SET fence = 1.5 WHERE key = 'k'",
 }
+ROW_DAMAGE.update(
+    {
+        "fence-zero": "UPDATE rocky_ledger_entries SET fence = 0 WHERE key = 'k'",
+        "generation-above-fence": "UPDATE rocky_ledger_entries SET generation = fence + 1 "
+        "WHERE key = 'k'",
+        "unknown-dedup-policy": "UPDATE rocky_ledger_entries SET dedup_on = 'never' "
+        "WHERE key = 'k'",
+        "finished-without-expiry": "UPDATE rocky_ledger_entries SET expires_at = NULL "
+        "WHERE key = 'k'",
+    }
+)
 
 
 @pytest.mark.parametrize("damage", ROW_DAMAGE.values(), ids=ROW_DAMAGE.keys())

@@ -194,6 +194,14 @@ def _foreign_sqlite(path: Path, *, wal: bool) -> None:
     conn.close()
 
 
+def _sqlite_with(path: Path, statement: str) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute(statement)
+    conn.commit()
+    conn.close()
+    assert path.stat().st_size > 0
+
+
 NOT_LEDGERS = {
     "one-byte": lambda p: p.write_bytes(b"x"),
     "random-bytes": lambda p: p.write_bytes(bytes(range(256)) * 40),
@@ -201,6 +209,9 @@ NOT_LEDGERS = {
     "sqlite-magic-then-garbage": lambda p: p.write_bytes(b"SQLite format 3\x00" + b"\xa5" * 4080),
     "other-app-rollback-journal": lambda p: _foreign_sqlite(p, wal=False),
     "other-app-wal": lambda p: _foreign_sqlite(p, wal=True),
+    "other-app-view-only": lambda p: _sqlite_with(p, "CREATE VIEW answer AS SELECT 42"),
+    "other-app-user-version": lambda p: _sqlite_with(p, "PRAGMA user_version = 7"),
+    "other-app-application-id": lambda p: _sqlite_with(p, "PRAGMA application_id = 1234"),
 }
 
 
@@ -229,3 +240,8 @@ def test_an_empty_sqlite_database_becomes_a_ledger(tmp_path: Path):
 
     with open_ledger(f"sqlite:///{path}") as ledger:
         assert ledger.claim("k", "run-1").should_run
+
+
+def test_a_path_the_file_system_cannot_hold_is_a_config_error(tmp_path: Path):
+    with pytest.raises(LedgerConfigError, match="cannot be a ledger file"):
+        open_ledger(f"sqlite:///{tmp_path}/{'x' * 300}/ledger.db")

@@ -37,6 +37,9 @@ from .model import (
 )
 
 Clock = Callable[[], datetime]
+_DATETIME = datetime
+"""The datetime type itself, for isinstance checks that must survive tests patching the
+module's `datetime` name to skew the clock."""
 
 
 class Transaction(Protocol):
@@ -352,7 +355,7 @@ class Ledger(ABC):
 
     def _now(self, store_now: Callable[[], datetime]) -> datetime:
         value = self._clock() if self._clock is not None else store_now()
-        if not isinstance(value, datetime):
+        if not isinstance(value, _DATETIME):
             raise LedgerConfigError(f"clock must return a datetime, got {type(value).__name__}")
         if value.tzinfo is None:
             raise LedgerConfigError("clock must return a timezone-aware datetime (UTC)")

@@ -155,6 +155,7 @@ def cmd_show(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
             ("state", entry.state.value + (f"  ({note})" if note else "")),
             ("run_id", entry.run_id),
             ("fence", entry.fence),
+            ("generation", entry.generation),
             ("pipeline", entry.pipeline or "-"),
             ("fingerprint", entry.fingerprint or "-"),
             ("dedup_on", entry.dedup_on),

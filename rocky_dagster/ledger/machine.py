@@ -50,7 +50,13 @@ def decide(
     config: LedgerConfig,
     force: bool = False,
 ) -> Plan:
-    """Decide a claim from the locked row. Raises before any write on a fingerprint mismatch."""
+    """Decide a claim from the locked row. Raises before any write on a fingerprint mismatch.
+
+    The fingerprint binds while the recorded work does: a live claim, a stale claim being
+    adopted (the adopter continues that work), and a terminal record that still dedups. A
+    retry after a failure, after retention ended, or after a reset/release starts new work
+    and may change the parameters; `force` overrides the check.
+    """
     if existing is None:
         return Plan(Decision.PROCEED, True, EventKind.CLAIMED, "new claim")
 

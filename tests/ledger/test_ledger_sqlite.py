@@ -1,10 +1,9 @@
-"""What only the SQLite backend promises: threads share one handle, forks get their own
-connection (even while another thread holds the handle's lock), and the file is a WAL file.
+"""What only the SQLite backend promises: threads share one handle and the file is a WAL
+file. Forks, deleted/replaced files and foreign files: test_ledger_files.py.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 import sqlite3
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from ledger_helpers import replay
 
-from rocky_dagster.ledger import Ledger, Outcome, State, open_ledger
+from rocky_dagster.ledger import Outcome, open_ledger
 from rocky_dagster.ledger.sqlite import SCHEMA_VERSION
 
 
@@ -51,49 +50,6 @@ def test_threads_sharing_one_ledger_get_one_winner_per_generation(tmp_path: Path
         assert (entry.state.value, entry.run_id, entry.fence) == (state, run_id, fence)
     assert sum(kinds[k] for k in ("claimed", "skipped_in_flight", "skipped_completed")) == 320
     ledger.close()
-
-
-def _claim_in_child(ledger: Ledger, key: str) -> None:
-    claim = ledger.claim(key, "child")
-    assert claim.fence is not None
-    assert ledger.finalize(key, claim.fence, Outcome.SUCCEEDED).applied
-
-
-def test_a_forked_child_opens_its_own_connection_even_if_a_thread_held_the_lock(tmp_path: Path):
-    ledger = open_ledger(f"sqlite:///{tmp_path}/ledger.db")
-    parent_claim = ledger.claim("parent", "parent-run")
-    holding, release = threading.Event(), threading.Event()
-
-    def hold_the_lock() -> None:  # another thread of the parent is inside a ledger call
-        with ledger._lock:
-            holding.set()
-            release.wait(timeout=60)
-
-    holder = threading.Thread(target=hold_the_lock)
-    holder.start()
-    holding.wait(timeout=10)
-    try:
-        child = multiprocessing.get_context("fork").Process(
-            target=_claim_in_child, args=(ledger, "child")
-        )
-        child.start()
-        child.join(timeout=60)
-        if child.is_alive():
-            child.kill()
-            child.join()
-        assert child.exitcode == 0
-    finally:
-        release.set()
-        holder.join(timeout=10)
-
-    assert ledger.get("child").state == State.SUCCEEDED  # the parent's handle still works
-    assert ledger.finalize("parent", parent_claim.fence, Outcome.SUCCEEDED).applied
-    ledger.close()
-    conn = sqlite3.connect(tmp_path / "ledger.db")
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    finally:
-        conn.close()
 
 
 def test_the_file_is_in_wal_mode_for_every_later_reader(tmp_path: Path):

@@ -91,6 +91,9 @@ def _update_sql(columns: tuple[str, ...]) -> str:
     return f"UPDATE {ENTRIES} SET {', '.join(f'{c} = ?' for c in columns)} WHERE key = ?"
 
 
+FAST_PATH = sqlite3.sqlite_version_info >= (3, 35, 0)
+"""`RETURNING` came with SQLite 3.35 (2021); an older library takes the generic path."""
+
 HOLDER = "(CASE WHEN state = 'in_flight' THEN run_id END)"
 """The run holding an in-flight row, NULL for a terminal one: the first column of the `due`
 index. Queries that should use the index spell it exactly so (SQLite matches expressions)."""
@@ -733,6 +736,10 @@ class SQLiteLedger(Ledger):
         The insert and the decision table's fallback run under one write lock, so a key that
         has a row (the only case the insert does not take) is decided by `decide` as ever.
         """
+        if not FAST_PATH:
+            return super().claim(
+                key, run_id, pipeline=pipeline, fingerprint=fingerprint, force=force
+            )
         key, run_id, pipeline, fingerprint = validate_claim(
             key, run_id, pipeline, fingerprint, force=force
         )
@@ -773,6 +780,8 @@ class SQLiteLedger(Ledger):
         result: dict[str, Any] | None = None,
     ) -> FinalizeResult:
         """As `Ledger.finalize`; a live claim is finalized by one compare-and-set UPDATE."""
+        if not FAST_PATH:
+            return super().finalize(key, fence, outcome, result=result)
         key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
         with self.transaction() as tx:
             expires_at = tx.now + self.config.retention

@@ -78,6 +78,7 @@ def _a_small_history(path: Path) -> list[object]:
     with open_ledger(f"sqlite:///{path}") as ledger:
         first = ledger.claim("k", "run-1")
         answers += [first.decision, first.fence, ledger.claim("k", "run-2").decision]
+        answers += [first.generation, ledger.get("k").generation]  # a new key begins one
         done = ledger.finalize("k", first.fence, Outcome.SUCCEEDED, result={"rows": 1})
         answers += [done.applied, done.reason, done.run_id]
         again = ledger.finalize("k", first.fence, Outcome.FAILED)

@@ -151,6 +151,10 @@ def test_either_pre_release_version_2_file_is_brought_to_the_current_layout(
         assert ledger.check() == []
     conn = sqlite3.connect(path)
     try:
+        # the one-statement claim stores the generation (not NULL-means-fence)
+        assert conn.execute(
+            "SELECT generation FROM rocky_ledger_entries WHERE key = 'new'"
+        ).fetchone() == (fresh.fence,)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(rocky_ledger_entries)")]
         assert columns.count("generation") == 1
         assert conn.execute(

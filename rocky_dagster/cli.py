@@ -1,16 +1,32 @@
 """`rocky-dagster`: the operator's command line for the idempotency ledger.
 
-    rocky-dagster ledger list [--state S] [--limit N]   entries, newest claim first
+    rocky-dagster ledger list [--state S] [--prefix BASE_KEY] [--run RUN_ID] [--limit N]
+                                                        entries, newest claim first
     rocky-dagster ledger show KEY                       one entry, every field
     rocky-dagster ledger history KEY [--limit N]        the key's events, oldest first
     rocky-dagster ledger release KEY [--yes]            free an in-flight claim (audited)
     rocky-dagster ledger reset KEY [--yes]              forget a finished key (audited)
     rocky-dagster ledger sweep                          delete what retention no longer covers
     rocky-dagster ledger stats                          totals
+    rocky-dagster ledger check                          look for damage (SQLite integrity_check)
 
-Every command takes `--url` (default: `$ROCKY_LEDGER_URL`, else `$DAGSTER_HOME/rocky_ledger.db`,
-else `./.rocky/ledger.db`) and `--json`. Exit codes: 0 done, 1 ledger error or refused/aborted
-action, 2 bad usage; errors are one line on stderr. Imports no Dagster, so it starts fast.
+`--prefix BASE_KEY` lists the keys starting with BASE_KEY (a tagged key's steps are
+`BASE_KEY/step`); `--run RUN_ID` lists what that run claimed or did: the entries it holds or
+last held, plus every key whose history names it (adopted from it, skipped by it, reaped).
+
+`--url` (default: `$ROCKY_LEDGER_URL`, else `$DAGSTER_HOME/rocky_ledger.db`, else
+`./.rocky/ledger.db`) and `--json` go anywhere: before `ledger`, before the command or after it.
+
+Exit codes (errors are one line on stderr, never a traceback):
+
+    0    done; `check` found no problem
+    1    ledger error (unreachable, damaged, config), refused or aborted action, no such key,
+         `check` found problems
+    2    bad usage: unknown command or option, malformed option value, an argument that is
+         not valid text (undecodable bytes), a key/run id/reason the ledger would refuse
+    130  interrupted
+
+Imports no Dagster, so it starts fast.
 """
 
 from __future__ import annotations
@@ -28,6 +44,7 @@ from typing import Any, NoReturn, TextIO
 from .ledger import (
     Entry,
     Event,
+    InvalidArgumentError,
     Ledger,
     LedgerError,
     State,
@@ -35,6 +52,7 @@ from .ledger import (
     open_ledger,
     redact_url,
 )
+from .ledger.model import validate_reason
 
 PROG = "rocky-dagster"
 
@@ -88,12 +106,22 @@ def _until(entry: Entry) -> datetime | None:
 
 
 def cmd_list(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
-    entries = ledger.entries(args.state, limit=args.limit)
+    if args.run is not None:
+        entries = ledger.entries_touched_by(
+            args.run, args.state, prefix=args.prefix, limit=args.limit
+        )
+    else:
+        entries = ledger.entries(args.state, prefix=args.prefix, limit=args.limit)
     if args.json:
         _json([e.model_dump(mode="json") for e in entries], out)
         return 0
     if not entries:
-        out.write("no entries" + (f" in state {args.state}" if args.state else "") + "\n")
+        filters = [
+            f"in state {args.state}" if args.state else "",
+            f"with prefix {args.prefix!r}" if args.prefix is not None else "",
+            f"touched by run {args.run}" if args.run is not None else "",
+        ]
+        out.write(" ".join(["no entries", *filter(None, filters)]) + "\n")
         return 0
     now = ledger.now()
     rows = [
@@ -127,6 +155,7 @@ def cmd_show(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
             ("state", entry.state.value + (f"  ({note})" if note else "")),
             ("run_id", entry.run_id),
             ("fence", entry.fence),
+            ("generation", entry.generation),
             ("pipeline", entry.pipeline or "-"),
             ("fingerprint", entry.fingerprint or "-"),
             ("dedup_on", entry.dedup_on),
@@ -144,11 +173,10 @@ def cmd_show(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_history(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
     events = ledger.history(args.key, limit=args.limit)
+    if not events:
+        raise CliError(_missing(ledger, args.key))
     if args.json:
         _json([e.model_dump(mode="json") for e in events], out)
-        return 0
-    if not events:
-        out.write(f"no events for key {args.key!r}\n")
         return 0
     rows = [_event_row(e) for e in events]
     _table(rows, ["ID", "AT (UTC)", "EVENT", "RUN", "FENCE", "DETAIL"], out)
@@ -168,6 +196,7 @@ def _event_row(event: Event) -> list[str]:
 
 
 def cmd_release(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
+    _check_reason(args)
     entry = _entry(ledger, args.key)
     if entry.state != State.IN_FLIGHT:
         raise CliError(
@@ -197,6 +226,7 @@ def cmd_release(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_reset(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
+    _check_reason(args)
     entry = _entry(ledger, args.key)
     if entry.state == State.IN_FLIGHT:
         raise CliError(
@@ -241,11 +271,42 @@ def cmd_stats(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_check(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
+    problems = ledger.check()
+    if args.json:
+        _json({"url": ledger.url, "ok": not problems, "problems": problems}, out)
+    elif problems:
+        for problem in problems:
+            out.write(f"problem: {' '.join(problem.split())}\n")
+    else:
+        out.write(f"ok: {ledger.url}\n")
+    if problems:
+        raise CliError(
+            f"{len(problems)} problem{'s' if len(problems) != 1 else ''} found in {ledger.url}; "
+            "restore the ledger from a backup"
+        )
+    return 0
+
+
 def _entry(ledger: Ledger, key: str) -> Entry:
     entry = ledger.get(key)
     if entry is None:
-        raise CliError(f"no entry for key {key!r} (see: {PROG} ledger list, or history KEY)")
+        raise CliError(_missing(ledger, key))
     return entry
+
+
+def _missing(ledger: Ledger, key: str) -> str:
+    """One message for a key `show`, `history`, `release` and `reset` cannot find."""
+    events = len(ledger.history(key, limit=1))
+    entry = ledger.get(key)
+    if entry is None and not events:
+        return f"no entry and no history for key {key!r} (see: {PROG} ledger list)"
+    if entry is None:
+        return (
+            f"no entry for key {key!r}: it was released, reset or swept "
+            f"(see: {PROG} ledger history KEY)"
+        )
+    return f"no history for key {key!r} (see: {PROG} ledger show KEY)"
 
 
 def _check_guards(entry: Entry, args: argparse.Namespace) -> None:
@@ -271,6 +332,12 @@ def _confirm(args: argparse.Namespace, question: str, refused: str) -> None:
         raise CliError(f"aborted: {refused} (pass --yes to act without asking)")
 
 
+def _check_reason(args: argparse.Namespace) -> None:
+    """Refuse a bad --reason before looking anything up (the ledger would refuse it anyway)."""
+    if args.reason is not None:
+        validate_reason(args.reason)
+
+
 def _reason(action: str, args: argparse.Namespace) -> str:
     try:
         who = getpass.getuser()
@@ -293,21 +360,33 @@ def _positive(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Operate the rocky_dagster idempotency ledger.")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{ledger}")
-    ledger = groups.add_parser(
-        "ledger",
-        help="inspect and operate the ledger",
-        description="Inspect and operate the idempotency ledger.",
-    )
-    common = _Parser(add_help=False)
-    common.add_argument(
+def _global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--url",
+        default=argparse.SUPPRESS,
         help="ledger URL: sqlite:///path/to/ledger.db or postgresql://user@host/db "
         "(default: $ROCKY_LEDGER_URL, else $DAGSTER_HOME/rocky_ledger.db, else ./.rocky/ledger.db)",
     )
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Operate the rocky_dagster idempotency ledger.")
+    # global options are accepted at every level; SUPPRESS keeps a later level's default from
+    # overwriting a value given earlier (argparse copies a subparser's namespace over ours)
+    parser.set_defaults(url=None, json=False)
+    common = _Parser(add_help=False)
+    _global_options(common)
+    _global_options(parser)
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{ledger}")
+    ledger = groups.add_parser(
+        "ledger",
+        parents=[common],
+        help="inspect and operate the ledger",
+        description="Inspect and operate the idempotency ledger.",
+    )
     commands = ledger.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable[..., int], help: str) -> argparse.ArgumentParser:
@@ -318,6 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
     listing = add("list", cmd_list, "list entries, newest claim first")
     listing.add_argument("--state", choices=[s.value for s in State], help="only this state")
     listing.add_argument("--limit", type=_positive, default=50, help="at most N (default 50)")
+    listing.add_argument(
+        "--prefix",
+        metavar="BASE_KEY",
+        help="only keys starting with BASE_KEY (a tagged key's steps)",
+    )
+    listing.add_argument(
+        "--run",
+        metavar="RUN_ID",
+        help="only what this run claimed or did: entries it holds or last held, and keys "
+        "whose history names it",
+    )
     add("show", cmd_show, "show one entry").add_argument("key")
     history = add("history", cmd_history, "show a key's events, oldest first")
     history.add_argument("key")
@@ -334,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--reason", help="recorded in the event log")
     add("sweep", cmd_sweep, "delete entries and events that retention no longer covers")
     add("stats", cmd_stats, "totals by state, stale and expired counts, events")
+    add("check", cmd_check, "look for damage: integrity check, rows that do not decode")
     return parser
 
 
@@ -359,7 +450,33 @@ def _open(url: str | None) -> Ledger:
     return open_ledger(url)
 
 
+def _not_text(argv: Sequence[str]) -> str | None:
+    """Why an argument cannot be used (undecodable bytes arrive as lone surrogates), or None."""
+    for number, arg in enumerate(argv, start=1):
+        for position, char in enumerate(arg):
+            if "\ud800" <= char <= "\udfff":
+                try:
+                    shown = repr(arg.encode("utf-8", "surrogateescape"))
+                except UnicodeEncodeError:
+                    shown = ascii(arg)
+                return (
+                    f"argument {number} ({shown}) is not valid text: undecodable bytes at "
+                    f"position {position}; pass UTF-8"
+                )
+    return None
+
+
+def _fail(code: int, message: str) -> int:
+    text = " ".join(message.split())  # one line, whatever the error says
+    sys.stderr.write(f"{PROG}: error: {text}\n")
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    problem = _not_text(argv)
+    if problem is not None:
+        return _fail(2, f"{problem} (see {PROG} --help)")
     args = build_parser().parse_args(argv)
     out = sys.stdout
     try:
@@ -368,10 +485,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.handler(ledger, args, out)
         finally:
             ledger.close()
+    except InvalidArgumentError as exc:
+        return _fail(2, str(exc))
     except (LedgerError, CliError) as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the error says
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        return 1
+        return _fail(1, str(exc))
+    except UnicodeEncodeError as exc:  # a terminal that cannot show a key's characters
+        return _fail(
+            1,
+            f"cannot write the output in this terminal's encoding ({exc}); "
+            "set PYTHONIOENCODING=utf-8",
+        )
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130

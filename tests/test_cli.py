@@ -148,7 +148,9 @@ def test_show_prints_every_field_and_json_round_trips(url: str, seeded):
 
 
 def test_show_of_an_unknown_key_is_an_error(url: str, seeded):
-    one_line_error(rocky("ledger", "show", "nope", "--url", url), 1, "no entry for key 'nope'")
+    one_line_error(
+        rocky("ledger", "show", "nope", "--url", url), 1, "no entry and no history for key 'nope'"
+    )
 
 
 def test_history_lists_events_oldest_first(url: str, seeded):
@@ -166,8 +168,6 @@ def test_history_lists_events_oldest_first(url: str, seeded):
     ]
     assert rows[0].split()[1:3] == ["2031-03-14", "15:09:26Z"]
     assert [e["kind"] for e in json.loads(as_json.stdout)] == ["succeeded", "skipped_completed"]
-    empty = rocky("ledger", "history", "nope", "--url", url)
-    assert empty.returncode == 0 and "no events" in empty.stdout
 
 
 @pytest.mark.parametrize(
@@ -354,3 +354,213 @@ def test_the_default_url_comes_from_the_environment(tmp_path: Path, url: str, se
     assert json.loads(by_home.stdout)["entries"] == 3
     one_line_error(nowhere, 1, "no ledger at", str(tmp_path / ".rocky" / "ledger.db"))
     assert not (tmp_path / ".rocky").exists()  # looking never creates a ledger
+
+
+# --- list filters, global options, missing keys, undecodable arguments, check ----------------------
+
+
+@pytest.fixture
+def tagged(url: str) -> Callable[..., Ledger]:
+    """Two tagged keys' steps, and a run (`run-b`) whose claim was adopted, plus one skip."""
+    now = [T0]
+    ledger = open_ledger(url, {"lease_seconds": 60}, clock=lambda: now[0])
+    for step in ("extract", "load"):
+        claim = ledger.claim(f"nightly/2031-03-14/{step}", "run-a")
+        ledger.finalize(f"nightly/2031-03-14/{step}", claim.fence, Outcome.SUCCEEDED)
+    ledger.claim("nightly/2031-03-15/extract", "run-b")
+    ledger.claim("nightly/2031-03-14/extract", "run-b")  # skipped: already done by run-a
+    now[0] += timedelta(minutes=5)
+    ledger.claim("nightly/2031-03-15/extract", "run-c")  # adopts run-b's dead claim
+    ledger.claim("nightly/2031-03-150/extract", "run-c")
+    ledger.close()
+    return lambda: open_ledger(url, clock=lambda: now[0])
+
+
+def listed(*args: str) -> list[str]:
+    result = rocky("ledger", "list", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return sorted(e["key"] for e in json.loads(result.stdout))
+
+
+def test_list_by_prefix_shows_one_tagged_keys_steps(url: str, tagged):
+    assert listed("--url", url, "--prefix", "nightly/2031-03-14/") == [
+        "nightly/2031-03-14/extract",
+        "nightly/2031-03-14/load",
+    ]
+    assert listed("--url", url, "--prefix", "nightly/2031-03-15/") == ["nightly/2031-03-15/extract"]
+    assert listed("--url", url, "--prefix", "nightly/2031-03-14/", "--state", "in_flight") == []
+    empty = rocky("ledger", "list", "--url", url, "--prefix", "nope/")
+    assert (empty.returncode, empty.stdout) == (0, "no entries with prefix 'nope/'\n")
+
+
+def test_list_by_run_shows_what_the_run_claimed_or_did(url: str, tagged):
+    # run-b: its adopted claim and the key it skipped (both name it in their history)
+    assert listed("--url", url, "--run", "run-b") == [
+        "nightly/2031-03-14/extract",
+        "nightly/2031-03-15/extract",
+    ]
+    assert listed("--url", url, "--run", "run-a") == [
+        "nightly/2031-03-14/extract",
+        "nightly/2031-03-14/load",
+    ]
+    assert listed("--url", url, "--run", "run-c", "--prefix", "nightly/2031-03-15/") == [
+        "nightly/2031-03-15/extract"
+    ]
+    assert listed("--url", url, "--run", "run-a", "--state", "in_flight") == []
+    assert listed("--url", url, "--run", "nobody") == []
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        lambda url: ["--url", url, "--json", "ledger", "list"],
+        lambda url: ["ledger", "--url", url, "--json", "list"],
+        lambda url: ["ledger", "list", "--url", url, "--json"],
+        lambda url: ["--json", "ledger", "list", "--url", url],
+        lambda url: ["--url", url, "ledger", "--json", "list", "--limit", "5"],
+    ],
+    ids=["before-ledger", "before-command", "after-command", "split-1", "split-2"],
+)
+def test_global_options_go_before_or_after_the_subcommand(url: str, seeded, where):
+    result = rocky(*where(url))
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)) == 3
+
+
+def test_show_and_history_answer_a_missing_key_alike(url: str, seeded):
+    show = one_line_error(rocky("ledger", "show", "nope", "--url", url), 1)
+    history = one_line_error(rocky("ledger", "history", "nope", "--url", url), 1)
+    assert (
+        show
+        == history
+        == (
+            "rocky-dagster: error: no entry and no history for key 'nope' "
+            "(see: rocky-dagster ledger list)"
+        )
+    )
+    with seeded() as ledger:
+        ledger.reset("job/a/extract")
+    gone = one_line_error(rocky("ledger", "show", "job/a/extract", "--url", url), 1)
+    assert "no entry for key 'job/a/extract'" in gone and "history KEY" in gone
+    assert rocky("ledger", "history", "job/a/extract", "--url", url).returncode == 0
+
+
+BAD_TEXT = os.fsdecode(b"job\xff")  # undecodable bytes, as Python hands argv over
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ledger", "show", BAD_TEXT],
+        ["ledger", "history", BAD_TEXT],
+        ["ledger", "list", "--prefix", BAD_TEXT],
+        ["ledger", "list", "--run", BAD_TEXT],
+        ["ledger", "list", "--state", BAD_TEXT],
+        ["ledger", "release", "job/c/transform-with-a-longer-key", "--yes", "--reason", BAD_TEXT],
+        ["ledger", "reset", "job/a/extract", "--yes", "--run-id", BAD_TEXT],
+        ["ledger", BAD_TEXT],
+        [BAD_TEXT],
+    ],
+    ids=["show", "history", "prefix", "run", "state", "reason", "run-id", "command", "group"],
+)
+def test_undecodable_arguments_are_one_line_usage_errors(url: str, seeded, args: list[str]):
+    before = rocky("ledger", "list", "--url", url, "--json").stdout
+
+    line = one_line_error(rocky(*args, "--url", url), 2, "not valid text", "undecodable")
+
+    assert "\\xff" in line
+    assert rocky("ledger", "list", "--url", url, "--json").stdout == before
+
+
+def test_an_undecodable_url_is_a_one_line_error(tmp_path: Path):
+    bad = "sqlite:///" + os.fsdecode(str(tmp_path).encode() + b"/led\xffger.db")
+    one_line_error(rocky("ledger", "stats", "--url", bad), 2, "not valid text")
+    env_bad = rocky("ledger", "stats", env={"ROCKY_LEDGER_URL": bad})
+    one_line_error(env_bad, 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["ledger", "show", "job\tstep"], "control character"),
+        (["ledger", "list", "--prefix", ""], "prefix must not be empty"),
+        (["ledger", "release", "k", "--yes", "--reason", "x" * 1100], "reason"),
+    ],
+)
+def test_values_the_ledger_refuses_are_usage_errors(url: str, seeded, args: list[str], says: str):
+    one_line_error(rocky(*args, "--url", url), 2, says)
+
+
+def test_check_of_a_sound_ledger_exits_0(url: str, seeded):
+    human = rocky("ledger", "check", "--url", url)
+    as_json = rocky("ledger", "--json", "check", "--url", url)
+
+    assert (human.returncode, human.stdout.split(":")[0]) == (0, "ok"), human.stderr
+    assert json.loads(as_json.stdout)["ok"] is True and json.loads(as_json.stdout)["problems"] == []
+
+
+def test_check_lists_damaged_rows_and_exits_1(url: str, seeded, tmp_path: Path):
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    conn.execute("UPDATE rocky_ledger_entries SET result = '{oops' WHERE key = 'job/a/extract'")
+    conn.execute("UPDATE rocky_ledger_events SET kind = 'exploded' WHERE key = 'job/b/load'")
+    conn.commit()
+    conn.close()
+
+    result = rocky("ledger", "check", "--url", url)
+    as_json = rocky("ledger", "check", "--url", url, "--json")
+
+    one_line_error(result, 1, "3 problems found")  # the entry, and job/b/load's two events
+    assert "job/a/extract" in result.stdout and "job/b/load" in result.stdout
+    assert json.loads(as_json.stdout)["ok"] is False and as_json.returncode == 1
+
+
+def test_check_surfaces_integrity_check_on_damaged_pages(url: str, tmp_path: Path):
+    path = tmp_path / "ledger.db"
+    with open_ledger(url) as ledger:
+        for n in range(300):
+            claim = ledger.claim(f"key/{n:04d}", "run-1")
+            ledger.finalize(f"key/{n:04d}", claim.fence, Outcome.SUCCEEDED, result={"n": n})
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = bytearray(path.read_bytes())
+    for at in range(3 * 4096 + 200, len(data) - 4096, 4096):
+        data[at : at + 8] = b"\xde\xad\xbe\xef" * 2  # cell contents, not page headers
+    path.write_bytes(bytes(data))
+
+    result = rocky("ledger", "check", "--url", url)
+
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    assert "problem:" in result.stdout or "damaged" in result.stderr
+
+
+def test_check_on_postgres(postgres_url: str):
+    import psycopg
+
+    from rocky_dagster.ledger.postgres import parse_url
+
+    with open_ledger(postgres_url) as ledger:
+        claim = ledger.claim("k", "run-1")
+        ledger.finalize("k", claim.fence, Outcome.SUCCEEDED, result={"rows": 1})
+    ok = rocky("ledger", "check", "--url", postgres_url)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stderr
+
+    conninfo, schema = parse_url(postgres_url)
+    with psycopg.connect(**conninfo, autocommit=True) as conn:
+        conn.execute(f'UPDATE "{schema}".rocky_ledger_entries SET result = %s', ("[1]",))
+    damaged = rocky("ledger", "check", "--url", postgres_url)
+    one_line_error(damaged, 1, "1 problem found")
+    assert "'k'" in damaged.stdout
+    assert "s3cret" not in damaged.stdout + damaged.stderr
+
+
+def test_a_terminal_that_cannot_show_a_key_gets_one_line(url: str):
+    with open_ledger(url) as ledger:
+        ledger.claim("отчёт/2031", "run-1")
+    result = rocky("ledger", "list", "--url", url, env={"PYTHONIOENCODING": "ascii"})
+    one_line_error(result, 1, "PYTHONIOENCODING=utf-8")

@@ -14,6 +14,7 @@ from .errors import (
     InvalidKeyError,
     InvalidResultError,
     LedgerConfigError,
+    LedgerCorruptError,
     LedgerError,
     LedgerSchemaError,
     LedgerUnavailableError,
@@ -48,6 +49,7 @@ __all__ = [
     "Ledger",
     "LedgerConfig",
     "LedgerConfigError",
+    "LedgerCorruptError",
     "LedgerError",
     "LedgerSchemaError",
     "LedgerUnavailableError",
@@ -81,7 +83,7 @@ def open_ledger(
     `clock` (returning an aware UTC datetime) replaces the store's clock, for tests.
     """
     config = LedgerConfig.parse(config)
-    text = os.fspath(url)
+    text = _url_text(url)
     backend = check_url(text)
     if backend == "postgresql":
         try:
@@ -102,8 +104,8 @@ def open_ledger(
 def check_url(url: str) -> str:
     """Which backend `url` names ("sqlite" or "postgresql"), or `LedgerConfigError` saying why
     none: run where definitions load, so a typo fails there and not in the first step."""
-    text = url
-    if not isinstance(text, str) or not text.strip():
+    text = _url_text(url)
+    if not text.strip():
         raise LedgerConfigError(
             "url: empty ledger url; give sqlite:///path/to/ledger.db or postgresql://user@host/db"
         )
@@ -126,3 +128,21 @@ def check_url(url: str) -> str:
         f"url: unknown scheme {scheme!r} in {redact_url(text)!r}; use sqlite:///path/to/ledger.db "
         "or postgresql://user:password@host:5432/dbname"
     )
+
+
+def _url_text(url: object) -> str:
+    """The URL as text, refusing what no store could be named by (bytes, numbers, NUL, …)."""
+    text = os.fspath(url) if isinstance(url, str | os.PathLike) else url
+    if not isinstance(text, str):
+        raise LedgerConfigError(
+            f"url must be a string or a path, got {type(text).__name__}; give "
+            "sqlite:///path/to/ledger.db or postgresql://user@host/db"
+        )
+    for position, char in enumerate(text):
+        if char == "\x00" or "\ud800" <= char <= "\udfff":
+            what = "a NUL character" if char == "\x00" else "a lone surrogate (undecodable bytes)"
+            raise LedgerConfigError(
+                f"url contains {what} at position {position}; give the ledger url as plain "
+                "UTF-8 text"
+            )
+    return text

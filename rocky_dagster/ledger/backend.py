@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .config import LedgerConfig
-from .errors import InvalidArgumentError, LedgerConfigError
+from .errors import InvalidArgumentError, LedgerConfigError, LedgerError
 from .machine import decide
 from .model import (
     Claim,
@@ -30,10 +30,16 @@ from .model import (
     encode_result,
     validate_fence,
     validate_key,
+    validate_limit,
     validate_optional_label,
+    validate_reason,
+    validate_state,
 )
 
 Clock = Callable[[], datetime]
+_DATETIME = datetime
+"""The datetime type itself, for isinstance checks that must survive tests patching the
+module's `datetime` name to skew the clock."""
 
 
 class Transaction(Protocol):
@@ -74,6 +80,11 @@ class Ledger(ABC):
     def __init__(self, url: str, config: LedgerConfig | None, clock: Clock | None) -> None:
         self.url = redact_url(url)
         self.config = LedgerConfig.parse(config)
+        if clock is not None and not callable(clock):
+            raise LedgerConfigError(
+                f"clock must be a function returning an aware UTC datetime, got "
+                f"{type(clock).__name__}"
+            )
         self._clock = clock
 
     # --- what a backend provides ---------------------------------------------------------------
@@ -97,6 +108,25 @@ class Ledger(ABC):
     ) -> list[Entry]:
         """Entries newest claim first, optionally only one state, one run's and/or the keys
         starting with `prefix` (verbatim: no character of it is a wildcard)."""
+
+    @abstractmethod
+    def entries_touched_by(
+        self,
+        run_id: str,
+        state: State | str | None = None,
+        *,
+        prefix: str | None = None,
+        limit: int = 100,
+    ) -> list[Entry]:
+        """What one run claimed or did: entries it holds or last held, plus every key whose
+        event history names it (claimed and lost to an adopter, skipped, reaped), newest claim
+        first. A key whose entry is gone (reset, released, swept) has no entry to show. Scans
+        the event log (no index by run): an operator's query, not for hot paths."""
+
+    @abstractmethod
+    def check(self) -> list[str]:
+        """Problems found in the store (damaged pages, rows that do not decode, missing
+        tables); empty when the ledger is sound. Reads everything: for operators, not hot paths."""
 
     @abstractmethod
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
@@ -128,7 +158,9 @@ class Ledger(ABC):
         force: bool = False,
     ) -> Claim:
         """Decide atomically if `run_id` may do `key`'s work (docs/contract.md "Claim decisions")."""
-        key, run_id, pipeline, fingerprint = validate_claim(key, run_id, pipeline, fingerprint)
+        key, run_id, pipeline, fingerprint = validate_claim(
+            key, run_id, pipeline, fingerprint, force=force
+        )
         with self.transaction() as tx:
             return self._claim_locked(tx, key, run_id, pipeline, fingerprint, force)
 
@@ -152,8 +184,12 @@ class Ledger(ABC):
                 config=self.config,
                 force=force,
             )
+            if plan.rebased is not None:
+                existing = plan.rebased
             if not plan.takes_key:
                 assert existing is not None
+                if plan.rebased is not None:
+                    tx.update(plan.rebased)
                 tx.log(plan.event, key, run_id, None, plan.detail)
                 return Claim(
                     key=key,
@@ -166,20 +202,27 @@ class Ledger(ABC):
                     if existing.state == State.IN_FLIGHT
                     else None,
                     expires_at=existing.expires_at,
+                    generation=existing.generation_fence,
                 )
             now = tx.now
+            fence = tx.next_fence()
+            # a same-run re-entry keeps the first attempt's claimed_at: the TTL cap holds
+            claimed_at = existing.claimed_at if plan.reentrant and existing else now
             entry = Entry(
                 key=key,
                 state=State.IN_FLIGHT,
                 run_id=run_id,
-                fence=tx.next_fence(),
+                fence=fence,
                 pipeline=pipeline,
                 fingerprint=fingerprint,
-                claimed_at=now,
+                claimed_at=claimed_at,
                 heartbeat_at=now,
-                lease_expires_at=min(now + self.config.lease, now + self.config.in_flight_ttl),
+                lease_expires_at=min(
+                    now + self.config.lease, claimed_at + self.config.in_flight_ttl
+                ),
                 dedup_on=self.config.dedup_on.value,
                 prior_run_id=plan.prior_run_id,
+                generation=existing.generation_fence if plan.continues and existing else fence,
             )
             if existing is None:
                 if not tx.insert(entry):
@@ -195,6 +238,7 @@ class Ledger(ABC):
                 prior_run_id=plan.prior_run_id,
                 forced=plan.forced,
                 lease_expires_at=entry.lease_expires_at,
+                generation=entry.generation,
             )
 
     def finalize(
@@ -264,13 +308,16 @@ class Ledger(ABC):
             if row is None or row.fence != fence or row.state != State.IN_FLIGHT:
                 return False
             now = tx.now
+            claimed_at = min(row.claimed_at, now)  # a clock stepped back: see machine._rebase
+            deadline = claimed_at + self.config.in_flight_ttl
+            if deadline <= now:
+                return False  # past the hard cap the claim is adoptable: it is lost
             tx.update(
                 row.model_copy(
                     update={
+                        "claimed_at": claimed_at,
                         "heartbeat_at": now,
-                        "lease_expires_at": min(
-                            now + self.config.lease, row.claimed_at + self.config.in_flight_ttl
-                        ),
+                        "lease_expires_at": min(now + self.config.lease, deadline),
                     }
                 )
             )
@@ -293,6 +340,7 @@ class Ledger(ABC):
         key = validate_key(key)
         run_id = validate_optional_label(run_id, "run_id")
         fence = None if fence is None else validate_fence(fence)
+        reason = validate_reason(reason)
         with self.transaction() as tx:
             row = tx.load(key)
             if row is None or row.state != State.IN_FLIGHT:
@@ -308,6 +356,7 @@ class Ledger(ABC):
     def reset(self, key: str, *, reason: str = "reset by an operator") -> bool:
         """Forget a finalized key so the next claim proceeds; in-flight claims need `release`."""
         key = validate_key(key)
+        reason = validate_reason(reason)
         with self.transaction() as tx:
             row = tx.load(key)
             if row is None or row.state == State.IN_FLIGHT:
@@ -331,6 +380,8 @@ class Ledger(ABC):
 
     def _now(self, store_now: Callable[[], datetime]) -> datetime:
         value = self._clock() if self._clock is not None else store_now()
+        if not isinstance(value, _DATETIME):
+            raise LedgerConfigError(f"clock must return a datetime, got {type(value).__name__}")
         if value.tzinfo is None:
             raise LedgerConfigError("clock must return a timezone-aware datetime (UTC)")
         return value.astimezone(UTC)
@@ -346,15 +397,47 @@ class Ledger(ABC):
 
 
 def validate_claim(
-    key: object, run_id: object, pipeline: object, fingerprint: object
+    key: object, run_id: object, pipeline: object, fingerprint: object, *, force: object = False
 ) -> tuple[str, str, str | None, str | None]:
     """A claim's arguments checked before anything is written, by every backend's claim."""
+    if not isinstance(force, bool):
+        raise InvalidArgumentError(f"force must be True or False, got {force!r}")
     return (
         validate_key(key),
         validate_key(run_id, "run_id"),
         validate_optional_label(pipeline, "pipeline"),
         validate_optional_label(fingerprint, "fingerprint"),
     )
+
+
+def validate_entries_filter(
+    state: object, run_id: object, prefix: object, limit: object
+) -> tuple[State | None, str | None, str | None, int]:
+    """`entries()` filters checked before the query: a bad one is a named error, not an
+    empty answer or a driver's exception."""
+    return (
+        validate_state(state),
+        validate_optional_label(run_id, "run_id"),
+        validate_optional_label(prefix, "prefix"),
+        validate_limit(limit),
+    )
+
+
+def row_problems(
+    rows: list[tuple[Any, ...]], decode: Callable[[tuple[Any, ...]], object]
+) -> list[str]:
+    """One line per stored row that does not decode (a `LedgerError` naming it)."""
+    problems = []
+    for row in rows:
+        try:
+            decode(row)
+        except LedgerError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def validate_history(key: object, limit: object) -> tuple[str, int | None]:
+    return validate_key(key), None if limit is None else validate_limit(limit)
 
 
 def validate_finalize(

@@ -6,9 +6,16 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import LedgerConfigError
+
+MAX_DURATION = timedelta(days=36_525)
+"""The longest duration a setting may name (100 years): every deadline the ledger computes
+(now + retention, claimed_at + TTL, now + lease) stays a valid datetime on both backends."""
+MIN_DURATION = timedelta(microseconds=1)
+"""The stores keep microseconds; a shorter positive duration would round to zero."""
+_UNITS = {"retention_days": "days", "in_flight_ttl_hours": "hours", "lease_seconds": "seconds"}
 
 
 class DedupPolicy(StrEnum):
@@ -28,7 +35,8 @@ class MismatchPolicy(StrEnum):
 
 
 class LedgerConfig(BaseModel):
-    """Policy of one ledger. Durations must be positive; unknown fields are errors."""
+    """Policy of one ledger. Durations lie between one microsecond and 100 years; unknown
+    fields are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -37,20 +45,52 @@ class LedgerConfig(BaseModel):
         description="'success': only successes dedup, failures retry at once; 'any': failures dedup too.",
     )
     retention_days: float = Field(
-        30, gt=0, description="How long a finalized key keeps deduplicating (days)."
+        30,
+        gt=0,
+        allow_inf_nan=False,
+        description="How long a finalized key keeps deduplicating (days).",
     )
     in_flight_ttl_hours: float = Field(
-        24, gt=0, description="Hard cap on the life of one claim, heartbeats or not (hours)."
+        24,
+        gt=0,
+        allow_inf_nan=False,
+        description="Hard cap on the life of one claim, heartbeats or not (hours).",
     )
     lease_seconds: float = Field(
         120,
         gt=0,
+        allow_inf_nan=False,
         description="A claim not heartbeated for this long may be adopted; holders beat every lease/4.",
     )
     on_fingerprint_mismatch: MismatchPolicy = Field(
         MismatchPolicy.ERROR,
         description="'error': a claim whose fingerprint differs from the recorded one raises; 'ignore': it does not.",
     )
+
+    def __init__(self, **data: Any) -> None:
+        """As pydantic's, but a bad field is a `LedgerConfigError` here too (not only in `parse`)."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise LedgerConfigError(describe_validation_error(exc, "ledger config")) from None
+
+    @field_validator("retention_days", "in_flight_ttl_hours", "lease_seconds")
+    @classmethod
+    def _a_representable_duration(cls, value: float, info: Any) -> float:
+        unit = _UNITS[info.field_name]
+        limit = MAX_DURATION / timedelta(**{unit: 1})
+        if value > limit:
+            raise ValueError(
+                f"must be at most {limit:g} {unit} (100 years): longer deadlines overflow a "
+                "datetime"
+            )
+        floor = MIN_DURATION / timedelta(**{unit: 1})
+        if value < floor:
+            raise ValueError(
+                f"must be at least one microsecond ({floor:g} "
+                f"{unit}); the store keeps microseconds and a shorter one rounds to zero"
+            )
+        return value
 
     @property
     def retention(self) -> timedelta:
@@ -74,7 +114,8 @@ class LedgerConfig(BaseModel):
         if value is None:
             return cls()
         if isinstance(value, LedgerConfig):
-            return value
+            # checked again: `model_copy(update=...)` and `model_construct` skip validation
+            value = dict(value.__dict__)
         try:
             return cls.model_validate(value)
         except ValidationError as exc:
@@ -86,7 +127,7 @@ def describe_validation_error(exc: ValidationError, what: str) -> str:
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(root)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field; remove it (known fields: " + ", ".join(_known_fields()) + ")"
         given = err.get("input")

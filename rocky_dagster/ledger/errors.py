@@ -49,3 +49,11 @@ class LedgerUnavailableError(LedgerError):
 
 class LedgerSchemaError(LedgerUnavailableError):
     """The store was written by a newer rocky_dagster (or is not a ledger at all)."""
+
+
+class LedgerCorruptError(LedgerUnavailableError):
+    """A stored row or page cannot be read back as written: the store is damaged.
+
+    A subclass of `LedgerUnavailableError`, so every caller already fails closed (no claim
+    ever proceeds on a row it cannot read); `rocky-dagster ledger check` lists the damage.
+    """

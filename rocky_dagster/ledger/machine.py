@@ -26,6 +26,13 @@ class Plan:
     prior_run_id: str | None = None
     held_by_run_id: str | None = None
     forced: bool = False
+    continues: bool = False
+    """The new claim continues the existing entry's generation (adoption, same-run re-entry)."""
+    reentrant: bool = False
+    """Same-run re-entry: the claim keeps the original `claimed_at`, so the TTL cap holds."""
+    rebased: Entry | None = None
+    """The existing in-flight row with times from the future clamped to `now` (the clock
+    stepped back): written even when the claim does not take the key."""
 
 
 def dedups(entry: Entry) -> bool:
@@ -44,12 +51,23 @@ def decide(
     config: LedgerConfig,
     force: bool = False,
 ) -> Plan:
-    """Decide a claim from the locked row. Raises before any write on a fingerprint mismatch."""
+    """Decide a claim from the locked row. Raises before any write on a fingerprint mismatch.
+
+    The fingerprint binds while the recorded work does: a live claim, a stale claim being
+    adopted (the adopter continues that work), and a terminal record that still dedups. A
+    retry after a failure, after retention ended, or after a reset/release starts new work
+    and may change the parameters; `force` overrides the check.
+    """
     if existing is None:
         return Plan(Decision.PROCEED, True, EventKind.CLAIMED, "new claim")
 
     if existing.state == State.IN_FLIGHT:
+        rebased = _rebase(existing, now, config)
+        if rebased is not None:
+            existing = rebased
         if existing.lease_expires_at <= now:
+            if not force:  # the adopter would continue different work under the same key
+                _check_fingerprint(existing, fingerprint, config)
             return Plan(
                 Decision.ADOPTED_STALE,
                 True,
@@ -57,6 +75,8 @@ def decide(
                 f"adopted from run {existing.run_id} (fence {existing.fence}): its lease expired "
                 f"at {existing.lease_expires_at.isoformat()}",
                 prior_run_id=existing.run_id,
+                continues=True,
+                rebased=rebased,
             )
         if not force:  # an audited override also overrides the parameter check
             _check_fingerprint(existing, fingerprint, config)
@@ -67,6 +87,9 @@ def decide(
                 EventKind.CLAIMED,
                 f"re-entrant claim by the same run (replaces fence {existing.fence})",
                 prior_run_id=existing.run_id,
+                continues=True,
+                reentrant=True,
+                rebased=rebased,
             )
         return Plan(
             Decision.SKIPPED_IN_FLIGHT,
@@ -75,6 +98,7 @@ def decide(
             f"held by run {existing.run_id} (fence {existing.fence}) until at least "
             f"{existing.lease_expires_at.isoformat()}",
             held_by_run_id=existing.run_id,
+            rebased=rebased,
         )
 
     if existing.is_expired(now):
@@ -109,6 +133,28 @@ def decide(
         EventKind.SKIPPED_COMPLETED,
         f"{existing.state.value} in run {existing.run_id}",
         prior_run_id=existing.run_id,
+    )
+
+
+def _rebase(existing: Entry, now: datetime, config: LedgerConfig) -> Entry | None:
+    """An in-flight row written "in the future" means the clock stepped back since.
+
+    Its lease would then last until the old clock's time came round again (years, after a
+    bad NTP step). Clamp its times to `now`: a live holder's next heartbeat renews the lease
+    as usual; a dead holder's claim becomes adoptable one lease from now, and the TTL cap
+    counts from now at the latest. None when no time is ahead of `now`.
+    """
+    if existing.claimed_at <= now and existing.heartbeat_at <= now:
+        return None
+    claimed_at = min(existing.claimed_at, now)
+    return existing.model_copy(
+        update={
+            "claimed_at": claimed_at,
+            "heartbeat_at": min(existing.heartbeat_at, now),
+            "lease_expires_at": min(
+                existing.lease_expires_at, now + config.lease, claimed_at + config.in_flight_ttl
+            ),
+        }
     )
 
 

@@ -14,10 +14,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import InvalidArgumentError, InvalidKeyError, InvalidResultError
+from .errors import InvalidArgumentError, InvalidKeyError, InvalidResultError, LedgerCorruptError
 
 MAX_KEY_LENGTH = 512
 MAX_RESULT_BYTES = 64 * 1024
+MAX_RESULT_DEPTH = 32
+"""Deepest nesting of lists and dicts a result may have (a summary is shallow; deeper
+input would hit the interpreter's recursion limit when encoded or decoded)."""
+MAX_REASON_LENGTH = 1024
+"""Longest operator `reason` (release/reset) in characters."""
+MAX_FENCE = 2**63 - 1
+"""Fences are 64-bit signed integers in both stores; none handed out is larger."""
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 """Unicode category Cc, exactly (a regex: keys are validated on every call)."""
@@ -98,6 +105,27 @@ class Entry(_Frozen):
     dedup_on: str
     result: dict[str, Any] | None = None
     prior_run_id: str | None = None
+    generation: int | None = None
+    """The fence of the claim that began this generation of the key (see `Claim.generation`);
+    stored NULL means this entry's own fence (a claim that began one, or a pre-v2 row)."""
+
+    def checked(self) -> Entry:
+        """This entry as read back from a store, if it could have been written by a ledger;
+        a ValueError names what could not (the backends turn it into `LedgerCorruptError`)."""
+        if not 1 <= self.fence <= MAX_FENCE or not 1 <= self.generation_fence <= self.fence:
+            raise ValueError(f"fence {self.fence} / generation {self.generation} out of range")
+        if self.dedup_on not in ("success", "any"):
+            raise ValueError(f"unknown dedup_on {self.dedup_on!r}")
+        if self.state == State.IN_FLIGHT:
+            if self.finalized_at is not None or self.expires_at is not None:
+                raise ValueError("an in-flight entry has a finalized_at or expires_at")
+        elif self.finalized_at is None or self.expires_at is None:
+            raise ValueError(f"a {self.state.value} entry has no finalized_at or expires_at")
+        return self
+
+    @property
+    def generation_fence(self) -> int:
+        return self.fence if self.generation is None else self.generation
 
     def is_expired(self, now: datetime) -> bool:
         """A terminal entry past retention no longer dedups, swept or not."""
@@ -130,6 +158,11 @@ class Claim(_Frozen):
     forced: bool = False
     lease_expires_at: datetime | None = None
     expires_at: datetime | None = None
+    generation: int | None = None
+    """The fence of the claim that began this generation of the key: a proceed after no entry,
+    a failure, expiry, reset/release or force begins one (generation == fence); adopting a
+    stale claim and a same-run re-entry continue it. Work done once per generation is done
+    once, whichever holder of the generation did it. For a skip, the recorded entry's."""
 
     @property
     def should_run(self) -> bool:
@@ -213,7 +246,50 @@ def validate_fence(fence: object) -> int:
         raise InvalidArgumentError(
             f"fence must be the positive integer returned by claim(), got {fence!r}"
         )
+    if fence > MAX_FENCE:
+        raise InvalidArgumentError(
+            f"fence {fence} is above {MAX_FENCE}, the largest fence a store can hand out; "
+            "pass the fence returned by claim()"
+        )
     return fence
+
+
+def validate_reason(reason: object) -> str:
+    """An operator's reason is kept in the event log: printable text of bounded length."""
+    if not isinstance(reason, str):
+        raise InvalidArgumentError(f"reason must be a string, got {type(reason).__name__}")
+    if not reason.strip():
+        raise InvalidArgumentError("reason must not be empty: say why, or leave the default")
+    if len(reason) > MAX_REASON_LENGTH:
+        raise InvalidArgumentError(
+            f"reason is {len(reason)} characters long; the limit is {MAX_REASON_LENGTH}"
+        )
+    for pattern, what in ((_CONTROL, "a control character"), (_SURROGATE, "a lone surrogate")):
+        found = pattern.search(reason)
+        if found is not None:
+            raise InvalidArgumentError(
+                f"reason contains {what} {found.group()!r} at position {found.start()}; "
+                "use printable text on one line"
+            )
+    return reason
+
+
+def validate_state(state: object) -> State | None:
+    """A state filter: None (every state) or one of the `State` values."""
+    if state is None:
+        return None
+    try:
+        return State(state)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"state must be one of {[s.value for s in State]} or None, got {state!r}"
+        ) from None
+
+
+def validate_limit(limit: object, field: str = "limit") -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidArgumentError(f"{field} must be a positive integer, got {limit!r}")
+    return min(limit, MAX_FENCE)
 
 
 def encode_result(result: object) -> str | None:
@@ -223,6 +299,11 @@ def encode_result(result: object) -> str | None:
     if not isinstance(result, dict):
         raise InvalidResultError(
             f"result must be a dict (a small JSON summary), got {type(result).__name__}"
+        )
+    if _depth_exceeds(result, MAX_RESULT_DEPTH):
+        raise InvalidResultError(
+            f"result nests lists/dicts deeper than {MAX_RESULT_DEPTH} levels; keep a flat "
+            "summary (counts, table names, paths)"
         )
     try:
         text = json.dumps(result, sort_keys=True, allow_nan=False, separators=(",", ":"))
@@ -243,6 +324,19 @@ def encode_result(result: object) -> str | None:
             "Keep a summary (counts, table names, paths), not the data itself."
         )
     return text
+
+
+def _depth_exceeds(value: object, limit: int) -> bool:
+    """Whether lists/dicts nest more than `limit` levels (iterative: no recursion limit)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list | tuple):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _non_string_key(value: object) -> tuple[object] | None:
@@ -266,4 +360,21 @@ def _non_string_key(value: object) -> tuple[object] | None:
 
 
 def decode_result(text: str | None) -> dict[str, Any] | None:
-    return None if text is None else json.loads(text)
+    """A stored result; a ValueError when the stored text is not a JSON object."""
+    if text is None:
+        return None
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"result is a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def corrupt_row(table: str, key: object, exc: BaseException) -> LedgerCorruptError:
+    """The error for a stored row that cannot be read back: names the row and what to do."""
+    problem = " ".join(str(exc).split()) or type(exc).__name__
+    if len(problem) > 300:
+        problem = problem[:300] + "…"
+    return LedgerCorruptError(
+        f"the {table} row of key {key!r} is damaged and cannot be read ({problem}); no work was "
+        "done. See `rocky-dagster ledger check` and restore the ledger from a backup"
+    )

@@ -38,7 +38,16 @@ import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .backend import Clock, Ledger, redact_url, validate_claim, validate_finalize
+from .backend import (
+    Clock,
+    Ledger,
+    redact_url,
+    row_problems,
+    validate_claim,
+    validate_entries_filter,
+    validate_finalize,
+    validate_history,
+)
 from .config import LedgerConfig
 from .errors import (
     LedgerConfigError,
@@ -58,6 +67,7 @@ from .model import (
     Outcome,
     State,
     Stats,
+    corrupt_row,
     decode_result,
     encode_result,
     validate_fence,
@@ -65,7 +75,11 @@ from .model import (
 )
 from .queries import Dialect, ReadQueries
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""1: the first release. 2: one partial index on in-flight rows instead of three (fewer index
+entries per claim+finalize). 3: `generation` column on entries (NULL reads as the entry's
+fence). A schema of either pre-release layout that called itself 2 is brought to 3 as well:
+see `_Sql.migrations`."""
 DEFAULT_SCHEMA = "rocky_ledger"
 ENTRIES = "rocky_ledger_entries"
 EVENTS = "rocky_ledger_events"
@@ -185,6 +199,7 @@ class _Sql:
                                          claimed_at + %(ttl_us)s * interval '1 microsecond')
             FROM (SELECT coalesce(%(now)s::timestamptz, statement_timestamp()) AS now) AS t
             WHERE key = %(key)s AND fence = %(fence)s AND state = 'in_flight'
+                AND t.now < claimed_at + %(ttl_us)s * interval '1 microsecond'
             RETURNING 1"""
         self.written_by = (
             f"SELECT state, run_id, fence, expires_at, lease_expires_at FROM {self.entries} "
@@ -275,7 +290,13 @@ class _Sql:
         partial index on in-flight rows (run_id, lease_expires_at) serves the reconcilers
         (by run) and sweep of abandoned claims, instead of a lease index plus a run_id index
         over every row; and sweep trims the event log as a prefix in id order (costs what it
-        deletes), so events need no index on `at`.
+        deletes), so events need no index on `at`. Version 3 adds the generation a claim
+        continues (NULL: the entry's own fence, which is what every older row and every claim
+        that begins a generation have).
+
+        Two pre-release layouts both called themselves version 2 (one with step 1 done, the
+        other with step 2 done on version 1's indexes), so every statement is a no-op where
+        its result is already there and a schema below the current version runs all steps.
         """
         s = self.schema
         return {
@@ -283,9 +304,10 @@ class _Sql:
                 f"DROP INDEX IF EXISTS {s}.rocky_ledger_entries_lease_expires_at_idx",
                 f"DROP INDEX IF EXISTS {s}.rocky_ledger_entries_run_id_idx",
                 f"DROP INDEX IF EXISTS {s}.rocky_ledger_events_at_idx",
-                f"CREATE INDEX rocky_ledger_entries_in_flight ON {self.entries} "
+                f"CREATE INDEX IF NOT EXISTS rocky_ledger_entries_in_flight ON {self.entries} "
                 "(run_id, lease_expires_at) WHERE state = 'in_flight'",
             ],
+            2: [f"ALTER TABLE {self.entries} ADD COLUMN IF NOT EXISTS generation bigint"],
         }
 
 
@@ -346,10 +368,25 @@ def _utc(value: datetime | None) -> datetime | None:
 
 def _entry(row: tuple[Any, ...] | list[Any]) -> Entry:
     data = dict(zip(ENTRY_COLUMNS, row, strict=True))
-    for name in TIME_COLUMNS:
-        data[name] = _utc(data[name])
-    data["result"] = decode_result(data["result"])
-    return Entry.model_validate(data)
+    try:
+        for name in TIME_COLUMNS:
+            data[name] = _utc(data[name])
+        data["result"] = decode_result(data["result"])
+        if data["generation"] is None:
+            data["generation"] = data["fence"]
+        return Entry.model_validate(data).checked()
+    except (ValueError, TypeError, RecursionError) as exc:  # pydantic's errors are ValueErrors
+        raise corrupt_row(ENTRIES, data["key"], exc) from None
+
+
+def _event(row: tuple[Any, ...]) -> Event:
+    try:
+        return Event(
+            id=row[0], key=row[1], kind=row[2], run_id=row[3], fence=row[4], at=_utc(row[5]),
+            detail=row[6],
+        )  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        raise corrupt_row(EVENTS, row[1], exc) from None
 
 
 def _entry_params(entry: Entry) -> dict[str, Any]:
@@ -620,16 +657,14 @@ class PostgresLedger(Ledger):
                         if version is None:
                             for statement in self._sql.create_v1():
                                 conn.execute(statement)  # type: ignore[arg-type]
-                            version = 1
                         migrations = self._sql.migrations()
-                        while version < SCHEMA_VERSION:
-                            for statement in migrations[version]:
+                        for step in range(1, SCHEMA_VERSION):  # all: see `_Sql.migrations`
+                            for statement in migrations[step]:
                                 conn.execute(statement)  # type: ignore[arg-type]
-                            version += 1
                         conn.execute(
                             f"UPDATE {self._sql.meta} SET value = %s "  # type: ignore[arg-type]
                             "WHERE name = 'schema_version'",
-                            (version,),
+                            (SCHEMA_VERSION,),
                         )
                 finally:
                     conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock_key,))
@@ -750,7 +785,9 @@ class PostgresLedger(Ledger):
         force: bool = False,
     ) -> Claim:
         """As `Ledger.claim`; a key with no row is claimed in one statement (one round trip)."""
-        key, run_id, pipeline, fingerprint = validate_claim(key, run_id, pipeline, fingerprint)
+        key, run_id, pipeline, fingerprint = validate_claim(
+            key, run_id, pipeline, fingerprint, force=force
+        )
 
         def attempt() -> Claim:
             claim = self._fast_claim(key, run_id, pipeline, fingerprint)
@@ -797,6 +834,7 @@ class PostgresLedger(Ledger):
             decision=NEW_KEY.decision,
             fence=int(row[0]),
             lease_expires_at=_utc(row[1]),
+            generation=int(row[0]),  # a new claim begins a generation (stored NULL)
         )
 
     def _written_by(self, key: str, token: str, exc: psycopg.Error) -> tuple[Any, ...] | None:
@@ -911,6 +949,7 @@ class PostgresLedger(Ledger):
     # --- reads and housekeeping ---------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
+        key = validate_key(key)
         rows = self._read(*self._sql.reads.get(key))
         return _entry(rows[0]) if rows else None
 
@@ -922,14 +961,62 @@ class PostgresLedger(Ledger):
         prefix: str | None = None,
         limit: int = 100,
     ) -> list[Entry]:
+        state, run_id, prefix, limit = validate_entries_filter(state, run_id, prefix, limit)
         sql, params = self._sql.reads.entries(state, run_id=run_id, prefix=prefix, limit=limit)
         return [_entry(r) for r in self._read(sql, params)]
 
+    def entries_touched_by(
+        self,
+        run_id: str,
+        state: State | str | None = None,
+        *,
+        prefix: str | None = None,
+        limit: int = 100,
+    ) -> list[Entry]:
+        state, _, prefix, limit = validate_entries_filter(state, None, prefix, limit)
+        run_id = validate_key(run_id, "run_id")
+        sql, params = self._sql.reads.touched_by(run_id, state, prefix=prefix, limit=limit)
+        return [_entry(r) for r in self._read(sql, params)]
+
+    def check(self) -> list[str]:
+        """The ledger's tables and fence sequence exist at this schema version, every entry
+        and event decodes as a call would, and no stored fence is above the sequence."""
+        problems: list[str] = []
+        try:
+            for name in (self._sql.entries, self._sql.events, self._sql.meta, self._sql.fences):
+                ((found,),) = self._read("SELECT to_regclass(%s)", (name,))
+                if found is None:
+                    problems.append(f"{name} is missing")
+            if problems:
+                return problems
+            ((version,),) = self._read(
+                f"SELECT max(value) FROM {self._sql.meta} WHERE name = 'schema_version'"
+            )
+            if version != SCHEMA_VERSION:
+                problems.append(f"schema_version is {version!r}, expected {SCHEMA_VERSION}")
+            problems += row_problems(self._read(self._sql.select), _entry)
+            problems += row_problems(
+                self._read(
+                    f"SELECT id, key, kind, run_id, fence, at, detail FROM {self._sql.events}"
+                ),
+                _event,
+            )
+            ((top, issued),) = self._read(
+                f"SELECT (SELECT max(fence) FROM {self._sql.entries}), "
+                f"(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {self._sql.fences})"
+            )
+            if top is not None and top > issued:
+                problems.append(
+                    f"an entry holds fence {top}, above the last one the sequence {self._sql.fences} "
+                    f"handed out ({issued}): a new claim could reuse a fence"
+                )
+        except LedgerUnavailableError as exc:
+            problems.append(str(exc))
+        return problems
+
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
-        return [
-            Event(id=r[0], key=r[1], kind=r[2], run_id=r[3], fence=r[4], at=_utc(r[5]), detail=r[6])
-            for r in self._read(*self._sql.reads.history(key, limit=limit))
-        ]
+        key, limit = validate_history(key, limit)
+        return [_event(r) for r in self._read(*self._sql.reads.history(key, limit=limit))]
 
     def stats(self) -> Stats:
         ((n, in_flight, ok, failed, expired, stale, events, fence),) = self._read(

@@ -1,4 +1,4 @@
-"""The read queries (`get`, `entries`, `history`) of every SQL backend, built once.
+"""The read queries (`get`, `entries`, `touched_by`, `history`) of every SQL backend, built once.
 
 The backends differ only in their placeholder, in how a key range is made to compare by code
 point, and (SQLite) in the index expression the reconcilers' query must name to be indexed;
@@ -70,6 +70,7 @@ class ReadQueries:
         self.dialect = dialect
         self.select_entry = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM {entries_table}"
         self.select_event = f"SELECT {', '.join(EVENT_COLUMNS)} FROM {events_table}"
+        self.events_table = events_table
 
     def get(self, key: str) -> Query:
         return f"{self.select_entry} WHERE key = {self.dialect.placeholder}", (key,)
@@ -82,11 +83,8 @@ class ReadQueries:
         prefix: str | None = None,
         limit: int = 100,
     ) -> Query:
-        """Entries newest claim first: of one state, one run, and/or with keys under a prefix.
-
-        The prefix is a key range (`key >= prefix AND key < successor`), so no character of it
-        is a wildcard and the store can walk its primary key.
-        """
+        """Entries newest claim first: of one state, one run, and/or with keys under a prefix
+        (a key range: see `_prefix_range`)."""
         p, where, params = self.dialect.placeholder, [], []
         wanted = None if state is None else _state(state)
         run_id = validate_optional_label(run_id, "run_id")
@@ -100,17 +98,45 @@ class ReadQueries:
             if run_id is not None:
                 where.append(f"run_id = {p}")
                 params.append(run_id)
-        if prefix is not None:
-            low, high = prefix_bounds(validate_key(prefix, "prefix"))
-            key = f"key{self.dialect.binary}"
-            where.append(f"{key} >= {p}")
-            params.append(low)
-            if high is not None:
-                where.append(f"{key} < {p}")
-                params.append(high)
+        self._prefix_range(prefix, where, params)
         sql = self.select_entry + (" WHERE " + " AND ".join(where) if where else "")
         sql += f" ORDER BY claimed_at DESC, fence DESC LIMIT {p}"
         return sql, (*params, _limit(limit, "limit"))
+
+    def touched_by(
+        self,
+        run_id: str,
+        state: State | str | None = None,
+        *,
+        prefix: str | None = None,
+        limit: int = 100,
+    ) -> Query:
+        """Entries one run holds or last held, or whose event history names it, newest claim
+        first. Scans the event log (no index by run): an operator's query."""
+        p, params = self.dialect.placeholder, [validate_key(run_id, "run_id")] * 2
+        where = [
+            f"(run_id = {p} OR key IN (SELECT key FROM {self.events_table} WHERE run_id = {p}))"
+        ]
+        if state is not None:
+            where.append(f"state = {p}")
+            params.append(_state(state).value)
+        self._prefix_range(prefix, where, params)
+        sql = f"{self.select_entry} WHERE {' AND '.join(where)}"
+        sql += f" ORDER BY claimed_at DESC, fence DESC LIMIT {p}"
+        return sql, (*params, _limit(limit, "limit"))
+
+    def _prefix_range(self, prefix: str | None, where: list[str], params: list[Any]) -> None:
+        """Keys starting with `prefix` as a key range (`key >= prefix AND key < successor`), so
+        no character of it is a wildcard and the store can walk its primary key."""
+        if prefix is None:
+            return
+        low, high = prefix_bounds(validate_key(prefix, "prefix"))
+        key, p = f"key{self.dialect.binary}", self.dialect.placeholder
+        where.append(f"{key} >= {p}")
+        params.append(low)
+        if high is not None:
+            where.append(f"{key} < {p}")
+            params.append(high)
 
     def history(self, key: str, *, limit: int | None = None) -> Query:
         """The key's events oldest first; with `limit`, its last `limit` events."""

@@ -28,10 +28,24 @@ from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
-from .backend import Clock, Ledger, validate_claim, validate_finalize
+from .backend import (
+    Clock,
+    Ledger,
+    row_problems,
+    validate_claim,
+    validate_entries_filter,
+    validate_finalize,
+    validate_history,
+)
 from .config import LedgerConfig
-from .errors import LedgerConfigError, LedgerSchemaError, LedgerUnavailableError
+from .errors import (
+    LedgerConfigError,
+    LedgerCorruptError,
+    LedgerSchemaError,
+    LedgerUnavailableError,
+)
 from .machine import NEW_KEY
 from .model import (
     ENTRY_COLUMNS,
@@ -44,17 +58,23 @@ from .model import (
     Outcome,
     State,
     Stats,
+    corrupt_row,
     decode_result,
     encode_result,
+    validate_key,
 )
 from .queries import Dialect, ReadQueries
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""1: the first release. 2: one `due` index instead of two partial ones (fewer pages per
+claim+finalize). 3: `generation` column on entries (NULL reads as the entry's fence).
+A file of either pre-release layout that called itself 2 (`due` only, or `generation` only)
+is brought to 3 as well: see `_migrate`."""
+SQLITE_MAGIC = b"SQLite format 3\x00"
 ENTRIES = "rocky_ledger_entries"
 EVENTS = "rocky_ledger_events"
 META = "rocky_ledger_meta"
 BUSY_TIMEOUT_SECONDS = 30.0
-WRITABLE_RECHECK_SECONDS = 1.0
 WAL_AUTOCHECKPOINT_PAGES = 4000
 
 # insert-if-absent (the protocol's `insert` reports a conflict) and a plain UPDATE: an
@@ -71,6 +91,9 @@ def _update_sql(columns: tuple[str, ...]) -> str:
     return f"UPDATE {ENTRIES} SET {', '.join(f'{c} = ?' for c in columns)} WHERE key = ?"
 
 
+FAST_PATH = sqlite3.sqlite_version_info >= (3, 35, 0)
+"""`RETURNING` came with SQLite 3.35 (2021); an older library takes the generic path."""
+
 HOLDER = "(CASE WHEN state = 'in_flight' THEN run_id END)"
 """The run holding an in-flight row, NULL for a terminal one: the first column of the `due`
 index. Queries that should use the index spell it exactly so (SQLite matches expressions)."""
@@ -80,16 +103,19 @@ _SELECT_ENTRY = _QUERIES.select_entry
 
 _FAST_CLAIM = f"""
     INSERT INTO {ENTRIES} (key, state, run_id, fence, pipeline, fingerprint, claimed_at,
-        heartbeat_at, lease_expires_at, dedup_on)
-    SELECT ?1, 'in_flight', ?2,
-        max(coalesce((SELECT max(id) FROM {EVENTS}), 0),
-            (SELECT value FROM {META} WHERE name = 'last_fence')) + 1,
-        ?3, ?4, ?5, ?5, ?6, ?7
-    WHERE true
+        heartbeat_at, lease_expires_at, dedup_on, generation)
+    SELECT ?1, 'in_flight', ?2, top.fence, ?3, ?4, ?5, ?5, ?6, ?7, top.fence
+    FROM (
+        SELECT max(coalesce((SELECT max(id) FROM {EVENTS}), 0), value) + 1 AS fence,
+            typeof(value) AS kind
+        FROM {META} WHERE name = 'last_fence'
+    ) AS top
+    WHERE top.kind = 'integer'
     ON CONFLICT (key) DO NOTHING
     RETURNING fence"""
-"""A claim of a key with no row, its fence computed in place (see `next_fence`); no row back
-means the key has one, and the claim goes through the decision table."""
+"""A claim of a key with no row, its fence computed in place (see `next_fence`) and written as
+its generation too (a new key begins one). No row back means the key has one, or the fence
+floor is damaged: the claim then goes through the decision table, which says which."""
 _FAST_FINALIZE = (
     f"UPDATE {ENTRIES} SET state = ?, finalized_at = ?, expires_at = ?, result = ? "
     "WHERE key = ? AND fence = ? AND state = 'in_flight' RETURNING run_id"
@@ -138,7 +164,12 @@ def _ts(value: datetime | None) -> str | None:
 
 
 def _dt(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
+    if value is None:
+        return None
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise ValueError(f"timestamp {value!r} has no time zone")
+    return parsed
 
 
 _VALUE_FIELDS = ENTRY_COLUMNS[1:]
@@ -177,10 +208,28 @@ def _row(entry: Entry) -> tuple[Any, ...]:
         entry.dedup_on,
         None if entry.result is None else encode_result(entry.result),
         entry.prior_run_id,
+        entry.generation,
     )
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
+    try:
+        return _decode_entry(row)
+    except (ValueError, TypeError, RecursionError) as exc:  # pydantic's errors are ValueErrors
+        raise corrupt_row(ENTRIES, row[0] if row else None, exc) from None
+
+
+def _event(row: tuple[Any, ...]) -> Event:
+    try:
+        return Event(
+            id=row[0], key=row[1], kind=row[2], run_id=row[3], fence=row[4], at=_dt(row[5]),
+            detail=row[6],
+        )  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        raise corrupt_row(EVENTS, row[1], exc) from None
+
+
+def _decode_entry(row: tuple[Any, ...]) -> Entry:
     (
         key,
         state,
@@ -196,6 +245,7 @@ def _entry(row: tuple[Any, ...]) -> Entry:
         dedup_on,
         result,
         prior_run_id,
+        generation,
     ) = row
     return Entry(
         key=key,
@@ -212,7 +262,8 @@ def _entry(row: tuple[Any, ...]) -> Entry:
         dedup_on=dedup_on,
         result=decode_result(result),
         prior_run_id=prior_run_id,
-    )
+        generation=fence if generation is None else generation,
+    ).checked()
 
 
 class _SQLiteTransaction:
@@ -266,7 +317,7 @@ class _SQLiteTransaction:
         a claim writes no counter page of its own (a page less to fsync per claim).
         """
         (top,) = self.conn.execute(_FENCE_TOP).fetchone()
-        self._fence = max(top, self._fence) + 1
+        self._fence = max(_fence_top(top), self._fence) + 1
         return self._fence
 
     def log(
@@ -289,6 +340,13 @@ class _SQLiteTransaction:
             self.conn.execute(_RAISE_FENCE_FLOOR, (self._fence,))
 
 
+def _fence_top(value: object) -> int:
+    """The fence high-water mark as read; damage there could hand out a fence twice."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise corrupt_row(META, "last_fence", ValueError(f"fence floor is {value!r}"))
+    return value
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -306,16 +364,18 @@ class _WriteTransaction:
 
     def __enter__(self) -> _SQLiteTransaction:
         ledger = self.ledger
+        if not _FORK_GATE.is_set():
+            _FORK_GATE.wait(FORK_WAIT_SECONDS)  # let a pending fork take the lock first
         ledger._lock.acquire()
         try:
             conn = self.conn = ledger._connection()
-            if time.monotonic() - ledger._writable_checked_at >= WRITABLE_RECHECK_SECONDS:
-                ledger._check_writable()  # a stat per write would cost more than the write
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise ledger._translate(exc) from exc
             try:
+                # under the write lock: the path still names the file this connection writes
+                ledger._check_file(writing=True)
                 self.tx = _SQLiteTransaction(conn, ledger._now(_utcnow))
                 return self.tx
             except BaseException:
@@ -339,15 +399,15 @@ class _WriteTransaction:
                     raise ledger._translate(error) from error
                 return
             _rollback(conn)
-            if isinstance(exc, sqlite3.Error):
+            if isinstance(exc, sqlite3.Error | UnicodeDecodeError):
                 raise ledger._translate(exc) from exc
         finally:
             ledger._lock.release()
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        with suppress(sqlite3.Error):  # the original error is the one worth reporting
+    with suppress(sqlite3.Error):  # the original error is the one worth reporting
+        if conn.in_transaction:
             conn.execute("ROLLBACK")
 
 
@@ -365,17 +425,24 @@ class SQLiteLedger(Ledger):
     ) -> None:
         super().__init__(url, config, clock)
         self.path = Path(path).expanduser().absolute()
-        if not self.path.parent.is_dir():
+        try:
+            parent_is_dir, is_dir = self.path.parent.is_dir(), self.path.is_dir()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise LedgerConfigError(f"url: {self.path} cannot be a ledger file: {exc}") from None
+        if not parent_is_dir:
             raise LedgerConfigError(
                 f"url: directory {self.path.parent} does not exist; create it first or point the "
                 "ledger url at a file in an existing directory"
             )
-        if self.path.is_dir():
+        if is_dir:
             raise LedgerConfigError(f"url: {self.path} is a directory; give a file path")
         self._busy_timeout = busy_timeout_seconds
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
-        self._writable_checked_at = -WRITABLE_RECHECK_SECONDS
+        self._identity: tuple[int, int] | None = None
+        """(st_dev, st_ino) of the file the connection has open; set once it is a ledger."""
+        self._gone: str | None = None
+        """Why every call fails: the file was deleted or replaced under this handle."""
         with self._lock:
             self._connection()
         _OPEN_LEDGERS.add(self)
@@ -386,17 +453,27 @@ class SQLiteLedger(Ledger):
         """This process's connection (a forked child drops its parent's: see `_after_fork`)."""
         conn = self._conn
         if conn is None:
+            if self._gone is not None:
+                raise LedgerUnavailableError(self._gone)
             conn = self._conn = self._guard(self._connect)
+            _OPEN_LEDGERS.add(self)  # again after close(): forks must see it
         return conn
 
     def _after_fork_in_child(self) -> None:
-        # the parent's connection and lock state are not ours: never use or close them here
+        # The parent's connection is not ours: never use it, and never close it here (closing
+        # would checkpoint and unlock on the parent's behalf), so keep it referenced forever.
+        if self._conn is not None:
+            _ORPHANED_CONNECTIONS.append(self._conn)
         self._conn = None
         self._lock = threading.RLock()
 
     def _connect(self) -> sqlite3.Connection:
+        """Open the file, but only write to it once it is known to be a ledger (or empty)."""
+        must_exist = self._identity is not None
+        self._inspect(must_exist=must_exist)
         conn = sqlite3.connect(
-            str(self.path),
+            f"file:{quote(str(self.path))}?mode={'rw' if must_exist else 'rwc'}",
+            uri=True,
             timeout=self._busy_timeout,
             isolation_level=None,
             check_same_thread=False,
@@ -411,45 +488,91 @@ class SQLiteLedger(Ledger):
             # the file and two more fsyncs) every ~16 MB of WAL rather than SQLite's 4 MB.
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
             self._ensure_schema(conn)
+            opened = os.stat(self.path)
+            self._identity = (opened.st_dev, opened.st_ino)
         except BaseException:
             conn.close()
             raise
         return conn
 
+    def _inspect(self, *, must_exist: bool) -> None:
+        """Refuse a file that is not a ledger without writing a byte to it (or beside it).
+
+        Runs before the read-write connection, whose `journal_mode = WAL` would rewrite the
+        header of another application's database (and SQLite treats a file shorter than a
+        page as empty, so it would overwrite a 1-byte file). `immutable=1` reads the file with
+        no locks and no -wal/-shm files.
+        """
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            if must_exist:
+                raise LedgerUnavailableError(
+                    f"ledger file {self.path} was deleted while in use; no work was done. "
+                    "Restore it from a backup (a new, empty ledger would run every key again)"
+                ) from None
+            return
+        except OSError as exc:
+            raise LedgerUnavailableError(f"ledger file {self.path} cannot be used: {exc}") from None
+        if size == 0:
+            return  # a new ledger (created, or touched beforehand)
+        try:
+            with open(self.path, "rb") as file:
+                magic = file.read(len(SQLITE_MAGIC))
+        except OSError as exc:
+            raise LedgerUnavailableError(f"ledger file {self.path} cannot be read: {exc}") from None
+        if magic != SQLITE_MAGIC:
+            raise LedgerConfigError(
+                f"url: {self.path} is not a SQLite database; point the ledger url at a ledger "
+                "file or at a path that does not exist yet"
+            )
+        look = sqlite3.connect(
+            f"file:{quote(str(self.path))}?mode=ro&immutable=1", uri=True, check_same_thread=False
+        )
+        try:
+            version = self._guard(lambda: self._schema_version(look))
+            if version is None:
+                self._guard(lambda: self._refuse_foreign_tables(look))
+            else:
+                self._check_version(version)
+        finally:
+            look.close()
+
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         version = self._schema_version(conn)
         if version == SCHEMA_VERSION:
             return
-        if version is not None and version > SCHEMA_VERSION:
-            raise LedgerSchemaError(
-                f"{self.path} holds ledger schema version {version}, but this rocky_dagster "
-                f"understands up to {SCHEMA_VERSION}: upgrade rocky_dagster to use this ledger"
-            )
+        self._check_version(version)
         self._check_writable()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            current = self._schema_version(conn)
-            if current is None:
+            version = self._schema_version(conn)
+            if version is None:
                 self._refuse_foreign_tables(conn)
                 _create_schema(conn)
-            elif current < SCHEMA_VERSION:
-                _migrate(conn, current)
+            elif version < SCHEMA_VERSION:
+                _migrate(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
 
     def _refuse_foreign_tables(self, conn: sqlite3.Connection) -> None:
-        """Never add ledger tables to another application's database (e.g. Dagster's)."""
-        tables = [
-            name
-            for (name,) in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-                "ORDER BY name"
+        """Never add ledger tables to another application's database (e.g. Dagster's): one
+        with any table, view or trigger, or an application id / user version of its own."""
+        objects = [
+            f"{kind} {name}" if kind != "table" else name
+            for (kind, name) in conn.execute(
+                "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' "
+                "ORDER BY type = 'table' DESC, name"
             )
         ]
-        if tables:
-            shown = ", ".join(tables[:5]) + (", …" if len(tables) > 5 else "")
+        for pragma in ("application_id", "user_version"):
+            (value,) = conn.execute(f"PRAGMA {pragma}").fetchone()
+            if value:
+                objects.append(f"{pragma} {value}")
+        if objects:
+            shown = ", ".join(objects[:5]) + (", …" if len(objects) > 5 else "")
             raise LedgerSchemaError(
                 f"{self.path} is a SQLite database of something else (tables: {shown}), not a "
                 "ledger: point the ledger url at a file of its own"
@@ -462,9 +585,19 @@ class SQLiteLedger(Ledger):
         if not exists:
             return None
         row = conn.execute(f"SELECT value FROM {META} WHERE name = 'schema_version'").fetchone()
-        if row is None:
-            raise LedgerSchemaError(f"{self.path}: table {META} has no schema_version row")
-        return int(row[0])
+        if row is None or isinstance(row[0], bool) or not isinstance(row[0], int):
+            raise LedgerSchemaError(
+                f"{self.path}: table {META} has no valid schema_version row (found "
+                f"{None if row is None else row[0]!r}); it was not written by rocky_dagster"
+            )
+        return row[0]
+
+    def _check_version(self, version: int | None) -> None:
+        if version is not None and version > SCHEMA_VERSION:
+            raise LedgerSchemaError(
+                f"{self.path} holds ledger schema version {version}, but this rocky_dagster "
+                f"understands up to {SCHEMA_VERSION}: upgrade rocky_dagster to use this ledger"
+            )
 
     def _check_writable(self) -> None:
         """Refuse a file marked read-only even where the OS would let us write (root)."""
@@ -472,22 +605,88 @@ class SQLiteLedger(Ledger):
             mode = os.stat(self.path).st_mode
         except FileNotFoundError:
             return
+        self._refuse_read_only(mode)
+
+    def _refuse_read_only(self, mode: int) -> None:
         if not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
             raise LedgerUnavailableError(
                 f"ledger file {self.path} is read-only (mode {stat.filemode(mode)}): make it "
                 "writable (chmod u+w) or point the ledger url at a writable file; no work was done"
             )
-        self._writable_checked_at = time.monotonic()
+
+    def _check_file(self, *, writing: bool) -> None:
+        """The path still names the file our connection has open, else the call fails.
+
+        A ledger file deleted or replaced under a running process would otherwise take its
+        writes into an unlinked inode and report success. One stat per call (a claim fsyncs;
+        a stat is microseconds). The failure is final for this handle: the -wal file beside
+        the path still holds the old file's pages, which SQLite would lay over the new file,
+        so only a deliberate reopen (a new process, or `open_ledger` again) uses the path.
+        """
+        if self._gone is not None:
+            raise LedgerUnavailableError(self._gone)
+        try:
+            now = os.stat(self.path)
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):  # e.g. the directory lost its x bit
+                raise LedgerUnavailableError(
+                    f"ledger file {self.path} cannot be checked ({exc}); no work was done"
+                ) from None
+            self._gone = (
+                f"ledger file {self.path} was deleted while in use; no work was done. Restore "
+                "it from a backup (a new, empty ledger would run every key again)"
+            )
+        else:
+            if (now.st_dev, now.st_ino) != self._identity:
+                self._gone = (
+                    f"ledger file {self.path} was replaced by another file while in use; no "
+                    "work was done. Stop every process using it, then open the ledger again"
+                )
+            elif writing:
+                self._refuse_read_only(now.st_mode)
+                return
+            else:
+                return
+        self._drop_connection()
+        raise LedgerUnavailableError(self._gone)
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _rollback(conn)
+            with suppress(sqlite3.Error):
+                conn.close()
 
     def _guard(self, fn: Callable[[], T]) -> T:
         """Run `fn`, turning sqlite3 errors into ledger errors that say what to do."""
         try:
             return fn()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
             raise self._translate(exc) from exc
 
-    def _translate(self, exc: sqlite3.Error) -> Exception:
+    def _translate(self, exc: sqlite3.Error | UnicodeDecodeError) -> Exception:
         text = str(exc)
+        if isinstance(exc, UnicodeDecodeError):  # the module decodes TEXT as it reads a row
+            return LedgerCorruptError(
+                f"ledger file {self.path} holds text that is not UTF-8 ({text}); it is damaged "
+                "and no work was done. See `rocky-dagster ledger check` and restore the ledger "
+                "from a backup"
+            )
+        name = getattr(exc, "sqlite_errorname", "")
+        if self._identity is not None and (
+            name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+            or "malformed" in text
+            or "file is not a database" in text
+        ):
+            return LedgerCorruptError(
+                f"ledger file {self.path} is damaged ({text}); no work was done. See "
+                "`rocky-dagster ledger check` and restore the ledger from a backup"
+            )
+        if name.startswith("SQLITE_CORRUPT") or "malformed" in text:
+            return LedgerCorruptError(
+                f"{self.path} is a damaged SQLite database ({text}); restore it from a backup "
+                "or point the ledger url elsewhere"
+            )
         if "file is not a database" in text or "file is encrypted" in text:
             return LedgerConfigError(
                 f"url: {self.path} is not a SQLite database; point the ledger url at a ledger "
@@ -537,7 +736,13 @@ class SQLiteLedger(Ledger):
         The insert and the decision table's fallback run under one write lock, so a key that
         has a row (the only case the insert does not take) is decided by `decide` as ever.
         """
-        key, run_id, pipeline, fingerprint = validate_claim(key, run_id, pipeline, fingerprint)
+        if not FAST_PATH:
+            return super().claim(
+                key, run_id, pipeline=pipeline, fingerprint=fingerprint, force=force
+            )
+        key, run_id, pipeline, fingerprint = validate_claim(
+            key, run_id, pipeline, fingerprint, force=force
+        )
         with self.transaction() as tx:
             lease_expires_at = tx.now + self._claim_lease
             conn = tx.conn
@@ -563,6 +768,7 @@ class SQLiteLedger(Ledger):
             decision=NEW_KEY.decision,
             fence=fence,
             lease_expires_at=lease_expires_at,
+            generation=fence,
         )
 
     def finalize(
@@ -574,6 +780,8 @@ class SQLiteLedger(Ledger):
         result: dict[str, Any] | None = None,
     ) -> FinalizeResult:
         """As `Ledger.finalize`; a live claim is finalized by one compare-and-set UPDATE."""
+        if not FAST_PATH:
+            return super().finalize(key, fence, outcome, result=result)
         key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
         with self.transaction() as tx:
             expires_at = tx.now + self.config.retention
@@ -597,11 +805,15 @@ class SQLiteLedger(Ledger):
         )
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if not _FORK_GATE.is_set():
+            _FORK_GATE.wait(FORK_WAIT_SECONDS)
         with self._lock:
             conn = self._connection()
+            self._check_file(writing=False)
             return self._guard(lambda: conn.execute(sql, params).fetchall())
 
     def get(self, key: str) -> Entry | None:
+        key = validate_key(key)
         rows = self._read(*_QUERIES.get(key))
         return _entry(rows[0]) if rows else None
 
@@ -613,14 +825,44 @@ class SQLiteLedger(Ledger):
         prefix: str | None = None,
         limit: int = 100,
     ) -> list[Entry]:
+        state, run_id, prefix, limit = validate_entries_filter(state, run_id, prefix, limit)
         sql, params = _QUERIES.entries(state, run_id=run_id, prefix=prefix, limit=limit)
         return [_entry(r) for r in self._read(sql, params)]
 
+    def entries_touched_by(
+        self,
+        run_id: str,
+        state: State | str | None = None,
+        *,
+        prefix: str | None = None,
+        limit: int = 100,
+    ) -> list[Entry]:
+        state, _, prefix, limit = validate_entries_filter(state, None, prefix, limit)
+        run_id = validate_key(run_id, "run_id")
+        sql, params = _QUERIES.touched_by(run_id, state, prefix=prefix, limit=limit)
+        return [_entry(r) for r in self._read(sql, params)]
+
+    def check(self) -> list[str]:
+        """`PRAGMA integrity_check`, then every entry and event decoded as a call would."""
+        problems: list[str] = []
+        try:
+            problems += [
+                f"integrity_check: {message}"
+                for (message,) in self._read("PRAGMA integrity_check")
+                if message != "ok"
+            ]
+            problems += row_problems(self._read(_SELECT_ENTRY), _entry)
+            problems += row_problems(
+                self._read(f"SELECT id, key, kind, run_id, fence, at, detail FROM {EVENTS}"),
+                _event,
+            )
+        except LedgerUnavailableError as exc:
+            problems.append(str(exc))
+        return problems
+
     def history(self, key: str, *, limit: int | None = None) -> list[Event]:
-        return [
-            Event(id=r[0], key=r[1], kind=r[2], run_id=r[3], fence=r[4], at=_dt(r[5]), detail=r[6])
-            for r in self._read(*_QUERIES.history(key, limit=limit))
-        ]
+        key, limit = validate_history(key, limit)
+        return [_event(r) for r in self._read(*_QUERIES.history(key, limit=limit))]
 
     def stats(self) -> Stats:
         now = _ts(self.now())
@@ -644,7 +886,7 @@ class SQLiteLedger(Ledger):
             expired=counts[4],
             stale_in_flight=counts[5],
             events=events,
-            last_fence=int(fence),
+            last_fence=_fence_top(fence),
         )
 
     def _sweep(self, now: datetime, abandoned_before: datetime) -> int:
@@ -663,7 +905,7 @@ class SQLiteLedger(Ledger):
             # events are appended in time order, so the old ones are a prefix in id order
             # (found by walking it: costs what it deletes, and no index on `at` to maintain).
             # Event ids are the fence counter: keep their high-water mark before trimming.
-            conn.execute(_RAISE_FENCE_FLOOR, (conn.execute(_FENCE_TOP).fetchone()[0],))
+            conn.execute(_RAISE_FENCE_FLOOR, (_fence_top(conn.execute(_FENCE_TOP).fetchone()[0]),))
             young = conn.execute(
                 f"SELECT id FROM {EVENTS} WHERE at >= ? ORDER BY id LIMIT 1",
                 (_ts(abandoned_before),),
@@ -697,7 +939,8 @@ CREATE TABLE IF NOT EXISTS {ENTRIES} (
     expires_at TEXT,
     dedup_on TEXT NOT NULL,
     result TEXT,
-    prior_run_id TEXT
+    prior_run_id TEXT,
+    generation INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS {EVENTS} (
     id INTEGER PRIMARY KEY,
@@ -733,36 +976,84 @@ def _create_schema(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
-_MIGRATIONS = {
-    1: (
-        f"DROP INDEX IF EXISTS {ENTRIES}_expiry",
-        f"DROP INDEX IF EXISTS {ENTRIES}_in_flight",
-        f"CREATE INDEX IF NOT EXISTS {ENTRIES}_due ON {ENTRIES} ({HOLDER}, expires_at)",
-    ),
-}
-"""Statements taking a ledger file from the version (the key) to the next one; data is
-never rewritten, only indexes, so a migration is quick and keeps every row and event."""
+_DUE_INDEX = (
+    f"DROP INDEX IF EXISTS {ENTRIES}_expiry",
+    f"DROP INDEX IF EXISTS {ENTRIES}_in_flight",
+    f"CREATE INDEX IF NOT EXISTS {ENTRIES}_due ON {ENTRIES} ({HOLDER}, expires_at)",
+)
+"""Version 1 -> 2: the `due` index replaces version 1's two partial indexes."""
 
 
-def _migrate(conn: sqlite3.Connection, version: int) -> None:
+def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a ledger file written by an older rocky_dagster up to `SCHEMA_VERSION`, in the
-    caller's write transaction (all or nothing)."""
-    while version < SCHEMA_VERSION:
-        for statement in _MIGRATIONS[version]:
-            conn.execute(statement)
-        version += 1
-    conn.execute(f"UPDATE {META} SET value = ? WHERE name = 'schema_version'", (version,))
+    caller's write transaction (all or nothing). Data is never rewritten (the new column
+    reads NULL: the entry's own fence), so a migration is quick and keeps every row and event.
+
+    Two pre-release layouts both called themselves version 2: one had the `due` index, the
+    other the `generation` column on version 1's indexes. So each step is skipped where its
+    result is already there, and every file below the current version runs all of them.
+    """
+    for statement in _DUE_INDEX:
+        conn.execute(statement)
+    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({ENTRIES})")}
+    if "generation" not in columns:  # version 2 -> 3
+        conn.execute(f"ALTER TABLE {ENTRIES} ADD COLUMN generation INTEGER")
+    conn.execute(f"UPDATE {META} SET value = ? WHERE name = 'schema_version'", (SCHEMA_VERSION,))
 
 
 _OPEN_LEDGERS: weakref.WeakSet[SQLiteLedger] = weakref.WeakSet()
+_ORPHANED_CONNECTIONS: list[sqlite3.Connection] = []
+"""Connections inherited through fork: the parent's, so the child never closes them."""
+_HELD_FOR_FORK: list[SQLiteLedger] = []
+FORK_WAIT_SECONDS = BUSY_TIMEOUT_SECONDS + 5
+"""How long a fork waits for another thread's ledger call to end (each call is bounded by
+the busy timeout); past that it forks anyway."""
+
+
+_FORK_GATE = threading.Event()
+"""Cleared while a fork waits for the ledgers' locks: new calls wait, so a thread looping
+ledger calls cannot starve the fork (locks are not fair)."""
+_FORK_GATE.set()
+
+
+def _before_fork() -> None:
+    """Let no other thread be inside a ledger call while the process forks.
+
+    SQLite keeps per-process lock state for each open file. A child forked while another
+    thread was inside a transaction inherits "this process holds the write lock" with no
+    thread left to release it, so its own connection would wait out the busy timeout and
+    fail. Holding every ledger's lock across `fork()` makes the child start clean.
+    """
+    ledgers = list(_OPEN_LEDGERS)
+    if not ledgers:
+        return
+    _FORK_GATE.clear()
+    for ledger in ledgers:
+        if ledger._lock.acquire(timeout=FORK_WAIT_SECONDS):
+            _HELD_FOR_FORK.append(ledger)
+
+
+def _after_fork_in_parent() -> None:
+    while _HELD_FOR_FORK:
+        _HELD_FOR_FORK.pop()._lock.release()
+    _FORK_GATE.set()
 
 
 def _after_fork_in_child() -> None:
+    global _FORK_GATE
+    # fresh objects: another thread of the parent may have been inside the old ones
+    _FORK_GATE = threading.Event()
+    _FORK_GATE.set()
+    _HELD_FOR_FORK.clear()
     for ledger in list(_OPEN_LEDGERS):
         ledger._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 def _retry_busy(fn: Callable[[], T], attempts: int = 50) -> T:

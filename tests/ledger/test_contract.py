@@ -478,13 +478,10 @@ def test_fingerprint_is_not_checked_where_the_old_work_no_longer_binds(
     # after a failure (dedup_on=success)
     claim_and_finish(ledger, "failed", "run-1", Outcome.FAILED)
     assert ledger.claim("failed", "run-2", fingerprint="x").decision == Decision.PROCEED
-    # after a stale lease
-    ledger.claim("stale", "run-1", fingerprint="a")
     # after retention
     first = ledger.claim("expired", "run-1", fingerprint="a")
     ledger.finalize("expired", first.fence, Outcome.SUCCEEDED)
     clock.advance(days=1)
-    assert ledger.claim("stale", "run-2", fingerprint="b").decision == Decision.ADOPTED_STALE
     assert ledger.claim("expired", "run-2", fingerprint="b").decision == Decision.PROCEED
     assert ledger.get("expired").fingerprint == "b"
 

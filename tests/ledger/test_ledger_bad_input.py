@@ -10,6 +10,7 @@ import os
 import sqlite3
 import stat
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -392,3 +393,231 @@ def test_an_unreachable_database_error_does_not_show_its_password():
     with pytest.raises(LedgerError) as raised:
         open_ledger("postgresql://app:hunter2@127.0.0.1:1/ledger")
     assert "hunter2" not in str(raised.value) and "hunter2" not in repr(raised.value)
+
+
+# --- hardening: durations, reads, reasons, fences, depth, urls, filters (every backend) --------------
+
+BAD_DURATIONS = {
+    "retention-overflows": ({"retention_days": 3e6}, "retention_days"),
+    "retention-inf": ({"retention_days": float("inf")}, "retention_days"),
+    "retention-nan": ({"retention_days": float("nan")}, "retention_days"),
+    "ttl-inf": ({"in_flight_ttl_hours": float("inf")}, "in_flight_ttl_hours"),
+    "ttl-overflows": ({"in_flight_ttl_hours": 1e9}, "in_flight_ttl_hours"),
+    "lease-overflows": ({"lease_seconds": 1e12}, "lease_seconds"),
+    "lease-inf": ({"lease_seconds": float("inf")}, "lease_seconds"),
+    "lease-below-a-microsecond": ({"lease_seconds": 1e-7}, "lease_seconds"),
+    "lease-half-a-microsecond": ({"lease_seconds": 6e-7}, "lease_seconds"),
+    "ttl-below-a-microsecond": ({"in_flight_ttl_hours": 1e-12}, "in_flight_ttl_hours"),
+    "retention-below-a-microsecond": ({"retention_days": 1e-12}, "retention_days"),
+}
+
+
+@pytest.mark.parametrize(("bad", "field"), BAD_DURATIONS.values(), ids=BAD_DURATIONS.keys())
+def test_durations_a_datetime_cannot_hold_are_refused_at_open(
+    make_ledger: MakeLedger, clock: FakeClock, bad: dict[str, Any], field: str
+):
+    ledger = make_ledger(CONFIG, clock)
+    ledger.claim("k", "run-1")
+
+    rejected(ledger, LedgerConfigError, lambda: make_ledger(bad, clock), field)
+
+
+def test_the_longest_and_shortest_durations_allowed_work_end_to_end(
+    make_ledger: MakeLedger, clock: FakeClock
+):
+    longest = make_ledger(
+        {"retention_days": 36_525, "in_flight_ttl_hours": 876_600, "lease_seconds": 3_155_760_000},
+        clock,
+    )
+    claim = longest.claim("long", "run-1")
+    assert longest.heartbeat("long", claim.fence)
+    assert longest.finalize("long", claim.fence, Outcome.SUCCEEDED).applied
+    assert longest.get("long").expires_at == clock.now + timedelta(days=36_525)
+
+    shortest = make_ledger({"lease_seconds": 1e-6}, clock)
+    claim = shortest.claim("short", "run-1")
+    assert claim.lease_expires_at == clock.now + timedelta(microseconds=1)
+
+
+READ_KEYS = {
+    "lone-surrogate": "job\ud800",
+    "escaped-undecodable-byte": b"job\xff".decode("utf-8", "surrogateescape"),
+    "bytes": b"job\xff",
+    "not-a-string": 7,
+}
+
+
+@pytest.mark.parametrize("bad", READ_KEYS.values(), ids=READ_KEYS.keys())
+def test_read_calls_refuse_keys_no_store_can_hold(held: tuple[Ledger, int], bad: Any):
+    ledger, _ = held
+    for call in (
+        lambda: ledger.get(bad),
+        lambda: ledger.history(bad),
+        lambda: ledger.history(bad, limit=5),
+        lambda: ledger.entries(run_id=bad),
+        lambda: ledger.entries(prefix=bad),
+    ):
+        rejected(ledger, InvalidKeyError, call)
+
+
+@pytest.mark.parametrize("bad", ["done", "IN_FLIGHT", "", 3])
+def test_an_unknown_state_filter_is_an_argument_error(held: tuple[Ledger, int], bad: Any):
+    ledger, _ = held
+    rejected(ledger, InvalidArgumentError, lambda: ledger.entries(bad), "state must be one of")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "10", True])
+def test_a_bad_limit_is_an_argument_error(held: tuple[Ledger, int], bad: Any):
+    ledger, _ = held
+    rejected(ledger, InvalidArgumentError, lambda: ledger.entries(limit=bad), "limit")
+    rejected(ledger, InvalidArgumentError, lambda: ledger.history("k", limit=bad), "limit")
+
+
+def test_entries_filter_by_prefix(ledger: Ledger):
+    for key in ("base/a/extract", "base/a/load", "base/ab/extract", "other/base/a/x", "base%/a"):
+        ledger.claim(key, "run-1")
+
+    assert sorted(e.key for e in ledger.entries(prefix="base/a/")) == [
+        "base/a/extract",
+        "base/a/load",
+    ]
+    assert [e.key for e in ledger.entries(prefix="base%")] == ["base%/a"]  # no wildcards
+    assert ledger.entries(prefix="base/a/", state="succeeded") == []
+
+
+BAD_REASONS = {
+    "bytes": (b"because", "must be a string"),
+    "undecodable-bytes": (b"\xff\xfe", "must be a string"),
+    "not-text": (42, "must be a string"),
+    "empty": ("", "must not be empty"),
+    "blank": ("   ", "must not be empty"),
+    "newline": ("line one\nline two", "control character"),
+    "nul": ("why\x00", "control character"),
+    "lone-surrogate": ("why\udcff", "lone surrogate"),
+    "too-long": ("x" * 1025, "the limit is 1024"),
+}
+
+
+@pytest.mark.parametrize(("bad", "says"), BAD_REASONS.values(), ids=BAD_REASONS.keys())
+def test_operator_reasons_are_printable_bounded_text(held: tuple[Ledger, int], bad: Any, says: str):
+    ledger, fence = held
+    rejected(ledger, InvalidArgumentError, lambda: ledger.release("k", reason=bad), "reason", says)
+    assert ledger.finalize("k", fence, Outcome.SUCCEEDED).applied
+    rejected(ledger, InvalidArgumentError, lambda: ledger.reset("k", reason=bad), "reason", says)
+    assert [e.kind.value for e in ledger.history("k")] == ["claimed", "succeeded"]  # readable
+
+
+def test_the_longest_reason_is_kept_whole(held: tuple[Ledger, int]):
+    ledger, _ = held
+    assert ledger.release("k", reason="r" * 1024)
+    assert ledger.history("k")[-1].detail == "r" * 1024
+
+
+@pytest.mark.parametrize("bad", [2**63, 2**64 + 5, 10**30], ids=["2**63", "2**64+5", "10**30"])
+def test_a_fence_beyond_the_stores_integers_is_an_argument_error(
+    held: tuple[Ledger, int], bad: int
+):
+    ledger, _ = held
+    for call in (
+        lambda: ledger.finalize("k", bad, Outcome.SUCCEEDED),
+        lambda: ledger.finalize("absent", bad, Outcome.SUCCEEDED),
+        lambda: ledger.heartbeat("k", bad),
+        lambda: ledger.release("k", fence=bad),
+    ):
+        rejected(ledger, InvalidArgumentError, call, "fence", "largest fence")
+
+
+def test_the_largest_fence_is_a_stale_fence_not_an_error(held: tuple[Ledger, int]):
+    ledger, _ = held
+    before = ledger.get("k")
+    done = ledger.finalize("k", 2**63 - 1, Outcome.SUCCEEDED)
+    assert (done.applied, done.reason.value) == (False, "stale_fence")
+    assert ledger.heartbeat("k", 2**63 - 1) is False
+    assert ledger.get("k") == before
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: Any = 1
+    for _ in range(depth - 1):
+        value = [value]
+    return {"deep": value}
+
+
+@pytest.mark.parametrize("depth", [33, 1000, 100_000])
+def test_a_result_nested_past_the_limit_is_refused(held: tuple[Ledger, int], depth: int):
+    ledger, fence = held
+    rejected(
+        ledger,
+        InvalidResultError,
+        lambda: ledger.finalize("k", fence, Outcome.SUCCEEDED, result=_nested(depth)),
+        "deeper than 32",
+    )
+    assert ledger.finalize("k", fence, Outcome.SUCCEEDED, result=_nested(32)).applied
+    assert ledger.get("k").result == _nested(32)
+
+
+def test_a_result_that_contains_itself_is_refused(held: tuple[Ledger, int]):
+    ledger, fence = held
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    rejected(
+        ledger,
+        InvalidResultError,
+        lambda: ledger.finalize("k", fence, Outcome.SUCCEEDED, result=loop),
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [None, 5, 3.5, b"sqlite:///ledger.db", ["sqlite:///x.db"], object()],
+    ids=["none", "int", "float", "bytes", "list", "object"],
+)
+def test_a_url_that_is_not_text_is_a_config_error(bad: Any):
+    with pytest.raises(LedgerConfigError, match="url must be a string"):
+        open_ledger(bad)
+
+
+@pytest.mark.parametrize(
+    "bad", ["sqlite:///led\x00ger.db", "sqlite:///led\udcffger.db", "led\ud800.db"]
+)
+def test_a_url_with_nul_or_undecodable_bytes_is_a_config_error(tmp_path: Path, bad: str):
+    with pytest.raises(LedgerConfigError, match="url contains"):
+        open_ledger(bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_built_directly_or_copied_is_checked_too(
+    make_ledger: MakeLedger, clock: FakeClock
+):
+    with pytest.raises(LedgerConfigError, match="retention_days"):
+        LedgerConfig(retention_days=3e6)
+    sneaky = CONFIG.model_copy(update={"lease_seconds": 1e12})
+    with pytest.raises(LedgerConfigError, match="lease_seconds"):
+        make_ledger(sneaky, clock)
+    unchecked = LedgerConfig.model_construct(retention_days=float("inf"))
+    with pytest.raises(LedgerConfigError, match="retention_days"):
+        make_ledger(unchecked, clock)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None, [True]])
+def test_force_must_be_a_bool(held: tuple[Ledger, int], bad: Any):
+    ledger, _ = held
+    rejected(ledger, InvalidArgumentError, lambda: ledger.claim("k", "run-2", force=bad), "force")
+    rejected(ledger, InvalidArgumentError, lambda: ledger.claim("new", "run-2", force=bad), "force")
+    assert ledger.get("new") is None
+
+
+@pytest.mark.parametrize("bad", [5, "now", object()], ids=["int", "str", "object"])
+def test_a_clock_that_is_not_a_function_is_refused_at_open(ledger_url: str, bad: Any):
+    with pytest.raises(LedgerConfigError, match="clock must be a function"):
+        open_ledger(ledger_url, clock=bad)
+
+
+def test_a_clock_that_returns_no_datetime_is_refused(make_ledger: MakeLedger, clock: FakeClock):
+    ledger = make_ledger(CONFIG, clock)
+    ledger.claim("k", "run-1")
+    before = snapshot(ledger, "k")
+    broken = make_ledger(CONFIG, lambda: "2031-03-14")
+    with pytest.raises(LedgerConfigError, match="clock must return a datetime"):
+        broken.claim("k", "run-2")
+    assert snapshot(ledger, "k") == before

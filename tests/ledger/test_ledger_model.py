@@ -48,6 +48,7 @@ class Row:
     finalized_at: datetime | None = None
     expires_at: datetime | None = None
     result: dict[str, Any] | None = None
+    generation: int = 0
 
 
 @dataclass
@@ -85,6 +86,8 @@ class Reference:
             return "proceed", None, None, False, "claimed"
         if row.state == "in_flight":
             if row.lease_expires_at <= self.now:
+                if not force and mismatch():
+                    raise FingerprintMismatchError(key, row.fingerprint, fingerprint, row.run_id)
                 return "adopted_stale", row.run_id, None, False, "adopted"
             if not force and mismatch():
                 raise FingerprintMismatchError(key, row.fingerprint, fingerprint, row.run_id)
@@ -99,17 +102,32 @@ class Reference:
             raise FingerprintMismatchError(key, row.fingerprint, fingerprint, row.run_id)
         return "skipped_completed", row.run_id, None, False, "skipped_completed"
 
-    def take(self, key: str, run_id: str, fingerprint: str | None, fence: int, prior: str | None):
+    def take(
+        self,
+        key: str,
+        run_id: str,
+        fingerprint: str | None,
+        fence: int,
+        prior: str | None,
+        kind: str,
+    ):
+        """A claim that runs: adoption and same-run re-entry continue the key's generation, and
+        a re-entry keeps the first attempt's claimed_at (the TTL cap holds)."""
+        old = self.rows.get(key)
+        live = old is not None and old.state == "in_flight"
+        reentry = live and kind == "claimed" and old.run_id == run_id
+        claimed_at = old.claimed_at if reentry else self.now
         self.rows[key] = Row(
             state="in_flight",
             run_id=run_id,
             fence=fence,
             fingerprint=fingerprint,
-            claimed_at=self.now,
+            claimed_at=claimed_at,
             heartbeat_at=self.now,
-            lease_expires_at=self.now + min(self.lease, TTL),
+            lease_expires_at=min(self.now + self.lease, claimed_at + TTL),
             dedup_on=self.policy,
             prior_run_id=prior,
+            generation=old.generation if live and (reentry or kind == "adopted") else fence,
         )
         self.fences[key].append(fence)
         self.last_fence = fence
@@ -138,6 +156,8 @@ class Reference:
         row = self.rows.get(key)
         if row is None or row.fence != fence or row.state != "in_flight":
             return False
+        if row.claimed_at + TTL <= self.now:
+            return False  # past the hard cap: lost
         lease = min(self.now + self.lease, row.claimed_at + TTL)
         self.rows[key] = replace(row, heartbeat_at=self.now, lease_expires_at=lease)
         return True
@@ -227,7 +247,8 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         if claim.should_run:
             assert claim.fence is not None and claim.fence > self.ref.last_fence
-            self.ref.take(key, run_id, fingerprint, claim.fence, prior)
+            self.ref.take(key, run_id, fingerprint, claim.fence, prior, kind)
+            assert claim.generation == self.ref.rows[key].generation
             self.ref.log(key, kind, run_id, claim.fence)
         else:
             assert claim.fence is None
@@ -348,6 +369,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 entry.dedup_on,
                 entry.result,
                 entry.prior_run_id,
+                entry.generation,
             ) == (
                 row.state,
                 row.run_id,
@@ -361,6 +383,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 row.dedup_on,
                 row.result,
                 row.prior_run_id,
+                row.generation,
             ), key
 
     @invariant()

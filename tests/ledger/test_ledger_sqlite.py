@@ -1,10 +1,9 @@
-"""What only the SQLite backend promises: threads share one handle, forks get their own
-connection (even while another thread holds the handle's lock), and the file is a WAL file.
+"""What only the SQLite backend promises: threads share one handle and the file is a WAL
+file. Forks, deleted/replaced files and foreign files: test_ledger_files.py.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 import sqlite3
 import threading
@@ -13,7 +12,8 @@ from pathlib import Path
 
 from ledger_helpers import replay
 
-from rocky_dagster.ledger import Ledger, Outcome, State, open_ledger
+from rocky_dagster.ledger import Outcome, open_ledger
+from rocky_dagster.ledger import sqlite as sqlite_backend
 from rocky_dagster.ledger.sqlite import SCHEMA_VERSION
 
 
@@ -53,49 +53,6 @@ def test_threads_sharing_one_ledger_get_one_winner_per_generation(tmp_path: Path
     ledger.close()
 
 
-def _claim_in_child(ledger: Ledger, key: str) -> None:
-    claim = ledger.claim(key, "child")
-    assert claim.fence is not None
-    assert ledger.finalize(key, claim.fence, Outcome.SUCCEEDED).applied
-
-
-def test_a_forked_child_opens_its_own_connection_even_if_a_thread_held_the_lock(tmp_path: Path):
-    ledger = open_ledger(f"sqlite:///{tmp_path}/ledger.db")
-    parent_claim = ledger.claim("parent", "parent-run")
-    holding, release = threading.Event(), threading.Event()
-
-    def hold_the_lock() -> None:  # another thread of the parent is inside a ledger call
-        with ledger._lock:
-            holding.set()
-            release.wait(timeout=60)
-
-    holder = threading.Thread(target=hold_the_lock)
-    holder.start()
-    holding.wait(timeout=10)
-    try:
-        child = multiprocessing.get_context("fork").Process(
-            target=_claim_in_child, args=(ledger, "child")
-        )
-        child.start()
-        child.join(timeout=60)
-        if child.is_alive():
-            child.kill()
-            child.join()
-        assert child.exitcode == 0
-    finally:
-        release.set()
-        holder.join(timeout=10)
-
-    assert ledger.get("child").state == State.SUCCEEDED  # the parent's handle still works
-    assert ledger.finalize("parent", parent_claim.fence, Outcome.SUCCEEDED).applied
-    ledger.close()
-    conn = sqlite3.connect(tmp_path / "ledger.db")
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    finally:
-        conn.close()
-
-
 def test_the_file_is_in_wal_mode_for_every_later_reader(tmp_path: Path):
     with open_ledger(f"sqlite:///{tmp_path}/ledger.db") as ledger:
         ledger.claim("k", "run-1")
@@ -107,3 +64,24 @@ def test_the_file_is_in_wal_mode_for_every_later_reader(tmp_path: Path):
         ).fetchone() == (SCHEMA_VERSION,)
     finally:
         conn.close()
+
+
+def test_without_returning_the_generic_path_gives_the_same_answers(tmp_path: Path, monkeypatch):
+    """SQLite older than 3.35 has no RETURNING: claim and finalize take the decision table."""
+    fast_path_answers = _a_small_history(tmp_path / "fast.db")
+    monkeypatch.setattr(sqlite_backend, "FAST_PATH", False)
+    assert _a_small_history(tmp_path / "generic.db") == fast_path_answers
+
+
+def _a_small_history(path: Path) -> list[object]:
+    answers: list[object] = []
+    with open_ledger(f"sqlite:///{path}") as ledger:
+        first = ledger.claim("k", "run-1")
+        answers += [first.decision, first.fence, ledger.claim("k", "run-2").decision]
+        answers += [first.generation, ledger.get("k").generation]  # a new key begins one
+        done = ledger.finalize("k", first.fence, Outcome.SUCCEEDED, result={"rows": 1})
+        answers += [done.applied, done.reason, done.run_id]
+        again = ledger.finalize("k", first.fence, Outcome.FAILED)
+        answers += [again.applied, again.reason, ledger.claim("k", "run-3").result]
+        answers += [[(e.kind, e.run_id, e.fence) for e in ledger.history("k")]]
+    return answers

@@ -7,10 +7,11 @@ import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from ledger_helpers import CLOCK_START, CONFIG, RETENTION, FakeClock
 
 from rocky_dagster.ledger import Decision, Outcome, State, open_ledger
-from rocky_dagster.ledger.sqlite import _QUERIES, _SWEEP_DOOMED, ENTRIES, SCHEMA_VERSION
+from rocky_dagster.ledger.sqlite import _QUERIES, _SWEEP_DOOMED, ENTRIES, HOLDER, SCHEMA_VERSION
 
 # Schema version 1 exactly as rocky_dagster wrote it (two partial indexes on the entries).
 _V1 = """
@@ -109,6 +110,58 @@ def test_a_version_1_file_is_migrated_in_place_and_keeps_every_row(tmp_path: Pat
     # a second opener finds the file current and changes nothing
     open_ledger(f"sqlite:///{path}").close()
     assert _indexes(path) == {"rocky_ledger_entries_due", "rocky_ledger_events_key_id"}
+
+
+_V2_LAYOUTS = {
+    # the `due` index on version 1's columns
+    "due_index": (
+        "DROP INDEX rocky_ledger_entries_expiry",
+        "DROP INDEX rocky_ledger_entries_in_flight",
+        f"CREATE INDEX rocky_ledger_entries_due ON rocky_ledger_entries ({HOLDER}, expires_at)",
+    ),
+    # the `generation` column on version 1's indexes
+    "generation_column": ("ALTER TABLE rocky_ledger_entries ADD COLUMN generation INTEGER",),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_V2_LAYOUTS))
+def test_either_pre_release_version_2_file_is_brought_to_the_current_layout(
+    tmp_path: Path, layout: str
+):
+    """Two pre-release layouts both said version 2; each ends as a fresh file's layout."""
+    path = tmp_path / "ledger.db"
+    _write_v1_ledger(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in _V2_LAYOUTS[layout]:
+        conn.execute(statement)
+    conn.execute("UPDATE rocky_ledger_meta SET value = 2 WHERE name = 'schema_version'")
+    conn.close()
+
+    clock = FakeClock()
+    with open_ledger(f"sqlite:///{path}", CONFIG, clock=clock) as ledger:
+        assert _indexes(path) == {"rocky_ledger_entries_due", "rocky_ledger_events_key_id"}
+        assert ledger.get("live").generation == 5
+        assert ledger.claim("done", "run-2").decision == Decision.SKIPPED_COMPLETED
+        clock.advance(seconds=60)
+        adopted = ledger.claim("live", "run-2")
+        assert (adopted.decision, adopted.generation) == (Decision.ADOPTED_STALE, 5)
+        fresh = ledger.claim("new", "run-2")
+        assert fresh.generation == fresh.fence and fresh.fence > adopted.fence
+        assert ledger.get("new").generation == fresh.fence
+        assert ledger.check() == []
+    conn = sqlite3.connect(path)
+    try:
+        # the one-statement claim stores the generation (not NULL-means-fence)
+        assert conn.execute(
+            "SELECT generation FROM rocky_ledger_entries WHERE key = 'new'"
+        ).fetchone() == (fresh.fence,)
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(rocky_ledger_entries)")]
+        assert columns.count("generation") == 1
+        assert conn.execute(
+            "SELECT value FROM rocky_ledger_meta WHERE name = 'schema_version'"
+        ).fetchone() == (SCHEMA_VERSION,)
+    finally:
+        conn.close()
 
 
 def _plan(path: Path, sql: str, params: tuple[object, ...]) -> str:

@@ -184,7 +184,45 @@ def test_a_version_1_schema_is_migrated_in_place_and_keeps_every_row(postgres_ur
         (version,) = conn.execute(
             f"SELECT value FROM {sql.meta} WHERE name = 'schema_version'"
         ).fetchone()
-    assert version == SCHEMA_VERSION == 2
+    assert version == SCHEMA_VERSION == 3
+
+
+@pytest.mark.parametrize("layout", ["due_index", "generation_column"])
+def test_either_pre_release_version_2_schema_is_brought_to_the_current_one(postgres_url, layout):
+    """Two pre-release layouts both said version 2: the lean in-flight index on version 1's
+    columns, or the generation column on version 1's indexes. Each ends as a fresh schema."""
+    schema = _schema(postgres_url)
+    sql = _Sql(schema)
+    clock = Clock()
+    with psycopg.connect(postgres_url.split("?")[0], autocommit=True) as conn:
+        for statement in sql.create_v1():
+            conn.execute(statement)
+        if layout == "due_index":
+            for statement in sql.migrations()[1]:
+                conn.execute(statement)
+        else:
+            conn.execute(f"ALTER TABLE {sql.entries} ADD COLUMN generation bigint")
+        conn.execute(f"UPDATE {sql.meta} SET value = 2 WHERE name = 'schema_version'")
+        conn.execute(
+            f"INSERT INTO {sql.entries} (key, state, run_id, fence, claimed_at, heartbeat_at, "
+            "lease_expires_at, dedup_on) VALUES ('live', 'in_flight', 'run-1', 3, %(t)s, %(t)s, "
+            "%(t)s, 'success')",
+            {"t": clock.now - timedelta(minutes=5)},
+        )
+        conn.execute(f"SELECT setval('{sql.fences}', 3)")
+
+    with open_ledger(postgres_url, clock=clock) as ledger:
+        assert _indexes(postgres_url, schema) == V2_INDEXES
+        assert ledger.get("live").generation == 3
+        adopted = ledger.claim("live", "run-2")
+        assert (adopted.decision, adopted.generation) == (Decision.ADOPTED_STALE, 3)
+        assert ledger.get("live").generation == 3 and ledger.get("live").fence > 3
+        assert ledger.check() == []
+    with psycopg.connect(postgres_url.split("?")[0]) as conn:
+        (version,) = conn.execute(
+            f"SELECT value FROM {sql.meta} WHERE name = 'schema_version'"
+        ).fetchone()
+    assert version == SCHEMA_VERSION
 
 
 def test_a_new_schema_has_the_migrated_layout(postgres_url):

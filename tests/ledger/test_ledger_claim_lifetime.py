@@ -1,0 +1,238 @@
+"""A claim never outlives its owner, and every claim knows its generation (every backend).
+
+The TTL cap binds heartbeats and same-run retries; a clock stepped backwards cannot keep a
+dead holder's claim for years; adopting a stale claim checks the fingerprint; `generation`
+names the claim that began the key's current generation, and old ledgers are migrated.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from ledger_helpers import CONFIG, LEASE, TICK, TTL, FakeClock, MakeLedger, snapshot
+
+from rocky_dagster.ledger import (
+    Decision,
+    FingerprintMismatchError,
+    Ledger,
+    Outcome,
+    State,
+    open_ledger,
+)
+from rocky_dagster.ledger.postgres import parse_url
+from rocky_dagster.ledger.sqlite import SCHEMA_VERSION
+
+# --- the TTL cap --------------------------------------------------------------------------------
+
+
+def test_a_heartbeat_at_or_after_the_ttl_cap_says_the_claim_is_lost(
+    ledger: Ledger, clock: FakeClock
+):
+    claim = ledger.claim("k", "run-1")
+    start = clock.now
+    while clock.now + LEASE / 2 < start + TTL - TICK:
+        clock.advance(seconds=LEASE.total_seconds() / 2)
+        assert ledger.heartbeat("k", claim.fence)
+    clock.now = start + TTL - TICK
+    assert ledger.heartbeat("k", claim.fence)  # a microsecond before the cap: still held
+    assert ledger.get("k").lease_expires_at == start + TTL
+
+    clock.now = start + TTL
+    assert ledger.heartbeat("k", claim.fence) is False
+    assert ledger.claim("k", "run-2").decision == Decision.ADOPTED_STALE
+    clock.advance(hours=1)
+    assert ledger.heartbeat("k", claim.fence) is False
+
+
+def test_a_same_run_retry_keeps_the_first_claimed_at_so_the_cap_holds(
+    ledger: Ledger, clock: FakeClock
+):
+    first = ledger.claim("k", "run-1")
+    start = clock.now
+    retries = []
+    while clock.now + LEASE / 2 < start + TTL:
+        clock.advance(seconds=LEASE.total_seconds() / 2)
+        retry = ledger.claim("k", "run-1")  # an op retry of the same run, while its lease lives
+        assert retry.decision == Decision.PROCEED
+        retries.append(retry)
+        entry = ledger.get("k")
+        assert entry.claimed_at == start
+        assert entry.lease_expires_at == min(clock.now + LEASE, start + TTL)
+
+    clock.now = start + TTL
+    last = retries[-1]
+    assert ledger.heartbeat("k", last.fence) is False
+    adopted = ledger.claim("k", "run-2")
+    assert adopted.decision == Decision.ADOPTED_STALE
+    assert first.fence < last.fence < adopted.fence
+
+
+# --- a clock stepped backwards --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("back", [timedelta(hours=3), timedelta(days=5 * 365)], ids=["3h", "5y"])
+def test_after_the_clock_steps_back_a_dead_holders_claim_is_adoptable_within_a_lease(
+    ledger: Ledger, clock: FakeClock, back: timedelta
+):
+    dead = ledger.claim("k", "run-1")  # its process dies: no heartbeat ever again
+    clock.now -= back  # NTP steps the host clock back
+
+    held = ledger.claim("k", "run-2")
+    assert held.decision == Decision.SKIPPED_IN_FLIGHT
+    assert held.lease_expires_at <= clock.now + LEASE
+    entry = ledger.get("k")
+    assert (entry.claimed_at, entry.heartbeat_at) == (clock.now, clock.now)
+
+    clock.advance(seconds=LEASE.total_seconds())  # within TTL + lease of real time
+    adopted = ledger.claim("k", "run-2")
+    assert adopted.decision == Decision.ADOPTED_STALE
+    assert adopted.prior_run_id == "run-1" and adopted.generation == dead.fence
+
+
+def test_after_the_clock_steps_back_a_live_holder_keeps_its_claim(ledger: Ledger, clock: FakeClock):
+    live = ledger.claim("k", "run-1")
+    clock.now -= timedelta(days=30)
+    assert ledger.claim("k", "run-2").decision == Decision.SKIPPED_IN_FLIGHT
+    for _ in range(5):
+        clock.advance(seconds=LEASE.total_seconds() / 2)
+        assert ledger.heartbeat("k", live.fence)
+        assert ledger.claim("k", "run-2").decision == Decision.SKIPPED_IN_FLIGHT
+    assert ledger.finalize("k", live.fence, Outcome.SUCCEEDED).applied
+
+
+# --- fingerprints on adoption ----------------------------------------------------------------------
+
+
+def test_adopting_a_stale_claim_checks_the_fingerprint(ledger: Ledger, clock: FakeClock):
+    ledger.claim("k", "run-1", fingerprint="params-a")
+    clock.advance(seconds=LEASE.total_seconds())
+    before = snapshot(ledger, "k")
+
+    with pytest.raises(FingerprintMismatchError):
+        ledger.claim("k", "run-2", fingerprint="params-b")
+
+    assert snapshot(ledger, "k") == before
+    assert ledger.claim("k", "run-2", fingerprint="params-a").decision == Decision.ADOPTED_STALE
+
+
+def test_force_adopts_a_stale_claim_with_other_parameters(ledger: Ledger, clock: FakeClock):
+    ledger.claim("k", "run-1", fingerprint="params-a")
+    clock.advance(seconds=LEASE.total_seconds())
+    forced = ledger.claim("k", "run-2", fingerprint="params-b", force=True)
+    assert forced.decision == Decision.ADOPTED_STALE
+    assert ledger.get("k").fingerprint == "params-b"
+
+
+def test_a_retry_after_a_failure_may_change_the_parameters(ledger: Ledger):
+    claim = ledger.claim("k", "run-1", fingerprint="params-a")
+    ledger.finalize("k", claim.fence, Outcome.FAILED)
+    assert ledger.claim("k", "run-2", fingerprint="params-b").decision == Decision.PROCEED
+
+
+# --- generations -----------------------------------------------------------------------------------
+
+
+def test_generations_begin_and_continue_as_documented(make_ledger: MakeLedger, clock: FakeClock):
+    ledger = make_ledger(CONFIG, clock)
+    first = ledger.claim("k", "run-1")
+    assert first.generation == first.fence  # no entry: begins one
+    assert ledger.get("k").generation == first.fence
+
+    again = ledger.claim("k", "run-1")  # same-run re-entry: continues
+    assert again.fence > first.fence and again.generation == first.fence
+    assert ledger.claim("k", "run-2").generation == first.fence  # a skip reports it
+
+    clock.advance(seconds=LEASE.total_seconds())
+    adopted = ledger.claim("k", "run-2")  # adoption: continues
+    assert adopted.decision == Decision.ADOPTED_STALE and adopted.generation == first.fence
+    assert ledger.get("k").generation == first.fence
+
+    ledger.finalize("k", adopted.fence, Outcome.FAILED)
+    retry = ledger.claim("k", "run-3")  # after a failure: begins one
+    assert retry.generation == retry.fence
+    ledger.finalize("k", retry.fence, Outcome.SUCCEEDED)
+    skip = ledger.claim("k", "run-4")
+    assert (skip.decision, skip.generation) == (Decision.SKIPPED_COMPLETED, retry.fence)
+
+    forced = ledger.claim("k", "run-4", force=True)  # force: begins one
+    assert forced.generation == forced.fence
+    ledger.finalize("k", forced.fence, Outcome.SUCCEEDED)
+    ledger.reset("k")
+    after_reset = ledger.claim("k", "run-5")  # reset: begins one
+    assert after_reset.generation == after_reset.fence
+    ledger.release("k")
+    after_release = ledger.claim("k", "run-6")  # release: begins one
+    assert after_release.generation == after_release.fence
+    ledger.finalize("k", after_release.fence, Outcome.SUCCEEDED)
+    clock.advance(days=2)
+    expired = ledger.claim("k", "run-7")  # retention over: begins one
+    assert expired.generation == expired.fence
+
+
+def test_a_fresh_handle_sees_the_stored_generation(make_ledger: MakeLedger, clock: FakeClock):
+    ledger = make_ledger(CONFIG, clock)
+    first = ledger.claim("k", "run-1")
+    clock.advance(seconds=LEASE.total_seconds())
+    ledger.claim("k", "run-2")
+    other = make_ledger(CONFIG, clock)
+    assert other.get("k").generation == first.fence
+    assert [e.generation for e in other.entries()] == [first.fence]
+
+
+# --- migration of ledgers written before `generation` ---------------------------------------------
+
+
+def _make_v1(url: str) -> None:
+    """A ledger as version 1 wrote it: no generation column, schema_version 1."""
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        conn.execute("ALTER TABLE rocky_ledger_entries DROP COLUMN generation")
+        conn.execute("UPDATE rocky_ledger_meta SET value = 1 WHERE name = 'schema_version'")
+        conn.commit()
+        conn.close()
+        return
+    conninfo, schema = parse_url(url)
+    with psycopg.connect(**conninfo, autocommit=True) as conn:
+        conn.execute(f'ALTER TABLE "{schema}".rocky_ledger_entries DROP COLUMN generation')
+        conn.execute(
+            f"UPDATE \"{schema}\".rocky_ledger_meta SET value = 1 WHERE name = 'schema_version'"
+        )
+
+
+def test_a_version_1_ledger_is_migrated_on_open(ledger_url: str, clock: FakeClock):
+    with open_ledger(ledger_url, CONFIG, clock=clock) as old:
+        done = old.claim("done", "run-1")
+        old.finalize("done", done.fence, Outcome.SUCCEEDED, result={"rows": 3})
+        live = old.claim("live", "run-1")
+    _make_v1(ledger_url)
+
+    with open_ledger(ledger_url, CONFIG, clock=clock) as ledger:
+        assert ledger.get("done").generation == done.fence
+        assert ledger.get("done").result == {"rows": 3}
+        assert ledger.get("live").generation == live.fence
+        assert ledger.claim("done", "run-2").decision == Decision.SKIPPED_COMPLETED
+        clock.advance(seconds=LEASE.total_seconds())
+        adopted = ledger.claim("live", "run-2")
+        assert (adopted.decision, adopted.generation) == (Decision.ADOPTED_STALE, live.fence)
+        assert ledger.finalize("live", adopted.fence, Outcome.SUCCEEDED).state == State.SUCCEEDED
+        assert ledger.check() == []
+
+
+def test_the_migrated_sqlite_file_says_the_current_version(tmp_path: Path):
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with open_ledger(url) as ledger:
+        ledger.claim("k", "run-1")
+    _make_v1(url)
+    open_ledger(url).close()
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    try:
+        version = conn.execute(
+            "SELECT value FROM rocky_ledger_meta WHERE name = 'schema_version'"
+        ).fetchone()
+        assert version == (SCHEMA_VERSION,) == (3,)
+    finally:
+        conn.close()

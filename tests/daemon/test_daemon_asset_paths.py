@@ -25,7 +25,13 @@ from daemon_server import (
     wait_for,
     warehouse_rows,
 )
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, EventLogRecord
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterEventType,
+    DagsterInstance,
+    EventLogRecord,
+)
 from dagster_server import LAUNCH_RUN_MUTATION, TERMINAL
 
 from rocky_dagster.ledger import EventKind, Ledger
@@ -38,6 +44,8 @@ ASSET_JOB = "__ASSET_JOB"
 AUTOMATION_SENSOR = "default_automation_condition_sensor"
 AUTOMATED_TAG = "dagster/from_automation_condition"
 RUN_TIMEOUT = 240.0
+AUTOMATION_TIMEOUT = 360.0
+"""Two cron ticks a minute apart, each seen by a sensor evaluating every 30 s, on a busy host."""
 SKIPPED = "skipped_completed"
 CLAIMS = {EventKind.CLAIMED, EventKind.ADOPTED, EventKind.FORCED}
 
@@ -199,7 +207,7 @@ def automate_until(server: DaemonServer, count: int) -> list[dict[str, Any]]:
         wait_for(
             lambda: len(automated_runs(server)) >= count,
             f"{count} runs launched by {AUTOMATION_SENSOR}",
-            240,
+            AUTOMATION_TIMEOUT,
             2.0,
         )
 
@@ -380,10 +388,10 @@ def test_yaml_declared_warehouse_launched_twice_with_one_key_second_run_material
     """Path 4: the `warehouse` group (declared in defs/warehouse/defs.yaml) materialized from the
     UI with its checks, twice with one `rocky/idempotency_key`.
 
-    The first run materializes every asset of the group; the second materializes nothing.
-    Every asset shows an observation from the second run naming the first: the steps whose
-    assets skip say it for their own assets and for the ones downstream, whose steps Dagster
-    does not start.
+    The first run materializes every asset of the group and evaluates its checks; the second
+    materializes and evaluates nothing. Every asset shows an observation from the second run
+    naming the first: the steps whose assets skip say it for their own assets and for the ones
+    downstream, whose steps (and check steps) Dagster does not start.
 
     Without the ledger: the second run would materialize every asset again (no observation at
     all, and the ledger no `skipped_completed` for the steps that ran).
@@ -424,6 +432,16 @@ def test_yaml_declared_warehouse_launched_twice_with_one_key_second_run_material
         assert claimants(ledger, f"{key}/{asset}") == [first_id], asset
     for asset in ("payments", "raw_orders", "raw_customers"):  # their steps ran and skipped
         assert history(ledger, f"{key}/{asset}")[-1] == (SKIPPED, second_id), asset
+    # the checks ran once too: Dagster skips a check step whose asset yielded nothing
+    evaluated = {
+        run_id: [
+            e.dagster_event.asset_check_evaluation_data.check_name
+            for e in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
+        ]
+        for run_id in (first_id, second_id)
+    }
+    assert sorted(evaluated[first_id]) == sorted(name for _, name in checks)
+    assert evaluated[second_id] == []
 
 
 # --- the documents above, against the installed schema (no server) ------------------------------

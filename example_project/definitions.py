@@ -1,6 +1,7 @@
 """The example's Definitions: five pipeline jobs, the whole warehouse job, a drop-file sensor,
-a daily schedule, a guarded partitioned asset, the ledger's run-status sensors and its admin
-job; and, from defs/warehouse/defs.yaml, the same warehouse as software-defined assets.
+a daily schedule, a guarded partitioned asset and multi-asset, the ledger's run-status sensors
+and its admin job; and, from defs/, the same warehouse as software-defined assets
+(warehouse/defs.yaml) and an asset launched by declarative automation (automation/assets.py).
 
 Open it with `dagster dev -w workspace.yaml` from the repository root.
 """
@@ -12,9 +13,12 @@ import hashlib
 import sqlite3
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from dagster import (
+    AssetExecutionContext,
+    AssetSpec,
     BetaWarning,
     Config,
     DailyPartitionsDefinition,
@@ -39,6 +43,7 @@ from rocky_dagster import (
     TransformationPipeline,
     guard_run_requests,
     idempotent_asset,
+    idempotent_multi_asset,
     idempotent_op,
     ledger_admin_job,
     ledger_job,
@@ -249,6 +254,44 @@ def daily_order_report(context) -> MaterializeResult:
     return MaterializeResult(metadata={"rows": len(rows), "path": str(path)})
 
 
+@idempotent_multi_asset(
+    specs=[
+        AssetSpec("daily_revenue_report", description="Revenue per customer, one CSV per day."),
+        AssetSpec("daily_status_report", description="Orders per status, one CSV per day."),
+    ],
+    partitions_def=DAILY,
+    can_subset=True,
+    group_name="reports",
+    description="Two reports per day from one query; a backfill run twice writes each once.",
+)
+def daily_shop_reports(context: AssetExecutionContext) -> Iterator[MaterializeResult]:
+    """Writes only the reports the ledger let through (`context.selected_asset_keys`)."""
+    day = context.partition_key
+    ensure_data()
+    with sqlite3.connect(SOURCE_DB) as conn:
+        orders = conn.execute(
+            "SELECT customer_id, amount, status FROM orders WHERE substr(created_at, 1, 10) = ?",
+            (day,),
+        ).fetchall()
+    revenue: dict[int, float] = {}
+    statuses: dict[str, int] = {}
+    for customer, amount, status in orders:
+        revenue[customer] = round(revenue.get(customer, 0.0) + amount, 2)
+        statuses[status] = statuses.get(status, 0) + 1
+    reports = {
+        "daily_revenue_report": (("customer_id", "revenue"), sorted(revenue.items())),
+        "daily_status_report": (("status", "orders"), sorted(statuses.items())),
+    }
+    for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
+        header, rows = reports[key.to_user_string()]
+        path = REPORTS_DIR / f"{key.to_user_string()}_{day}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+        yield MaterializeResult(asset_key=key, metadata={"rows": len(rows), "path": str(path)})
+
+
 reports_job = with_ledger(define_asset_job("reports_job", selection=[daily_order_report]))
 
 # --- sensor and schedule: ask the ledger before asking Dagster for a run ---------------------------
@@ -306,7 +349,7 @@ defs = Definitions.merge(
             reports_job,
             ledger_admin_job(),  # operate the ledger from the Launchpad (rocky_ledger_admin)
         ],
-        assets=[daily_order_report],
+        assets=[daily_order_report, daily_shop_reports],
         sensors=[payments_drop_sensor, *ledger_run_status_sensors(minimum_interval_seconds=5)],
         schedules=[daily_warehouse_schedule],
         # url=None: $ROCKY_LEDGER_URL if set, else $DAGSTER_HOME/rocky_ledger.db.

@@ -1,0 +1,79 @@
+"""Exactly-once effects through the Dagster layer: a pipeline op's warehouse writes commit with
+its claim's effect marker, and an adopter never applies again what a zombie already committed."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+from dagster import DagsterInstance, job
+
+from rocky_dagster import IdempotencyLedger, LoadPipeline, load_op
+from rocky_dagster.keys import KEY_TAG
+from rocky_dagster.ledger import Decision, Ledger, State, open_ledger
+from rocky_dagster.pipelines import EFFECTS
+
+
+def _pipeline(tmp_path: Path) -> LoadPipeline:
+    drops = tmp_path / "drops"
+    drops.mkdir(exist_ok=True)
+    (drops / "p.csv").write_text("id,amount\n1,2.5\n2,4.0\n")
+    return LoadPipeline(warehouse=str(tmp_path / "wh.db"), directory=str(drops), table="payments")
+
+
+def _job(pipeline: LoadPipeline, ledger_url: str):
+    op_def = load_op(pipeline, name="load")
+
+    @job(name="effects_job", resource_defs={"ledger": IdempotencyLedger(url=ledger_url)})
+    def effects_job() -> None:
+        op_def()
+
+    return effects_job
+
+
+def _markers(warehouse: str) -> list[tuple]:
+    with closing(sqlite3.connect(warehouse)) as conn:
+        return conn.execute(f"SELECT key, generation, fence, run_id FROM {EFFECTS}").fetchall()
+
+
+def _rows(warehouse: str) -> int:
+    with closing(sqlite3.connect(warehouse)) as conn:
+        return conn.execute("SELECT count(*) FROM payments").fetchone()[0]
+
+
+def test_a_pipeline_op_commits_its_claims_effect_marker(
+    instance: DagsterInstance, ledger: Ledger, ledger_url: str, tmp_path: Path
+) -> None:
+    pipeline = _pipeline(tmp_path)
+    result = _job(pipeline, ledger_url).execute_in_process(instance=instance, tags={KEY_TAG: "k"})
+    assert result.success
+    entry = ledger.get("k/load")
+    assert entry is not None and entry.state == State.SUCCEEDED
+    assert _markers(pipeline.warehouse) == [
+        ("k/load", entry.generation, entry.fence, result.run_id)
+    ]
+
+
+def test_an_adopter_stamps_what_a_zombie_committed_without_applying_it_again(
+    instance: DagsterInstance, ledger: Ledger, ledger_url: str, tmp_path: Path
+) -> None:
+    pipeline = _pipeline(tmp_path)
+    # a holder that committed its warehouse writes, then died before stamping the ledger
+    with open_ledger(ledger_url, {"lease_seconds": 0.2}) as short:
+        zombie = short.claim("z/load", "zombie-run", fingerprint=pipeline.fingerprint())
+        assert zombie.decision == Decision.PROCEED
+        committed = pipeline.run(claim=zombie)
+    assert _rows(pipeline.warehouse) == 2
+    time.sleep(0.5)  # its lease runs out (not a timing assertion: it only has to be past)
+
+    result = _job(pipeline, ledger_url).execute_in_process(instance=instance, tags={KEY_TAG: "z"})
+    assert result.success
+    entry = ledger.get("z/load")
+    assert entry is not None and entry.state == State.SUCCEEDED
+    assert entry.run_id == result.run_id and entry.generation == zombie.generation
+    assert entry.result == committed.summary()  # the zombie's recorded work, stamped once
+    assert _rows(pipeline.warehouse) == 2  # not loaded twice
+    [output] = [e for e in result.all_events if e.is_successful_output and e.step_key == "load"]
+    assert output.event_specific_data.metadata["rocky/already_applied"].value is True

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         decided = step_decisions(instance, result.run_id)
         decisions.append(decided)
         status = "SUCCESS" if result.success else "FAILURE"
-        print(f"run {attempt}: {result.run_id}  {status}  ({OUTCOME_TAG}={outcome})")
+        print(f"run {attempt}: {result.run_id}  {status}")
+        print(f"  (run tag {OUTCOME_TAG} = {outcome})")
         for step in STEPS:
             entry = ledger.get(f"{key}/{step}")
             detail = _rows(entry.result if entry else None)

@@ -35,6 +35,7 @@ from .model import (
     validate_reason,
     validate_state,
 )
+from .queries import ReadQueries
 
 Clock = Callable[[], datetime]
 _DATETIME = datetime
@@ -93,11 +94,31 @@ class Ledger(ABC):
     def transaction(self) -> AbstractContextManager[Transaction]:
         """Begin a write transaction that locks what `load` reads until it commits."""
 
+    # --- reads: one implementation over each backend's query builder and row decoders ------
+
+    @property
     @abstractmethod
-    def get(self, key: str) -> Entry | None:
-        """The key's entry as stored, or None."""
+    def _reads(self) -> ReadQueries:
+        """This store's `get` / `entries` / `history` queries (see `queries.py`)."""
 
     @abstractmethod
+    def _read(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        """Run one read statement and return its rows."""
+
+    @abstractmethod
+    def _decode_entry(self, row: tuple[Any, ...]) -> Entry:
+        """An `Entry` from a row of `ENTRY_COLUMNS` (`LedgerCorruptError` if it is damaged)."""
+
+    @abstractmethod
+    def _decode_event(self, row: tuple[Any, ...]) -> Event:
+        """An `Event` from a row of `EVENT_COLUMNS` (`LedgerCorruptError` if it is damaged)."""
+
+    def get(self, key: str) -> Entry | None:
+        """The key's entry as stored, or None."""
+        key = validate_key(key)
+        rows = self._read(*self._reads.get(key))
+        return self._decode_entry(rows[0]) if rows else None
+
     def entries(
         self,
         state: State | str | None = None,
@@ -108,8 +129,10 @@ class Ledger(ABC):
     ) -> list[Entry]:
         """Entries newest claim first, optionally only one state, one run's and/or the keys
         starting with `prefix` (verbatim: no character of it is a wildcard)."""
+        state, run_id, prefix, limit = validate_entries_filter(state, run_id, prefix, limit)
+        sql, params = self._reads.entries(state, run_id=run_id, prefix=prefix, limit=limit)
+        return [self._decode_entry(r) for r in self._read(sql, params)]
 
-    @abstractmethod
     def entries_touched_by(
         self,
         run_id: str,
@@ -122,15 +145,20 @@ class Ledger(ABC):
         event history names it (claimed and lost to an adopter, skipped, reaped), newest claim
         first. A key whose entry is gone (reset, released, swept) has no entry to show. Scans
         the event log (no index by run): an operator's query, not for hot paths."""
+        state, _, prefix, limit = validate_entries_filter(state, None, prefix, limit)
+        run_id = validate_key(run_id, "run_id")
+        sql, params = self._reads.touched_by(run_id, state, prefix=prefix, limit=limit)
+        return [self._decode_entry(r) for r in self._read(sql, params)]
+
+    def history(self, key: str, *, limit: int | None = None) -> list[Event]:
+        """The key's events, oldest first."""
+        key, limit = validate_history(key, limit)
+        return [self._decode_event(r) for r in self._read(*self._reads.history(key, limit=limit))]
 
     @abstractmethod
     def check(self) -> list[str]:
         """Problems found in the store (damaged pages, rows that do not decode, missing
         tables); empty when the ledger is sound. Reads everything: for operators, not hot paths."""
-
-    @abstractmethod
-    def history(self, key: str, *, limit: int | None = None) -> list[Event]:
-        """The key's events, oldest first."""
 
     @abstractmethod
     def stats(self) -> Stats: ...

@@ -44,9 +44,7 @@ from .backend import (
     redact_url,
     row_problems,
     validate_claim,
-    validate_entries_filter,
     validate_finalize,
-    validate_history,
 )
 from .config import LedgerConfig
 from .errors import (
@@ -624,6 +622,13 @@ class PostgresLedger(Ledger):
             except psycopg.Error as exc:
                 raise self._error(exc, retry=_lost(conn, exc)) from None
 
+    _decode_entry = staticmethod(_entry)
+    _decode_event = staticmethod(_event)
+
+    @property
+    def _reads(self) -> ReadQueries:
+        return self._sql.reads
+
     def _read(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         return self._retrying(lambda: self._run(lambda c: c.execute(sql, params).fetchall()))  # type: ignore[arg-type]
 
@@ -948,36 +953,6 @@ class PostgresLedger(Ledger):
 
     # --- reads and housekeeping ---------------------------------------------------------------------
 
-    def get(self, key: str) -> Entry | None:
-        key = validate_key(key)
-        rows = self._read(*self._sql.reads.get(key))
-        return _entry(rows[0]) if rows else None
-
-    def entries(
-        self,
-        state: State | str | None = None,
-        *,
-        run_id: str | None = None,
-        prefix: str | None = None,
-        limit: int = 100,
-    ) -> list[Entry]:
-        state, run_id, prefix, limit = validate_entries_filter(state, run_id, prefix, limit)
-        sql, params = self._sql.reads.entries(state, run_id=run_id, prefix=prefix, limit=limit)
-        return [_entry(r) for r in self._read(sql, params)]
-
-    def entries_touched_by(
-        self,
-        run_id: str,
-        state: State | str | None = None,
-        *,
-        prefix: str | None = None,
-        limit: int = 100,
-    ) -> list[Entry]:
-        state, _, prefix, limit = validate_entries_filter(state, None, prefix, limit)
-        run_id = validate_key(run_id, "run_id")
-        sql, params = self._sql.reads.touched_by(run_id, state, prefix=prefix, limit=limit)
-        return [_entry(r) for r in self._read(sql, params)]
-
     def check(self) -> list[str]:
         """The ledger's tables and fence sequence exist at this schema version, every entry
         and event decodes as a call would, and no stored fence is above the sequence."""
@@ -1013,10 +988,6 @@ class PostgresLedger(Ledger):
         except LedgerUnavailableError as exc:
             problems.append(str(exc))
         return problems
-
-    def history(self, key: str, *, limit: int | None = None) -> list[Event]:
-        key, limit = validate_history(key, limit)
-        return [_event(r) for r in self._read(*self._sql.reads.history(key, limit=limit))]
 
     def stats(self) -> Stats:
         ((n, in_flight, ok, failed, expired, stale, events, fence),) = self._read(

@@ -35,9 +35,7 @@ from .backend import (
     Ledger,
     row_problems,
     validate_claim,
-    validate_entries_filter,
     validate_finalize,
-    validate_history,
 )
 from .config import LedgerConfig
 from .errors import (
@@ -61,7 +59,6 @@ from .model import (
     corrupt_row,
     decode_result,
     encode_result,
-    validate_key,
 )
 from .queries import Dialect, ReadQueries
 
@@ -804,6 +801,10 @@ class SQLiteLedger(Ledger):
             expires_at=expires_at,
         )
 
+    _reads = _QUERIES
+    _decode_entry = staticmethod(_entry)
+    _decode_event = staticmethod(_event)
+
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         if not _FORK_GATE.is_set():
             _FORK_GATE.wait(FORK_WAIT_SECONDS)
@@ -811,36 +812,6 @@ class SQLiteLedger(Ledger):
             conn = self._connection()
             self._check_file(writing=False)
             return self._guard(lambda: conn.execute(sql, params).fetchall())
-
-    def get(self, key: str) -> Entry | None:
-        key = validate_key(key)
-        rows = self._read(*_QUERIES.get(key))
-        return _entry(rows[0]) if rows else None
-
-    def entries(
-        self,
-        state: State | str | None = None,
-        *,
-        run_id: str | None = None,
-        prefix: str | None = None,
-        limit: int = 100,
-    ) -> list[Entry]:
-        state, run_id, prefix, limit = validate_entries_filter(state, run_id, prefix, limit)
-        sql, params = _QUERIES.entries(state, run_id=run_id, prefix=prefix, limit=limit)
-        return [_entry(r) for r in self._read(sql, params)]
-
-    def entries_touched_by(
-        self,
-        run_id: str,
-        state: State | str | None = None,
-        *,
-        prefix: str | None = None,
-        limit: int = 100,
-    ) -> list[Entry]:
-        state, _, prefix, limit = validate_entries_filter(state, None, prefix, limit)
-        run_id = validate_key(run_id, "run_id")
-        sql, params = _QUERIES.touched_by(run_id, state, prefix=prefix, limit=limit)
-        return [_entry(r) for r in self._read(sql, params)]
 
     def check(self) -> list[str]:
         """`PRAGMA integrity_check`, then every entry and event decoded as a call would."""
@@ -859,10 +830,6 @@ class SQLiteLedger(Ledger):
         except LedgerUnavailableError as exc:
             problems.append(str(exc))
         return problems
-
-    def history(self, key: str, *, limit: int | None = None) -> list[Event]:
-        key, limit = validate_history(key, limit)
-        return [_event(r) for r in self._read(*_QUERIES.history(key, limit=limit))]
 
     def stats(self) -> Stats:
         now = _ts(self.now())

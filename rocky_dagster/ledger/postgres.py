@@ -982,16 +982,19 @@ class PostgresLedger(Ledger):
         except psycopg.Error as exc:
             raise self._error(exc, retry=False) from None
         assert theirs is not None
-        if theirs == self._identity:
+        if theirs[2] is not None and theirs == self._identity:
             return
-        self._identity = self._read(_IDENTITY, (self._sql.entries,))[0]  # the server restarted?
-        if theirs == self._identity:
-            return
-        where = f"database {theirs[0]!r}"
-        if theirs[2] is None:
-            problem = f"{where} has no ledger tables in schema {self.schema!r}"
+        self._identity = ours = self._read(_IDENTITY, (self._sql.entries,))[0]
+        if theirs[2] is not None and theirs == ours:
+            return  # the server restarted since the last look
+        if theirs[:2] != ours[:2]:
+            problem = (
+                f"database {theirs[0]!r} is not the ledger's database {ours[0]!r} of {self.url}"
+            )
+        elif theirs[2] is None:
+            problem = f"database {theirs[0]!r} has no ledger tables in schema {self.schema!r}"
         else:
-            problem = f"{where} is not the ledger's database {self._identity[0]!r} of {self.url}"
+            problem = f"database {theirs[0]!r} has other ledger tables than {self.url}"
         raise LedgerConfigError(
             f"the connection's {problem}: one transaction for the ledger stamp and your writes "
             "needs the ledger's tables in the same PostgreSQL database as the connection"

@@ -412,7 +412,7 @@ def test_exactly_once_names_what_it_takes(tmp_path: Path) -> None:
                 pass
         assert dump(path) == before
     with (
-        pytest.raises(PipelineError, match="sqlite3.Connection or a psycopg"),
+        pytest.raises(PipelineError, match=r"sqlite3\.Connection or a psycopg"),
         exactly_once(object(), claim(1, 1)),
     ):
         pass

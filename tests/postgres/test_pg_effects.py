@@ -27,7 +27,13 @@ from conftest import TEST_DATABASE
 from pg_server import PostgresServer
 
 from rocky_dagster import exactly_once
-from rocky_dagster.ledger import Decision, LedgerConfigError, State, open_ledger
+from rocky_dagster.ledger import (
+    Decision,
+    InvalidArgumentError,
+    LedgerConfigError,
+    State,
+    open_ledger,
+)
 from rocky_dagster.ledger.postgres import PostgresLedger
 from rocky_dagster.pipelines import FenceLostError, PipelineError
 from rocky_dagster.pipelines.effects_pg import read_pg_marker
@@ -479,3 +485,50 @@ def test_the_docs_example_runs(postgres_server: PostgresServer) -> None:
         ]
     finally:
         postgres_server.drop_database(name)
+
+
+# --- finalize_in on its own, and the marker table's creation ----------------------------------
+
+
+def test_finalize_in_stamps_only_when_the_callers_transaction_commits(
+    db: tuple[str, str], ledger: PostgresLedger
+) -> None:
+    url, _ = db
+    claim = ledger.claim("k", "run-1")
+    with psycopg.connect(url, autocommit=True) as conn:
+        with pytest.raises(InvalidArgumentError, match="no open transaction"):
+            ledger.finalize_in(conn, "k", claim.fence, "succeeded")
+        with conn.transaction() as tx:
+            done = ledger.finalize_in(conn, "k", claim.fence, "succeeded", result={"n": 1})
+            assert done.applied
+            raise psycopg.Rollback(tx)  # the caller changes its mind: nothing is stamped
+        entry = ledger.get("k")
+        assert entry is not None and entry.state == State.IN_FLIGHT
+        with conn.transaction():
+            assert ledger.finalize_in(conn, "k", claim.fence, "succeeded").applied
+    entry = ledger.get("k")
+    assert entry is not None and entry.state == State.SUCCEEDED
+    assert [e.kind.value for e in ledger.history("k")] == ["claimed", "succeeded"]
+
+
+def test_two_sessions_creating_the_marker_table_at_once_both_go_on(db: tuple[str, str]) -> None:
+    url, schema = db
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def first_use(n: int) -> None:
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                barrier.wait(30)
+                with exactly_once(conn, Holder(f"k{n}", 1, 1, "r"), schema=schema) as effect:
+                    effect.result = {"n": n}
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_use, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert [marker(url, schema, f"k{n}") for n in range(4)] == [(1, 1, "r")] * 4

@@ -48,6 +48,7 @@ from .backend import (
 )
 from .config import LedgerConfig
 from .errors import (
+    InvalidArgumentError,
     LedgerConfigError,
     LedgerSchemaError,
     LedgerUnavailableError,
@@ -93,6 +94,8 @@ IDLE_IN_TRANSACTION_TIMEOUT_SECONDS = 60
 """The server ends a transaction whose client vanished after this long, so an unknown
 commit outcome always settles (see `_settle`)."""
 
+_IDENTITY = "SELECT current_database(), pg_postmaster_start_time(), to_regclass(%s)::oid::bigint"
+"""What tells one database (and one ledger's tables in it) from another, seen from a session."""
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -452,6 +455,13 @@ class _PgTransaction:
             self._send_held()
             self.conn.execute("COMMIT")
 
+    def flush(self) -> None:
+        """Send the held-back writes inside a transaction someone else began and will commit."""
+        assert self.begun
+        if self._pending:
+            with self.conn.pipeline():
+                self._send_held()
+
     @property
     def now(self) -> datetime:
         if self._now is None:
@@ -516,6 +526,7 @@ class PostgresLedger(Ledger):
         self._lock = threading.Lock()
         self._pool_obj: ConnectionPool | None = None
         self._pool_pid = -1
+        self._identity: tuple[Any, ...] | None = None
         self._ensure_schema()
         _LIVE.add(self)
 
@@ -920,6 +931,74 @@ class PostgresLedger(Ledger):
             # the holder of `fence` finalizes it, so report it as applied.
             return done.model_copy(update={"applied": True, "reason": FinalizeReason.APPLIED})
         return done
+
+    def finalize_in(
+        self,
+        conn: psycopg.Connection[Any],
+        key: str,
+        fence: int,
+        outcome: Outcome | str,
+        *,
+        result: dict[str, Any] | None = None,
+    ) -> FinalizeResult:
+        """As `finalize`, but on your connection, inside the transaction it has open: the stamp
+        commits (or rolls back) with whatever else that transaction writes. Nothing is committed
+        here, and nothing is retried: if the transaction fails, none of it happened.
+
+        The ledger's tables must be in the connection's database (`LedgerConfigError`
+        otherwise). The same rules and events as `finalize` (a stale fence is refused with
+        `applied=False`; roll your transaction back then, as `exactly_once(..., ledger=)` does).
+        """
+        key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
+        self._require_open_transaction(conn, "finalize_in")
+        self.check_shared_database(conn)
+        tx = _PgTransaction(self._sql, conn, self._clock_now())
+        tx.begun = True  # the caller's transaction
+        try:
+            done = self._finalize_locked(tx, key, fence, outcome, encoded, result)
+            tx.flush()
+        except psycopg.Error as exc:
+            raise self._error(exc, retry=False) from None
+        return done
+
+    @staticmethod
+    def _require_open_transaction(conn: object, what: str) -> None:
+        if not isinstance(conn, psycopg.Connection):
+            raise InvalidArgumentError(
+                f"{what}: conn must be a psycopg (3) Connection, got {type(conn).__name__}"
+            )
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+            raise InvalidArgumentError(
+                f"{what}: the connection has no open transaction "
+                f"({conn.info.transaction_status.name}); call it inside `with conn.transaction():`"
+            )
+
+    def check_shared_database(self, conn: psycopg.Connection[Any]) -> None:
+        """Raise `LedgerConfigError` unless `conn` is to the database holding this ledger's
+        tables (same server, same database, the very same entries table)."""
+        self._require_open_transaction(conn, "check_shared_database")
+        try:
+            theirs = conn.execute(_IDENTITY, (self._sql.entries,)).fetchone()
+        except psycopg.Error as exc:
+            raise self._error(exc, retry=False) from None
+        assert theirs is not None
+        if theirs[2] is not None and theirs == self._identity:
+            return
+        self._identity = ours = self._read(_IDENTITY, (self._sql.entries,))[0]
+        if theirs[2] is not None and theirs == ours:
+            return  # the server restarted since the last look
+        if theirs[:2] != ours[:2]:
+            problem = (
+                f"database {theirs[0]!r} is not the ledger's database {ours[0]!r} of {self.url}"
+            )
+        elif theirs[2] is None:
+            problem = f"database {theirs[0]!r} has no ledger tables in schema {self.schema!r}"
+        else:
+            problem = f"database {theirs[0]!r} has other ledger tables than {self.url}"
+        raise LedgerConfigError(
+            f"the connection's {problem}: one transaction for the ledger stamp and your writes "
+            "needs the ledger's tables in the same PostgreSQL database as the connection"
+        )
 
     def heartbeat(self, key: str, fence: int) -> bool:
         """As `Ledger.heartbeat`, in one conditional UPDATE (it writes no event)."""

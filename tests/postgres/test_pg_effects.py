@@ -23,8 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import TEST_DATABASE
-from pg_server import PostgresServer
+from pg_server import TEST_DATABASE, PostgresServer
 
 from rocky_dagster import exactly_once
 from rocky_dagster.ledger import (

@@ -341,8 +341,13 @@ def _backing_off(
         times = f"{'at least ' if failures >= limit else ''}{failures} times in a row"
     return (
         f"key {key!r} failed {times}; next retry after {retry_at.isoformat()} "
-        f"(backoff {wait.total_seconds():g} s)"
+        f"(backoff {_seconds(wait.total_seconds())} s)"
     )
+
+
+def _seconds(value: float) -> str:
+    """240, 0.5, 3155760000: never '3.15576e+09'."""
+    return str(int(value)) if value == int(value) else f"{value:.6f}".rstrip("0")
 
 
 def _failed_runs_in_a_row(

@@ -416,7 +416,7 @@ def _instance(context: Any) -> Any:
 
 
 def _holder_finished(context: Any, run_id: str) -> bool:
-    instance = getattr(context, "instance", None)
+    instance = _instance(context)
     if instance is None:
         return False
     run = instance.get_run_by_id(run_id)

@@ -279,3 +279,13 @@ def test_backoff_must_be_a_policy_or_none(
     context = build_sensor_context(instance=instance, sensor_name=SENSOR_NAME)
     with pytest.raises(TypeError, match="backoff must be a RetryBackoff or None"):
         _guard_at(ledger_url, datetime.now(UTC), context, backoff=backoff)
+
+
+def test_without_an_instance_a_key_in_flight_is_skipped_not_an_error(
+    instance: DagsterInstance, ledger: Ledger, ledger_url: str
+) -> None:
+    live = instance.create_run_for_job(job_def=work_job, tags={KEY_TAG: KEY})
+    ledger.claim(f"{KEY}/work", live.run_id)
+
+    skip = _guard_at(ledger_url, datetime.now(UTC), build_sensor_context())
+    assert f"in flight in run {live.run_id}" in skip.skip_message

@@ -44,7 +44,7 @@ class Decision(StrEnum):
     SKIPPED_COMPLETED = "skipped_completed"
     """Do nothing: the work already succeeded (or failed under dedup_on='any')."""
     SKIPPED_IN_FLIGHT = "skipped_in_flight"
-    """Do nothing: another live run holds the key right now."""
+    """Do nothing: another live run (or another live process of this run) holds the key now."""
     ADOPTED_STALE = "adopted_stale"
     """Do the work: the previous holder stopped heartbeating, its claim is now yours."""
 

@@ -117,7 +117,9 @@ def test_a_holder_on_another_machine_is_skipped_until_its_lease_ends(
     ledger: Ledger, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ):
     # a process of run-1 on another boot (machine or reboot): its liveness is unknown here
-    monkeypatch.setattr(ledger, "_process", lambda: "proc:another-boot/4026531836/12345/999")
+    monkeypatch.setattr(
+        ledger, "_process", lambda: "proc:another-boot/4026531836/12345/999", raising=False
+    )
     first = ledger.claim("k", "run-1")
     monkeypatch.undo()
     clock.advance(seconds=30)

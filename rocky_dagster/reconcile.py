@@ -67,7 +67,7 @@ def settle_entry(ledger: Ledger, entry: Entry, status: DagsterRunStatus, *, reas
     if status == DagsterRunStatus.CANCELED:
         return ledger.release(entry.key, run_id=entry.run_id, fence=entry.fence, reason=reason)
     outcome = Outcome.SUCCEEDED if status == DagsterRunStatus.SUCCESS else Outcome.FAILED
-    return ledger.finalize(entry.key, entry.fence, outcome).applied
+    return ledger.finalize(entry.key, entry.fence, outcome, reason=reason).applied
 
 
 def reconcile_key(

@@ -283,11 +283,18 @@ class Ledger(ABC):
         outcome: Outcome | str,
         *,
         result: dict[str, Any] | None = None,
+        reason: str | None = None,
     ) -> FinalizeResult:
-        """Compare-and-set the claim `fence` to its outcome; one-shot, never touches a newer claim."""
+        """Compare-and-set the claim `fence` to its outcome; one-shot, never touches a newer claim.
+
+        `reason` (printable text, as for `release`) is kept on the event when someone other than
+        the holder settles the claim — a run-status sensor, a reaping run — so the key's history
+        says who did it.
+        """
         key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
+        detail = None if reason is None else validate_reason(reason)
         with self.transaction() as tx:
-            return self._finalize_locked(tx, key, fence, outcome, encoded, result)
+            return self._finalize_locked(tx, key, fence, outcome, encoded, result, detail)
 
     def _finalize_locked(
         self,
@@ -297,6 +304,7 @@ class Ledger(ABC):
         outcome: Outcome,
         encoded: str | None,
         result: dict[str, Any] | None,
+        detail: str | None = None,
     ) -> FinalizeResult:
         """A validated finalize inside an open transaction: compare-and-set under the row lock."""
         row = tx.load(key)
@@ -331,7 +339,7 @@ class Ledger(ABC):
             }
         )
         tx.update(final)
-        tx.log(EventKind(outcome.value), key, row.run_id, fence, None)
+        tx.log(EventKind(outcome.value), key, row.run_id, fence, detail)
         return _finalize_result(final, fence, outcome, FinalizeReason.APPLIED)
 
     def heartbeat(self, key: str, fence: int) -> bool:

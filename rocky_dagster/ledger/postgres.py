@@ -71,6 +71,7 @@ from .model import (
     encode_result,
     validate_fence,
     validate_key,
+    validate_reason,
 )
 from .queries import Dialect, ReadQueries
 
@@ -191,7 +192,7 @@ class _Sql:
             ),
             ev AS (
                 INSERT INTO {self.events} (key, kind, run_id, fence, at, detail)
-                SELECT key, state, run_id, fence, at, NULL FROM upd
+                SELECT key, state, run_id, fence, at, %(detail)s FROM upd
             )
             SELECT run_id, expires_at FROM upd"""
         self.heartbeat = f"""
@@ -928,9 +929,11 @@ class PostgresLedger(Ledger):
         outcome: Outcome | str,
         *,
         result: dict[str, Any] | None = None,
+        reason: str | None = None,
     ) -> FinalizeResult:
         """As `Ledger.finalize`; a live claim is finalized in one compare-and-set statement."""
         key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
+        detail = None if reason is None else validate_reason(reason)
         token = secrets.token_hex(8)
         params = {
             "now": self._clock_now(),
@@ -940,6 +943,7 @@ class PostgresLedger(Ledger):
             "retention_us": self._retention_us,
             "result": encoded,
             "token": token,
+            "detail": detail,
         }
         lost_once = False
 
@@ -968,7 +972,7 @@ class PostgresLedger(Ledger):
                     expires_at=_utc(row[1]),
                 )
             # not a live claim with this fence: the generic path finds out why, under the lock
-            return Ledger.finalize(self, key, fence, outcome, result=result)
+            return Ledger.finalize(self, key, fence, outcome, result=result, reason=reason)
 
         done = self._retrying(attempt)
         if (

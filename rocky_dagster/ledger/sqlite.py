@@ -59,6 +59,7 @@ from .model import (
     corrupt_row,
     decode_result,
     encode_result,
+    validate_reason,
 )
 from .queries import Dialect, ReadQueries
 
@@ -780,11 +781,13 @@ class SQLiteLedger(Ledger):
         outcome: Outcome | str,
         *,
         result: dict[str, Any] | None = None,
+        reason: str | None = None,
     ) -> FinalizeResult:
         """As `Ledger.finalize`; a live claim is finalized by one compare-and-set UPDATE."""
         if not FAST_PATH:
-            return super().finalize(key, fence, outcome, result=result)
+            return super().finalize(key, fence, outcome, result=result, reason=reason)
         key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
+        detail = None if reason is None else validate_reason(reason)
         with self.transaction() as tx:
             expires_at = tx.now + self.config.retention
             row = tx.conn.execute(
@@ -792,9 +795,9 @@ class SQLiteLedger(Ledger):
                 (outcome.value, tx.now_text, _ts(expires_at), encoded, key, fence),
             ).fetchone()
             if row is None:
-                return self._finalize_locked(tx, key, fence, outcome, encoded, result)
+                return self._finalize_locked(tx, key, fence, outcome, encoded, result, detail)
             (holder,) = row
-            tx.log(EventKind(outcome.value), key, holder, fence, None)
+            tx.log(EventKind(outcome.value), key, holder, fence, detail)
         return FinalizeResult(
             key=key,
             fence=fence,

@@ -134,6 +134,9 @@ def test_killed_worker_next_run_reaps_the_dead_holder_at_once(
     ]
     assert entry.state == State.SUCCEEDED and entry.run_id == retry.run_id
     assert [run for _, run in work_log(work_dir)] == [dead, retry.run_id]
+    # the history says who settled the dead claim
+    settled = ledger.history("nightly-7/hold")[2]
+    assert settled.detail == f"holder run {dead} is FAILURE; reaped by run {retry.run_id}"
 
 
 def test_killed_worker_failure_sensor_settles_the_claim(
@@ -147,6 +150,8 @@ def test_killed_worker_failure_sensor_settles_the_claim(
     ticks.tick()
     entry = ledger.get("nightly-8/hold")
     assert entry.state == State.FAILED and entry.run_id == dead
+    settled = ledger.history("nightly-8/hold")[-1]
+    assert settled.detail == f"run {dead} is FAILURE (sensor rocky_ledger_on_failure)"
 
     # the sensor already settled it: the next run proceeds without reaping anything
     (work_dir / "go").touch()

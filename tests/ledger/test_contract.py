@@ -531,6 +531,21 @@ def test_release_frees_an_in_flight_claim_and_is_an_event(ledger: Ledger):
     assert ledger.claim("k", "run-2").decision == Decision.PROCEED
 
 
+@pytest.mark.parametrize("outcome", [Outcome.SUCCEEDED, Outcome.FAILED])
+def test_finalize_keeps_who_settled_the_claim_on_its_event(ledger: Ledger, outcome: Outcome):
+    held = ledger.claim("k", "run-1")
+    other = ledger.claim("other", "run-1")
+
+    assert ledger.finalize("k", held.fence, outcome, reason="run run-1 is FAILURE (sensor s)")
+    assert ledger.finalize("k", held.fence, outcome, reason="again").reason.value == "already_final"
+
+    settled = ledger.history("k")[-1]
+    assert (settled.kind.value, settled.run_id) == (outcome.value, "run-1")
+    assert settled.detail == "run run-1 is FAILURE (sensor s)"
+    assert ledger.finalize("other", other.fence, outcome).applied  # no reason: no detail
+    assert ledger.history("other")[-1].detail is None
+
+
 def test_release_guarded_by_run_or_fence_refuses_a_claim_that_changed_hands(ledger: Ledger):
     held = ledger.claim("k", "run-1")
     before = snapshot(ledger, "k")

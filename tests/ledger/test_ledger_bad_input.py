@@ -502,6 +502,13 @@ BAD_REASONS = {
 def test_operator_reasons_are_printable_bounded_text(held: tuple[Ledger, int], bad: Any, says: str):
     ledger, fence = held
     rejected(ledger, InvalidArgumentError, lambda: ledger.release("k", reason=bad), "reason", says)
+    rejected(
+        ledger,
+        InvalidArgumentError,
+        lambda: ledger.finalize("k", fence, Outcome.FAILED, reason=bad),
+        "reason",
+        says,
+    )
     assert ledger.finalize("k", fence, Outcome.SUCCEEDED).applied
     rejected(ledger, InvalidArgumentError, lambda: ledger.reset("k", reason=bad), "reason", says)
     assert [e.kind.value for e in ledger.history("k")] == ["claimed", "succeeded"]  # readable

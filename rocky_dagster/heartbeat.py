@@ -3,22 +3,87 @@
 A claim's lease is extended every ``heartbeat_interval_seconds``; when a beat finds the claim
 taken over (its lease expired and another run adopted it), the step learns it before it stores
 its outputs and fails instead of recording work that is no longer its own.
+
+The same thread watches each step's run (`StepWatch`): when the run is gone (its run worker
+died, or the instance marked it finished) or a claim was lost, it interrupts the step's body in
+its own process, the way Dagster interrupts a step (SIGINT to the process; the step runs in the
+main thread), so a step never goes on doing side effects as an orphan.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .ledger import Ledger
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a step's watch stopped it."""
+
+    why: str
+    """e.g. "its run worker (pid 123) is gone"."""
+    lost: bool = False
+    """A heartbeat found a claim lost (the step fails "lost its claim"); else its run is gone."""
+    interrupted: bool = False
+    """The body was sent an interrupt (False: it could not be, and runs to its end)."""
+
+
+class StepWatch:
+    """One running step's "is my run gone?" check, and the switch that interrupts its body.
+
+    Created when the step starts heartbeating, shared by its claims' beats. The heartbeat
+    thread calls `check` (at most once per interval, never on the step's own path); when it
+    names a reason, `_Heartbeater.stop_step` interrupts the step, atomically with `disarm`: once
+    the step disarmed its watch (it is settling its claims), it is never interrupted.
+    """
+
+    def __init__(
+        self, check: Callable[[], str | None], interval: float, *, interruptible: bool
+    ) -> None:
+        self._check = check
+        self.interval = max(interval, 0.05)
+        self.next_check = time.monotonic() + self.interval
+        self.interruptible = interruptible
+        """The step runs in this process's main thread, where an interrupt lands in its body."""
+        self.armed = True
+        self.stop: Stop | None = None
+
+    def check(self) -> str | None:
+        """Why the step's run is gone, or None; asks at most once per interval."""
+        now = time.monotonic()
+        if now < self.next_check or not self.armed:
+            return None
+        self.next_check = now + self.interval
+        try:
+            return self._check()
+        except Exception:  # an instance outage is not a dead run: look again next time
+            return None
+
+    def disarm(self) -> Stop | None:
+        """The step is leaving its body: never interrupt it from now on. Returns why it was
+        stopped meanwhile (None: it was not)."""
+        return _HEARTBEATER.disarm(self)
 
 
 class Heartbeat:
     """Extends one claim's lease every `interval` seconds; notices when the claim was lost."""
 
-    def __init__(self, ledger: Ledger, key: str, fence: int, interval: float) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        key: str,
+        fence: int,
+        interval: float,
+        watch: StepWatch | None = None,
+    ) -> None:
         self.ledger = ledger
         self.key = key
         self.fence = fence
@@ -26,6 +91,7 @@ class Heartbeat:
         self.next_due = time.monotonic() + self.interval
         self.lost = False
         self.last_error: Exception | None = None
+        self.watch = watch
 
     def start(self) -> None:
         _HEARTBEATER.add(self)
@@ -43,6 +109,15 @@ class Heartbeat:
         if not alive:
             self.lost = True
             _HEARTBEATER.remove(self)
+            if self.watch is not None:
+                _HEARTBEATER.stop_step(
+                    self.watch, Stop(f"a heartbeat found its claim on '{self.key}' lost", lost=True)
+                )
+            return
+        if self.watch is not None:
+            why = self.watch.check()
+            if why is not None:
+                _HEARTBEATER.stop_step(self.watch, Stop(why))
 
 
 class _Heartbeater:
@@ -77,6 +152,27 @@ class _Heartbeater:
         with self._wake:
             self._beats.pop(id(beat), None)
 
+    def stop_step(self, watch: StepWatch, stop: Stop) -> None:
+        """Interrupt the watched step, unless it disarmed its watch (it left its body) first.
+
+        Under the same lock as `disarm`: a step that has begun settling is never interrupted.
+        The interrupt is Dagster's own (`send_interrupt`): SIGINT to this process, which
+        Dagster raises in the step's body as `DagsterExecutionInterruptedError` (it wakes a
+        `time.sleep` too). Sent only when the step runs in the main thread and SIGINT has a
+        Python handler; otherwise the body runs to its end and the step settles then.
+        """
+        with self._wake:
+            if not watch.armed:
+                return
+            watch.armed = False
+            interrupted = watch.interruptible and _interrupt_main()
+            watch.stop = Stop(stop.why, lost=stop.lost, interrupted=interrupted)
+
+    def disarm(self, watch: StepWatch) -> Stop | None:
+        with self._wake:
+            watch.armed = False
+            return watch.stop
+
     def _run(self) -> None:
         while True:
             with self._wake:
@@ -99,3 +195,17 @@ class _Heartbeater:
 
 
 _HEARTBEATER = _Heartbeater()
+
+
+def _interrupt_main() -> bool:
+    """Send this process the interrupt Dagster sends a step it cancels; False if it cannot."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIG_DFL would kill the process, SIG_IGN would do nothing
+        return False
+    if sys.platform == "win32":  # pragma: no cover - what Dagster does there too
+        import _thread
+
+        _thread.interrupt_main()
+    else:
+        os.kill(os.getpid(), signal.SIGINT)
+    return True

@@ -392,6 +392,7 @@ class StepGuard:
                     interval,
                     interruptible=threading.current_thread() is threading.main_thread(),
                 )
+                self.watch.start()
             held.heartbeat = Heartbeat(self.ledger, key, claim.fence, interval, self.watch)
             held.heartbeat.start()
             with _ACTIVE_LOCK:

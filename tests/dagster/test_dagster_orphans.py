@@ -19,7 +19,7 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus
 from dagster_layer_jobs import busy_job, start_run, wait_for
 
-from rocky_dagster.heartbeat import _HEARTBEATER, StepWatch, Stop
+from rocky_dagster.heartbeat import StepWatch, Stop, stop_step
 from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, State
 from rocky_dagster.presentation import step_decisions
@@ -189,15 +189,14 @@ def _watch(reason: str | None = None) -> StepWatch:
 def test_a_disarmed_step_is_never_interrupted(sigints: list[int]) -> None:
     watch = _watch()
     assert watch.disarm() is None  # the step leaves its body: nothing stopped it
-    _HEARTBEATER.stop_step(watch, Stop("its run worker (pid 1) is gone"))
-    assert watch.check() is None  # a disarmed watch does not even ask
+    stop_step(watch, Stop("its run worker (pid 1) is gone"))
     assert sigints == [] and watch.stop is None
 
 
 def test_a_step_is_interrupted_once_and_learns_why(sigints: list[int]) -> None:
     watch = _watch()
-    _HEARTBEATER.stop_step(watch, Stop("the instance marked run r FAILURE"))
-    _HEARTBEATER.stop_step(watch, Stop("a heartbeat found its claim on 'k' lost", lost=True))
+    stop_step(watch, Stop("the instance marked run r FAILURE"))
+    stop_step(watch, Stop("a heartbeat found its claim on 'k' lost", lost=True))
     wait_for(lambda: sigints, "the interrupt")
     stop = watch.disarm()
     assert stop == Stop("the instance marked run r FAILURE", interrupted=True)
@@ -206,6 +205,6 @@ def test_a_step_is_interrupted_once_and_learns_why(sigints: list[int]) -> None:
 
 def test_a_step_off_the_main_thread_is_stopped_without_an_interrupt(sigints: list[int]) -> None:
     watch = StepWatch(lambda: None, 0.05, interruptible=False)
-    _HEARTBEATER.stop_step(watch, Stop("its run worker (pid 1) is gone"))
+    stop_step(watch, Stop("its run worker (pid 1) is gone"))
     assert watch.disarm() == Stop("its run worker (pid 1) is gone", interrupted=False)
     assert sigints == []

@@ -168,7 +168,7 @@ def run_worker_process(run_id: str) -> Any | None:
     multiprocess executor's step process of that run; None otherwise (the step runs in the run
     worker itself, or in a process some other executor started).
 
-    Dagster starts each step with `multiprocessing` (spawn by default, or forkserver / fork)
+    Dagster starts each step with `multiprocessing` (spawn by default, or forkserver)
     running its `MultiprocessExecutorChildProcessCommand`; the step process's own `Process`
     object (`current_process()`) keeps that command in its `_args`, which is the only sign, in
     the step, that its parent is the run worker. `multiprocessing.parent_process()` is public:

@@ -12,7 +12,7 @@ runs its body inside `StepGuard.lifecycle()`::
     # leaving the block normally means every output was stored: the claim is stamped succeeded
 
 Leaving by an exception settles the claim: ``failed``, released (a cancel), or kept for an op
-retry of the same run. While the body runs, the heartbeat thread also watches the step's run
+retry of the same run. While the body runs, a daemon thread also watches the step's run
 (`heartbeat.StepWatch`): when its run worker is gone or the instance marked the run finished,
 it interrupts the body and the step releases its claims ("stopped: ..."); when a heartbeat
 finds a claim lost, it interrupts the body and the step fails "lost its claim". When storing an output fails (an IO manager raising after the body
@@ -402,11 +402,11 @@ class StepGuard:
         self._log_decision(held)
 
     def _run_gone_check(self) -> Callable[[], str | None]:
-        """The heartbeat thread's test of whether this step's run is gone (see `StepWatch`).
+        """The watch thread's test of whether this step's run is gone (see `StepWatch`).
 
-        In a multiprocess executor's step process the run worker is the parent process: it is
-        gone when the pipe it holds is closed, or when this process was reparented (fork and
-        spawn start methods). The instance is asked whether it marked the run finished (an
+        In a multiprocess executor's step process the run worker started this process: it is
+        gone when the pipe it holds is closed (spawn and forkserver), or when this process was
+        reparented (spawn, where it is the parent). The instance is asked whether it marked the run finished (an
         ephemeral instance lives in this process only: nobody else can mark it).
         """
         worker = _compat.run_worker_process(self.run_id)

@@ -12,15 +12,17 @@ runs its body inside `StepGuard.lifecycle()`::
     # leaving the block normally means every output was stored: the claim is stamped succeeded
 
 Leaving by an exception settles the claim: ``failed``, released (a cancel), or kept for an op
-retry of the same run. While the body runs, a daemon thread also watches the step's run
-(`heartbeat.StepWatch`): when its run worker is gone or the instance marked the run finished,
-it interrupts the body and the step releases its claims ("stopped: ..."); when a heartbeat
-finds a claim lost, it interrupts the body and the step fails "lost its claim". When storing an output fails (an IO manager raising after the body
+retry of the same run. When storing an output fails (an IO manager raising after the body
 returned), Dagster never resumes the wrapper's generator and closes it instead: the
 `GeneratorExit` is a failure, and Dagster's recorded step exception says whether a retry
 follows. So a job is correct with no hooks attached; the ledger hooks and the run-status
 sensors are backstops for what a step cannot do itself (a ledger write that failed, a killed
 process).
+
+While the body runs, a daemon thread also watches the step's run (`heartbeat.StepWatch`): when
+its run worker is gone or the instance marked the run finished, it interrupts the body and the
+step releases its claims ("stopped: ..."); when a heartbeat finds a claim lost, it interrupts the
+body and the step fails "lost its claim".
 
 A step holds one `KeyClaim` per ledger key, each with one explicit `ClaimState`. Ops and
 single assets hold one; a multi-asset guard holds one per selected asset.

@@ -408,8 +408,8 @@ class StepGuard:
 
         In a multiprocess executor's step process the run worker started this process: it is
         gone when the pipe it holds is closed (spawn and forkserver), or when this process was
-        reparented (spawn, where it is the parent). The instance is asked whether it marked the run finished (an
-        ephemeral instance lives in this process only: nobody else can mark it).
+        reparented (spawn, where it is the parent). The instance is asked whether it marked the
+        run finished (an ephemeral instance lives in this process only: nobody else can mark it).
         """
         worker = _compat.run_worker_process(self.run_id)
         ppid = os.getppid() if worker is not None else None

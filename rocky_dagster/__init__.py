@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "with_ledger": ".jobs",
     "ledger_run_status_sensors": ".sensors",
     "guard_run_requests": ".sensors",
+    "RetryBackoff": ".backoff",
     "idempotent_asset": ".assets",
     "input_versions_key": ".input_versions",
     "idempotent_multi_asset": ".multi_asset",
@@ -110,6 +111,9 @@ if TYPE_CHECKING:
     )
     from .assets import (
         idempotent_asset as idempotent_asset,
+    )
+    from .backoff import (
+        RetryBackoff as RetryBackoff,
     )
     from .components import (
         IdempotencyLedgerComponent as IdempotencyLedgerComponent,

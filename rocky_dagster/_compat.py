@@ -67,7 +67,7 @@ def will_retry(op_ctx: Any, exc: BaseException) -> bool:
     `op_retry_policy` and the run's retry mode are only known to the step context.
     """
     step = _step_context(op_ctx)
-    if not step.retry_mode.enabled:
+    if step.retry_mode.disabled:  # DEFERRED (a multiprocess step process): its engine retries
         return False
     attempt = op_ctx.retry_number
     if isinstance(exc, RetryRequested):

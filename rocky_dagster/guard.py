@@ -593,10 +593,16 @@ class StepGuard:
                     "released or taken over (nothing left to release)"
                 )
             elif _compat.will_retry(self.op_ctx, exc):
+                # parked: the retry (maybe another process) may re-enter it, as no process
+                # of this run works on it any more; an unparked live claim it would skip
+                kept = self.ledger.keep_for_retry(claim.key, claim.fence)
                 held.state = ClaimState.RETRYING
                 report(
                     f"rocky_dagster: attempt {self.op_ctx.retry_number + 1} failed; keeping the "
                     f"claim on '{claim.key}' for the retry (same run: it re-enters the claim)"
+                    if kept
+                    else f"rocky_dagster: attempt {self.op_ctx.retry_number + 1} failed; the "
+                    f"claim on '{claim.key}' was already taken over or settled (nothing to keep)"
                 )
             else:
                 result = self.ledger.finalize(claim.key, claim.fence, Outcome.FAILED)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from dagster import (
@@ -24,9 +25,11 @@ from dagster import (
     run_status_sensor,
 )
 
+from .backoff import RetryBackoff
 from .keys import (
     GUARDED_OP_TAG,
     KEY_TAG,
+    PARTITION_TAG,
     attempt_run_key,
     ledger_key,
     schedule_key,
@@ -124,6 +127,9 @@ def _status_sensor(
 
 RequestKeyFn = Callable[[RunRequest], "str | None"]
 
+DEFAULT_BACKOFF = RetryBackoff()
+"""`guard_run_requests`' default: 1, 2, 4 … 32 minutes after a key's failures, then hourly."""
+
 
 @dataclass(frozen=True)
 class _Verdict:
@@ -141,6 +147,7 @@ def guard_run_requests(
     job: Any = None,
     key_fn: RequestKeyFn | None = None,
     schedule_name: str | None = None,
+    backoff: RetryBackoff | None = DEFAULT_BACKOFF,
 ) -> list[RunRequest] | SkipReason:
     """Drop the requests whose work is done or under way; key and re-key the rest.
 
@@ -158,6 +165,15 @@ def guard_run_requests(
     Dagster never launches a sensor's run_key twice, even after a failure, so this is how a
     failed key is re-requested; a key that never ran keeps run_key ``<key>``.
 
+    A key whose runs keep failing is re-requested with exponential backoff, not on every tick:
+    after ``n`` failed (or canceled) runs of the key in a row since its last success, the
+    request is dropped until ``min(base_seconds * factor ** (n - 1), max_seconds)`` has passed
+    since the last of them ended, and the `SkipReason` says when the next retry is due. The
+    runs are counted on the instance (runs tagged ``rocky/idempotency_key=<key>``, and the
+    request's partition); without an instance, from the ledger's history of the key's guarded
+    steps (``failed`` and ``released`` events). Time is the ledger's clock (``ledger.now()``).
+    A success resets the count.
+
     Args:
         ledger: the `IdempotencyLedger` resource (take it as a typed sensor parameter).
         job: the job(s) the requests target, to know their guarded steps: a JobDefinition, or
@@ -165,7 +181,18 @@ def guard_run_requests(
         key_fn: ``key_fn(request) -> str | None``, overriding the tag / run_key rule.
         schedule_name: the schedule's name in its natural key (default: the one Dagster gives
             the context, else the job's name).
+        backoff: a `RetryBackoff`, or None to re-request a failed key on every tick. The
+            default, ``RetryBackoff(base_seconds=60, factor=2.0, max_seconds=3600)``, retries a
+            transient fault within a minute, then waits 2, 4 … 32 minutes, then hourly: a key
+            that fails for good costs one run an hour instead of one per tick (120 an hour at
+            Dagster's 30-second default interval), and a fix is picked up within the hour. Pass
+            a smaller policy for inputs that must catch up faster.
     """
+    if backoff is not None and not isinstance(backoff, RetryBackoff):
+        raise TypeError(
+            "guard_run_requests: backoff must be a RetryBackoff or None, got "
+            f"{type(backoff).__name__}; e.g. backoff=RetryBackoff(base_seconds=60)"
+        )
     batch = [requests] if isinstance(requests, RunRequest) else list(requests)
     if not batch:
         return SkipReason("no run requests")
@@ -184,6 +211,8 @@ def guard_run_requests(
                 continue
             steps = _guarded_steps(target)
             reason = _blocked(context, store, key, steps, request.partition_key)
+            if reason is None and backoff is not None:
+                reason = _backing_off(context, store, key, steps, request.partition_key, backoff)
             verdicts.append(_Verdict(request, key, tuple(steps), reason))
     except LedgerError as exc:
         return SkipReason(f"rocky_dagster: the ledger is unavailable, no run requested: {exc}")
@@ -285,8 +314,109 @@ def _blocked(
     return None
 
 
+def _backing_off(
+    context: Any,
+    store: Ledger,
+    key: str,
+    steps: list[str],
+    partition: str | None,
+    policy: RetryBackoff,
+) -> str | None:
+    """Why a request for `key` must wait for its backoff to pass, or None."""
+    instance = _instance(context)
+    limit = policy.failures_that_matter + 1  # enough to know the wait, and to say "at least"
+    if instance is not None:
+        failures, last_end = _failed_runs_in_a_row(instance, key, partition, limit)
+    else:
+        failures, last_end = _failed_claims_in_a_row(store, key, steps, partition)
+    if not failures or last_end is None:
+        return None
+    wait = policy.delay(failures)
+    retry_at = last_end + wait
+    if store.now() >= retry_at:
+        return None
+    if failures == 1:
+        times = "once"
+    else:
+        times = f"{'at least ' if failures >= limit else ''}{failures} times in a row"
+    return (
+        f"key {key!r} failed {times}; next retry after {retry_at.isoformat()} "
+        f"(backoff {_seconds(wait.total_seconds())} s)"
+    )
+
+
+def _seconds(value: float) -> str:
+    """240, 0.5, 3155760000: never '3.15576e+09'."""
+    return str(int(value)) if value == int(value) else f"{value:.6f}".rstrip("0")
+
+
+def _failed_runs_in_a_row(
+    instance: Any, key: str, partition: str | None, limit: int
+) -> tuple[int, datetime | None]:
+    """The key's FAILURE / CANCELED runs since its last SUCCESS (newest first), and when the
+    last of them ended."""
+    tags = {KEY_TAG: key} | ({PARTITION_TAG: partition} if partition else {})
+    records = instance.get_run_records(
+        RunsFilter(
+            tags=tags,
+            statuses=[
+                DagsterRunStatus.FAILURE,
+                DagsterRunStatus.CANCELED,
+                DagsterRunStatus.SUCCESS,
+            ],
+        ),
+        limit=limit,
+    )
+    failures = 0
+    last_end: datetime | None = None
+    for record in records:
+        if record.dagster_run.status == DagsterRunStatus.SUCCESS:
+            break
+        failures += 1
+        ended = _ended_at(record)
+        last_end = ended if last_end is None else max(last_end, ended)
+    return failures, last_end
+
+
+def _ended_at(record: Any) -> datetime:
+    if record.end_time is not None:
+        return datetime.fromtimestamp(record.end_time, UTC)
+    stamp = record.update_timestamp  # a run canceled before it started has no end time
+    return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
+
+
+def _failed_claims_in_a_row(
+    store: Ledger, key: str, steps: Sequence[str], partition: str | None
+) -> tuple[int, datetime | None]:
+    """Without an instance: the runs whose claims of the key's steps ended ``failed`` or
+    ``released`` since the last run that only succeeded, and when the last of those ended."""
+    failed: dict[str, datetime] = {}  # run id -> its last failure
+    succeeded: dict[str, datetime] = {}
+    for step in steps:
+        for event in store.history(ledger_key(key, step, partition)):
+            if event.run_id is None:
+                continue
+            if event.kind in (EventKind.FAILED, EventKind.RELEASED):
+                failed[event.run_id] = max(event.at, failed.get(event.run_id, event.at))
+            elif event.kind == EventKind.SUCCEEDED:
+                succeeded[event.run_id] = max(event.at, succeeded.get(event.run_id, event.at))
+    last_success = max(
+        (at for run, at in succeeded.items() if run not in failed),
+        default=None,
+    )
+    since = [at for at in failed.values() if last_success is None or at > last_success]
+    return len(since), max(since, default=None)
+
+
+def _instance(context: Any) -> Any:
+    try:
+        return context.instance
+    except Exception:  # a context built without one raises
+        return None
+
+
 def _holder_finished(context: Any, run_id: str) -> bool:
-    instance = getattr(context, "instance", None)
+    instance = _instance(context)
     if instance is None:
         return False
     run = instance.get_run_by_id(run_id)
@@ -301,10 +431,7 @@ def _generation(
     Counted on the instance (runs tagged with the key), which also sees runs that failed before
     claiming anything; without an instance, counted from the ledger's claim history.
     """
-    try:
-        instance = context.instance
-    except Exception:
-        instance = None
+    instance = _instance(context)
     if instance is not None:
         return instance.get_runs_count(
             RunsFilter(tags={KEY_TAG: key}, statuses=list(FINISHED_STATUSES))

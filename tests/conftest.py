@@ -15,7 +15,7 @@ import pg_server
 import pytest
 
 REQUIRE_ENV = "ROCKY_REQUIRE_POSTGRES"
-TEST_DATABASE = "rocky_ledger_tests"
+TEST_DATABASE = pg_server.TEST_DATABASE
 _POSTGRES_FIXTURES = {"postgres_server", "postgres_url", "postgres_database"}
 _counter = itertools.count(1)
 

@@ -38,6 +38,10 @@ FAST_SETTINGS: dict[str, str] = {
 }
 
 
+TEST_DATABASE = "rocky_ledger_tests"
+"""The database the shared test cluster creates for ledger tests."""
+
+
 def find_bindir() -> Path | None:
     """The directory holding initdb/pg_ctl/postgres: $ROCKY_PG_BINDIR, newest Debian layout, PATH."""
     candidates: list[str] = []

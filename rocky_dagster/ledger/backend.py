@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from . import process
 from .config import LedgerConfig
 from .errors import InvalidArgumentError, LedgerConfigError, LedgerError
 from .machine import decide
@@ -87,6 +88,9 @@ class Ledger(ABC):
                 f"{type(clock).__name__}"
             )
         self._clock = clock
+
+    _process: Callable[[], str] = staticmethod(process.current)
+    """The claimant's process identity written as `holder_process` (tests stand in others)."""
 
     # --- what a backend provides ---------------------------------------------------------------
 
@@ -202,6 +206,7 @@ class Ledger(ABC):
         force: bool,
     ) -> Claim:
         """A validated claim inside an open transaction: load the row, decide, write the plan."""
+        me = self._process()
         while True:
             existing = tx.load(key)
             plan = decide(
@@ -211,6 +216,7 @@ class Ledger(ABC):
                 fingerprint=fingerprint,
                 config=self.config,
                 force=force,
+                judge_holder=lambda recorded: process.holder(recorded, me),
             )
             if plan.rebased is not None:
                 existing = plan.rebased
@@ -251,6 +257,7 @@ class Ledger(ABC):
                 dedup_on=self.config.dedup_on.value,
                 prior_run_id=plan.prior_run_id,
                 generation=existing.generation_fence if plan.continues and existing else fence,
+                holder_process=me,
             )
             if existing is None:
                 if not tx.insert(entry):
@@ -349,6 +356,31 @@ class Ledger(ABC):
                     }
                 )
             )
+            return True
+
+    def keep_for_retry(self, key: str, fence: int) -> bool:
+        """Park claim `fence` for its run's next attempt: no process works on it any more.
+
+        Called by an attempt that failed and will be retried (its heartbeat stopped), so
+        the run's retry re-enters the claim at once instead of being taken for a second live
+        process of the run. The lease keeps running: a retry that never comes lets the key
+        be adopted when it ends. False if `fence` no longer holds the key (finalized, lost).
+        """
+        key = validate_key(key)
+        fence = validate_fence(fence)
+        with self.transaction() as tx:
+            row = tx.load(key)
+            if row is None or row.fence != fence or row.state != State.IN_FLIGHT:
+                return False
+            if row.holder_process != process.PARKED:
+                tx.update(row.model_copy(update={"holder_process": process.PARKED}))
+                tx.log(
+                    EventKind.KEPT_FOR_RETRY,
+                    key,
+                    row.run_id,
+                    fence,
+                    "the attempt failed and will be retried: its run may re-enter the claim",
+                )
             return True
 
     # --- operators and reconcilers ---------------------------------------------------------------

@@ -122,14 +122,20 @@ class LedgerConfig(BaseModel):
             raise LedgerConfigError(describe_validation_error(exc, "ledger config")) from None
 
 
-def describe_validation_error(exc: ValidationError, what: str) -> str:
-    """One line per bad field: '<field>: <problem> (got <value>)'."""
+def describe_validation_error(
+    exc: ValidationError, what: str, known_fields: list[str] | None = None
+) -> str:
+    """One line per bad field: '<field>: <problem> (got <value>)'.
+
+    `known_fields` (default: `LedgerConfig`'s) are named when a field is unknown.
+    """
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(root)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown field; remove it (known fields: " + ", ".join(_known_fields()) + ")"
+            known = known_fields if known_fields is not None else _known_fields()
+            msg = "unknown field; remove it (known fields: " + ", ".join(known) + ")"
         given = err.get("input")
         lines.append(f"{field}: {msg} (got {given!r})")
     return f"invalid {what}: " + "; ".join(lines)

@@ -7,12 +7,21 @@ claim only a key with no row, writing `NEW_KEY` (what `decide(None, …)` return
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .config import DedupPolicy, LedgerConfig, MismatchPolicy
 from .errors import FingerprintMismatchError
 from .model import Decision, Entry, EventKind, State
+from .process import Holder
+
+JudgeHolder = Callable[[str | None], Holder]
+"""What the claimant knows of an entry's recorded `holder_process` (see `process.holder`)."""
+
+
+def _unknown(recorded: str | None) -> Holder:
+    return Holder.UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,12 @@ def decide(
     fingerprint: str | None,
     config: LedgerConfig,
     force: bool = False,
+    judge_holder: JudgeHolder = _unknown,
 ) -> Plan:
     """Decide a claim from the locked row. Raises before any write on a fingerprint mismatch.
+
+    A live claim of the claimant's own run is re-entered only when its attempt is over
+    (`judge_holder` says PARKED or GONE): two live processes of one run never both proceed.
 
     The fingerprint binds while the recorded work does: a live claim, a stale claim being
     adopted (the adopter continues that work), and a terminal record that still dedups. A
@@ -81,14 +94,27 @@ def decide(
         if not force:  # an audited override also overrides the parameter check
             _check_fingerprint(existing, fingerprint, config)
         if existing.run_id == run_id:
+            holder = judge_holder(existing.holder_process)
+            if holder in (Holder.PARKED, Holder.GONE):
+                return Plan(
+                    Decision.PROCEED,
+                    True,
+                    EventKind.CLAIMED,
+                    f"re-entrant claim by the same run (replaces fence {existing.fence}: "
+                    f"{holder.value})",
+                    prior_run_id=existing.run_id,
+                    continues=True,
+                    reentrant=True,
+                    rebased=rebased,
+                )
             return Plan(
-                Decision.PROCEED,
-                True,
-                EventKind.CLAIMED,
-                f"re-entrant claim by the same run (replaces fence {existing.fence})",
-                prior_run_id=existing.run_id,
-                continues=True,
-                reentrant=True,
+                Decision.SKIPPED_IN_FLIGHT,
+                False,
+                EventKind.SKIPPED_IN_FLIGHT,
+                f"held by another live attempt of the same run {existing.run_id} (fence "
+                f"{existing.fence}, {holder.value}) until at least "
+                f"{existing.lease_expires_at.isoformat()}",
+                held_by_run_id=existing.run_id,
                 rebased=rebased,
             )
         return Plan(

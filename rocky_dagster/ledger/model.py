@@ -44,7 +44,7 @@ class Decision(StrEnum):
     SKIPPED_COMPLETED = "skipped_completed"
     """Do nothing: the work already succeeded (or failed under dedup_on='any')."""
     SKIPPED_IN_FLIGHT = "skipped_in_flight"
-    """Do nothing: another live run holds the key right now."""
+    """Do nothing: another live run (or another live process of this run) holds the key now."""
     ADOPTED_STALE = "adopted_stale"
     """Do the work: the previous holder stopped heartbeating, its claim is now yours."""
 
@@ -68,6 +68,7 @@ class EventKind(StrEnum):
     FAILED = "failed"
     RELEASED = "released"
     RESET = "reset"
+    KEPT_FOR_RETRY = "kept_for_retry"
     SWEPT = "swept"
     LOST = "lost"
 
@@ -108,6 +109,10 @@ class Entry(_Frozen):
     generation: int | None = None
     """The fence of the claim that began this generation of the key (see `Claim.generation`);
     stored NULL means this entry's own fence (a claim that began one, or a pre-v2 row)."""
+    holder_process: str | None = None
+    """The process that made the claim (`process.current`), or `"parked"` once the claim is
+    kept for its run's retry; NULL on rows written before schema v4. A same-run claim
+    re-enters a live claim only if this process is known gone, or the claim is parked."""
 
     def checked(self) -> Entry:
         """This entry as read back from a store, if it could have been written by a ledger;

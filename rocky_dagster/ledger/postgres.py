@@ -48,6 +48,7 @@ from .backend import (
 )
 from .config import LedgerConfig
 from .errors import (
+    InvalidArgumentError,
     LedgerConfigError,
     LedgerSchemaError,
     LedgerUnavailableError,
@@ -73,10 +74,10 @@ from .model import (
 )
 from .queries import Dialect, ReadQueries
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """1: the first release. 2: one partial index on in-flight rows instead of three (fewer index
 entries per claim+finalize). 3: `generation` column on entries (NULL reads as the entry's
-fence). A schema of either pre-release layout that called itself 2 is brought to 3 as well:
+fence). 4: `holder_process` column on entries (NULL: written before v4, holder unknown). A schema of either pre-release layout that called itself 2 is brought to 3 as well:
 see `_Sql.migrations`."""
 DEFAULT_SCHEMA = "rocky_ledger"
 ENTRIES = "rocky_ledger_entries"
@@ -93,6 +94,8 @@ IDLE_IN_TRANSACTION_TIMEOUT_SECONDS = 60
 """The server ends a transaction whose client vanished after this long, so an unknown
 commit outcome always settles (see `_settle`)."""
 
+_IDENTITY = "SELECT current_database(), pg_postmaster_start_time(), to_regclass(%s)::oid::bigint"
+"""What tells one database (and one ledger's tables in it) from another, seen from a session."""
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -160,10 +163,11 @@ class _Sql:
             WITH t AS (SELECT coalesce(%(now)s::timestamptz, statement_timestamp()) AS now),
             ins AS (
                 INSERT INTO {self.entries} (key, state, run_id, fence, pipeline, fingerprint,
-                    claimed_at, heartbeat_at, lease_expires_at, dedup_on, write_token)
+                    claimed_at, heartbeat_at, lease_expires_at, dedup_on, write_token,
+                    holder_process)
                 SELECT %(key)s, 'in_flight', %(run_id)s, nextval('{self.fences}'), %(pipeline)s,
                     %(fingerprint)s, t.now, t.now, t.now + %(lease_us)s * interval '1 microsecond',
-                    %(dedup_on)s, %(token)s
+                    %(dedup_on)s, %(token)s, %(holder)s
                 FROM t
                 WHERE NOT EXISTS (SELECT 1 FROM {self.entries} WHERE key = %(key)s)
                 ON CONFLICT (key) DO NOTHING
@@ -290,7 +294,8 @@ class _Sql:
         over every row; and sweep trims the event log as a prefix in id order (costs what it
         deletes), so events need no index on `at`. Version 3 adds the generation a claim
         continues (NULL: the entry's own fence, which is what every older row and every claim
-        that begins a generation have).
+        that begins a generation have). Version 4 records the process holding an in-flight
+        claim (NULL on older rows: unknown, see `process.holder`).
 
         Two pre-release layouts both called themselves version 2 (one with step 1 done, the
         other with step 2 done on version 1's indexes), so every statement is a no-op where
@@ -306,6 +311,7 @@ class _Sql:
                 "(run_id, lease_expires_at) WHERE state = 'in_flight'",
             ],
             2: [f"ALTER TABLE {self.entries} ADD COLUMN IF NOT EXISTS generation bigint"],
+            3: [f"ALTER TABLE {self.entries} ADD COLUMN IF NOT EXISTS holder_process text"],
         }
 
 
@@ -452,6 +458,13 @@ class _PgTransaction:
             self._send_held()
             self.conn.execute("COMMIT")
 
+    def flush(self) -> None:
+        """Send the held-back writes inside a transaction someone else began and will commit."""
+        assert self.begun
+        if self._pending:
+            with self.conn.pipeline():
+                self._send_held()
+
     @property
     def now(self) -> datetime:
         if self._now is None:
@@ -516,6 +529,9 @@ class PostgresLedger(Ledger):
         self._lock = threading.Lock()
         self._pool_obj: ConnectionPool | None = None
         self._pool_pid = -1
+        self._identity: tuple[Any, ...] | None = None
+        self._lost_claims: dict[str, list[str]] = {}
+        """Write tokens, by key, of this process's one-statement claims whose outcome was lost."""
         self._ensure_schema()
         _LIVE.add(self)
 
@@ -548,6 +564,7 @@ class PostgresLedger(Ledger):
             _ORPHANED_POOLS.append(self._pool_obj)
         self._pool_obj = None
         self._pool_pid = -1
+        self._lost_claims = {}  # the parent's
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -796,6 +813,8 @@ class PostgresLedger(Ledger):
 
         def attempt() -> Claim:
             claim = self._fast_claim(key, run_id, pipeline, fingerprint)
+            if claim is None:
+                claim = self._recover_lost_claim(key, run_id)
             if claim is not None:
                 return claim
             return Ledger.claim(
@@ -807,7 +826,12 @@ class PostgresLedger(Ledger):
     def _fast_claim(
         self, key: str, run_id: str, pipeline: str | None, fingerprint: str | None
     ) -> Claim | None:
-        """Claim a key that has no row in one statement; None if it has one (or just got one)."""
+        """Claim a key that has no row in one statement; None if it has one (or just got one).
+
+        The write token of an insert whose outcome was lost is remembered: the next claim of
+        the key that finds it taken checks whether that insert committed (see
+        `_recover_lost_claim`).
+        """
         token = secrets.token_hex(8)
         params = {
             "now": self._clock_now(),
@@ -818,6 +842,7 @@ class PostgresLedger(Ledger):
             "lease_us": self._claim_lease_us,
             "dedup_on": self.config.dedup_on.value,
             "token": token,
+            "holder": self._process(),
             "kind": NEW_KEY.event.value,
             "detail": NEW_KEY.detail,
         }
@@ -827,19 +852,53 @@ class PostgresLedger(Ledger):
             except psycopg.Error as exc:
                 if not _lost(conn, exc):
                     raise self._error(exc, retry=False) from None
+                with self._lock:
+                    self._lost_claims.setdefault(key, []).append(token)
                 written = self._written_by(key, token, exc)
                 if written is None:
                     raise self._error(exc, retry=True) from None
+                with self._lock:
+                    self._lost_claims[key].remove(token)
+                    if not self._lost_claims[key]:
+                        del self._lost_claims[key]
                 row = (written[2], written[4])
         if row is None:
             return None
+        return self._new_claim(key, run_id, row[0], row[1])
+
+    def _recover_lost_claim(self, key: str, run_id: str) -> Claim | None:
+        """The claim an earlier call of this process made but never learned of, if it holds
+        the key for `run_id`: its call failed, so no one works on it. Without this the run
+        would find its own claim held by "another live attempt" (this very process) and skip.
+
+        By now the lost insert is settled: our own insert waited for it on the key's conflict.
+        """
+        with self._lock:
+            tokens = self._lost_claims.pop(key, None)
+        if not tokens:
+            return None
+        try:
+            for token in tokens:
+                row = self._run(
+                    lambda c, t=token: c.execute(self._sql.written_by, (key, t)).fetchone()
+                )
+                if row is not None and row[0] == State.IN_FLIGHT.value and row[1] == run_id:
+                    return self._new_claim(key, run_id, row[2], row[4])
+        except LedgerUnavailableError:
+            with self._lock:
+                self._lost_claims.setdefault(key, []).extend(tokens)
+            raise
+        return None
+
+    @staticmethod
+    def _new_claim(key: str, run_id: str, fence: int, lease_expires_at: datetime) -> Claim:
         return Claim(
             key=key,
             run_id=run_id,
             decision=NEW_KEY.decision,
-            fence=int(row[0]),
-            lease_expires_at=_utc(row[1]),
-            generation=int(row[0]),  # a new claim begins a generation (stored NULL)
+            fence=int(fence),
+            lease_expires_at=_utc(lease_expires_at),
+            generation=int(fence),  # a new claim begins a generation (stored NULL)
         )
 
     def _written_by(self, key: str, token: str, exc: psycopg.Error) -> tuple[Any, ...] | None:
@@ -847,8 +906,9 @@ class PostgresLedger(Ledger):
 
         For a finalize, `FOR UPDATE` waits out the original statement if its session still runs,
         so the answer is final. A claim's insert still running is invisible here; the retry's
-        insert then waits for it, finds the row held by the same run, and the decision table
-        makes that a re-entrant claim: still one holder, only with a newer fence.
+        insert then waits for it and finds the key taken, and `claim` looks for the lost
+        insert's token again: the row it wrote is this claim's (a same-run claim would
+        otherwise be skipped, the holder being this very process).
         """
         self._recycle()
         try:
@@ -921,6 +981,74 @@ class PostgresLedger(Ledger):
             return done.model_copy(update={"applied": True, "reason": FinalizeReason.APPLIED})
         return done
 
+    def finalize_in(
+        self,
+        conn: psycopg.Connection[Any],
+        key: str,
+        fence: int,
+        outcome: Outcome | str,
+        *,
+        result: dict[str, Any] | None = None,
+    ) -> FinalizeResult:
+        """As `finalize`, but on your connection, inside the transaction it has open: the stamp
+        commits (or rolls back) with whatever else that transaction writes. Nothing is committed
+        here, and nothing is retried: if the transaction fails, none of it happened.
+
+        The ledger's tables must be in the connection's database (`LedgerConfigError`
+        otherwise). The same rules and events as `finalize` (a stale fence is refused with
+        `applied=False`; roll your transaction back then, as `exactly_once(..., ledger=)` does).
+        """
+        key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
+        self._require_open_transaction(conn, "finalize_in")
+        self.check_shared_database(conn)
+        tx = _PgTransaction(self._sql, conn, self._clock_now())
+        tx.begun = True  # the caller's transaction
+        try:
+            done = self._finalize_locked(tx, key, fence, outcome, encoded, result)
+            tx.flush()
+        except psycopg.Error as exc:
+            raise self._error(exc, retry=False) from None
+        return done
+
+    @staticmethod
+    def _require_open_transaction(conn: object, what: str) -> None:
+        if not isinstance(conn, psycopg.Connection):
+            raise InvalidArgumentError(
+                f"{what}: conn must be a psycopg (3) Connection, got {type(conn).__name__}"
+            )
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+            raise InvalidArgumentError(
+                f"{what}: the connection has no open transaction "
+                f"({conn.info.transaction_status.name}); call it inside `with conn.transaction():`"
+            )
+
+    def check_shared_database(self, conn: psycopg.Connection[Any]) -> None:
+        """Raise `LedgerConfigError` unless `conn` is to the database holding this ledger's
+        tables (same server, same database, the very same entries table)."""
+        self._require_open_transaction(conn, "check_shared_database")
+        try:
+            theirs = conn.execute(_IDENTITY, (self._sql.entries,)).fetchone()
+        except psycopg.Error as exc:
+            raise self._error(exc, retry=False) from None
+        assert theirs is not None
+        if theirs[2] is not None and theirs == self._identity:
+            return
+        self._identity = ours = self._read(_IDENTITY, (self._sql.entries,))[0]
+        if theirs[2] is not None and theirs == ours:
+            return  # the server restarted since the last look
+        if theirs[:2] != ours[:2]:
+            problem = (
+                f"database {theirs[0]!r} is not the ledger's database {ours[0]!r} of {self.url}"
+            )
+        elif theirs[2] is None:
+            problem = f"database {theirs[0]!r} has no ledger tables in schema {self.schema!r}"
+        else:
+            problem = f"database {theirs[0]!r} has other ledger tables than {self.url}"
+        raise LedgerConfigError(
+            f"the connection's {problem}: one transaction for the ledger stamp and your writes "
+            "needs the ledger's tables in the same PostgreSQL database as the connection"
+        )
+
     def heartbeat(self, key: str, fence: int) -> bool:
         """As `Ledger.heartbeat`, in one conditional UPDATE (it writes no event)."""
         key = validate_key(key)
@@ -950,6 +1078,10 @@ class PostgresLedger(Ledger):
 
     def reset(self, key: str, *, reason: str = "reset by an operator") -> bool:
         return self._retrying(lambda: Ledger.reset(self, key, reason=reason))
+
+    def keep_for_retry(self, key: str, fence: int) -> bool:
+        # idempotent: repeating it after a lost reply finds the claim already parked
+        return self._retrying(lambda: Ledger.keep_for_retry(self, key, fence))
 
     # --- reads and housekeeping ---------------------------------------------------------------------
 

@@ -62,9 +62,10 @@ from .model import (
 )
 from .queries import Dialect, ReadQueries
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """1: the first release. 2: one `due` index instead of two partial ones (fewer pages per
 claim+finalize). 3: `generation` column on entries (NULL reads as the entry's fence).
+4: `holder_process` column on entries (NULL: written before v4, holder unknown).
 A file of either pre-release layout that called itself 2 (`due` only, or `generation` only)
 is brought to 3 as well: see `_migrate`."""
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -100,8 +101,8 @@ _SELECT_ENTRY = _QUERIES.select_entry
 
 _FAST_CLAIM = f"""
     INSERT INTO {ENTRIES} (key, state, run_id, fence, pipeline, fingerprint, claimed_at,
-        heartbeat_at, lease_expires_at, dedup_on, generation)
-    SELECT ?1, 'in_flight', ?2, top.fence, ?3, ?4, ?5, ?5, ?6, ?7, top.fence
+        heartbeat_at, lease_expires_at, dedup_on, generation, holder_process)
+    SELECT ?1, 'in_flight', ?2, top.fence, ?3, ?4, ?5, ?5, ?6, ?7, top.fence, ?8
     FROM (
         SELECT max(coalesce((SELECT max(id) FROM {EVENTS}), 0), value) + 1 AS fence,
             typeof(value) AS kind
@@ -206,6 +207,7 @@ def _row(entry: Entry) -> tuple[Any, ...]:
         None if entry.result is None else encode_result(entry.result),
         entry.prior_run_id,
         entry.generation,
+        entry.holder_process,
     )
 
 
@@ -243,6 +245,7 @@ def _decode_entry(row: tuple[Any, ...]) -> Entry:
         result,
         prior_run_id,
         generation,
+        holder_process,
     ) = row
     return Entry(
         key=key,
@@ -260,6 +263,7 @@ def _decode_entry(row: tuple[Any, ...]) -> Entry:
         result=decode_result(result),
         prior_run_id=prior_run_id,
         generation=fence if generation is None else generation,
+        holder_process=holder_process,
     ).checked()
 
 
@@ -753,6 +757,7 @@ class SQLiteLedger(Ledger):
                     tx.now_text,
                     _ts(lease_expires_at),
                     self._dedup_on,
+                    self._process(),
                 ),
             ).fetchone()
             if row is None:
@@ -907,7 +912,8 @@ CREATE TABLE IF NOT EXISTS {ENTRIES} (
     dedup_on TEXT NOT NULL,
     result TEXT,
     prior_run_id TEXT,
-    generation INTEGER
+    generation INTEGER,
+    holder_process TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS {EVENTS} (
     id INTEGER PRIMARY KEY,
@@ -965,6 +971,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute(f"PRAGMA table_info({ENTRIES})")}
     if "generation" not in columns:  # version 2 -> 3
         conn.execute(f"ALTER TABLE {ENTRIES} ADD COLUMN generation INTEGER")
+    if "holder_process" not in columns:  # version 3 -> 4
+        conn.execute(f"ALTER TABLE {ENTRIES} ADD COLUMN holder_process TEXT")
     conn.execute(f"UPDATE {META} SET value = ? WHERE name = 'schema_version'", (SCHEMA_VERSION,))
 
 

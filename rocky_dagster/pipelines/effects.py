@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,7 +108,10 @@ class Effect:
         a later holder or a newer generation did (the caller's transaction rolls back)."""
         if self.claim is None:
             return None
-        marker = read_marker(conn, self.key)
+        return self.judge(read_marker(conn, self.key))
+
+    def judge(self, marker: Marker | None) -> Marker | None:
+        """`applied` for the key's marker however it was read (None: there is none)."""
         if marker is None or marker.generation < self.generation:
             return None
         if marker.generation > self.generation:
@@ -173,22 +177,32 @@ class Effect:
 class EffectScope:
     """What `exactly_once` hands the body: whether the work was already applied (then
     `recorded` is the result its holder recorded, and the body must write nothing), and the
-    `result` slot the body fills in to be recorded with its writes."""
+    `result` slot the body fills in to be recorded with its writes. With `ledger=`, `stamp` is
+    the ledger's FinalizeResult once the block committed."""
 
     already_applied: bool
     recorded: Any = None
     result: Any = None
+    stamp: Any = None
 
 
 @contextmanager
 def exactly_once(
-    conn: sqlite3.Connection, claim: EffectClaim, *, name: str = "custom"
+    conn: Any,
+    claim: EffectClaim,
+    *,
+    name: str = "custom",
+    schema: str | None = None,
+    ledger: Any = None,
 ) -> Iterator[EffectScope]:
-    """Make your own SQLite writes exactly-once per claim generation, like the pipelines'.
+    """Make your own SQLite or PostgreSQL writes exactly-once per claim generation, like the
+    pipelines'.
 
-    The body runs inside one IMMEDIATE transaction that also checks and writes the effect
-    marker; `name` tells your step's markers from the pipelines'. The connection must not be
-    inside a transaction already::
+    `conn` is a `sqlite3.Connection` or a psycopg 3 `Connection` (autocommit or not), and must
+    not be inside a transaction already. The body runs inside one transaction that also checks
+    and writes the effect marker (table `_rocky_effects`: in SQLite's `main`, in PostgreSQL
+    in `schema`, default the connection's current schema, created if missing); `name` tells
+    your step's markers from the pipelines'::
 
         claim = ledger.claim(key, run_id=run_id)
         if claim.should_run:
@@ -202,10 +216,47 @@ def exactly_once(
 
     An exception in the body rolls everything back; FenceLostError means a later holder
     committed first and nothing of yours was written.
+
+    PostgreSQL only: `ledger=` a PostgreSQL ledger whose tables are in the connection's
+    database stamps the claim `succeeded` (with `effect.result`, a dict or None) in the same
+    transaction, so your writes, the marker and the stamp commit together or not at all; a
+    refused stamp (the claim was lost) raises FenceLostError and rolls your writes back. Then
+    there is no separate `ledger.finalize` to call.
     """
     if claim is None:
         raise ClaimRefusedError("exactly_once needs the claim the ledger returned for this step")
     effect = Effect(claim, name)
+    if isinstance(conn, sqlite3.Connection):
+        if ledger is not None or schema is not None:
+            raise PipelineError(
+                "exactly_once: ledger= and schema= are for a PostgreSQL connection; with SQLite "
+                "the marker is in the warehouse's main schema and you stamp the ledger yourself "
+                "after the block (ledger.finalize)"
+            )
+        with _sqlite_once(conn, effect) as scope:
+            yield scope
+        return
+    psycopg = sys.modules.get("psycopg")  # a psycopg connection means psycopg is imported
+    if psycopg is None or not isinstance(conn, psycopg.Connection):
+        raise PipelineError(
+            "exactly_once: conn must be a sqlite3.Connection or a psycopg (3) Connection, got "
+            f"{type(conn).__module__}.{type(conn).__name__}"
+        )
+    from .effects_pg import postgres_once
+
+    with postgres_once(conn, effect, schema=schema, ledger=ledger) as scope:
+        yield scope
+
+
+def encode_effect_result(result: Any) -> str:
+    try:
+        return json.dumps(result, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(f"exactly_once: result is not JSON: {exc}") from exc
+
+
+@contextmanager
+def _sqlite_once(conn: sqlite3.Connection, effect: Effect) -> Iterator[EffectScope]:
     if conn.in_transaction:
         raise PipelineError(
             "exactly_once: the connection is already inside a transaction; commit or roll it "
@@ -219,10 +270,7 @@ def exactly_once(
         else:
             scope = EffectScope(already_applied=False)
             yield scope
-            try:
-                encoded = json.dumps(scope.result, sort_keys=True, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise PipelineError(f"exactly_once: result is not JSON: {exc}") from exc
+            encoded = encode_effect_result(scope.result)
             effect.record(conn, encoded, encoded)
         conn.execute("COMMIT")
     except BaseException:

@@ -142,13 +142,54 @@ class DaemonServer(DagsterServer):
             self.stop_sensor(name)
 
     @contextmanager
-    def sensor_stopped(self, name: str) -> Iterator[None]:
-        """Stop a (default RUNNING) sensor for the block, so nothing it does can help the test."""
-        self.stop_sensor(name)
+    def sensor_stopped(self, name: str, interval: float = 5.0) -> Iterator[None]:
+        """Stop a (default RUNNING) sensor for the block, so nothing it does can help the test.
+
+        A Stop alone does not guarantee that. Dagster's sensor daemon starts each tick by
+        reading the sensor's state and writing it back (``mark_sensor_state_for_tick``) with
+        no compare-and-set, so a Stop landing between that read and write is undone and the
+        sensor keeps running; and a tick already queued when the Stop lands still evaluates
+        once (``_process_tick_generator`` never re-checks the status). Either way a
+        run-status sensor "stopped" for the test could settle a dead claim before the code
+        under test does. So: stop it, and wait until it is still STOPPED with no tick running
+        and none started for `interval` + 5 s (stopping it again if the daemon undid the
+        Stop); at the end, check that it did not tick during the block.
+        """
+        last = self._quiesce(name, interval + 5.0)
         try:
             yield
+            ticked = self._ticks_since(name, last)
+            assert not ticked, f"sensor {name} ticked while stopped for the test: {ticked}"
         finally:
             self.start_sensor(name)
+
+    def _quiesce(self, name: str, quiet: float, timeout: float = 180.0) -> str | None:
+        """Stop `name` and wait until it stays stopped and idle for `quiet` s; its newest tick id."""
+        deadline = time.monotonic() + timeout
+        seen: tuple[str, str | None] | None = None
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            state = self.sensor_state(name, 1)["sensorState"]
+            ticks = state["ticks"]
+            newest = (str(ticks[0]["tickId"]), ticks[0]["status"]) if ticks else ("", None)
+            if state["status"] != "STOPPED":
+                self.stop_sensor(name)
+                seen = None
+            elif newest != seen or newest[1] == "STARTED":
+                seen, quiet_since = newest, time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet:
+                return newest[0] or None
+            time.sleep(0.5)
+        raise AssertionError(f"sensor {name} did not stay stopped and idle within {timeout} s")
+
+    def _ticks_since(self, name: str, last: str | None) -> list[dict[str, Any]]:
+        """The ticks of `name` newer than tick id `last` (newest first)."""
+        newer = []
+        for tick in self.sensor_ticks(name, 10):
+            if str(tick["tickId"]) == last:
+                break
+            newer.append(tick)
+        return newer
 
     # --- schedules ------------------------------------------------------------------------------
 

@@ -247,6 +247,21 @@ def multiprocess_work_job():
     return job
 
 
+def flaky_multiprocess_job(dedup_on: str = "success"):
+    """`flaky_once` under the multiprocess executor: each attempt in a step process of its own."""
+    from dagster import multiprocess_executor
+
+    @ledger_job(
+        name="flaky_multiprocess_job",
+        ledger=IdempotencyLedger(dedup_on=dedup_on),
+        executor_def=multiprocess_executor,
+    )
+    def job() -> None:
+        flaky_once()
+
+    return job
+
+
 def pipelines_job():
     """Load → replicate → transform → check → snapshot, plus a custom op (configs from env)."""
 

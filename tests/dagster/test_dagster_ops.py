@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from dagster import (
     DagsterInstance,
     ReexecutionOptions,
+    build_reconstructable_job,
     execute_job,
     in_process_executor,
     reconstructable,
@@ -24,6 +26,8 @@ from rocky_dagster import IdempotencyLedger, ledger_job
 from rocky_dagster.keys import KEY_TAG, OUTCOME_TAG, RUN_KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, State
 from rocky_dagster.presentation import step_decisions
+
+HERE = Path(__file__).parent
 
 
 def _output_metadata(result, step: str) -> dict:
@@ -139,8 +143,52 @@ def test_op_retry_policy_reenters_its_own_claim(
     assert [op for op, _ in work_log(work_dir)] == ["flaky_once", "flaky_once"]
     entry = ledger.get("retry-1/flaky_once")
     assert entry.state == State.SUCCEEDED and entry.run_id == result.run_id
-    kinds = [e.kind for e in ledger.history("retry-1/flaky_once")]
-    assert kinds == [EventKind.CLAIMED, EventKind.CLAIMED, EventKind.SUCCEEDED]
+    # the failed attempt parks its claim, so the retry (in this same process) re-enters it
+    history = ledger.history("retry-1/flaky_once")
+    assert [e.kind for e in history] == [
+        EventKind.CLAIMED,
+        EventKind.KEPT_FOR_RETRY,
+        EventKind.CLAIMED,
+        EventKind.SUCCEEDED,
+    ]
+    assert entry.generation == history[0].fence
+
+
+@pytest.mark.parametrize("dedup_on", ["success", "any"])
+def test_op_retry_policy_reenters_its_own_claim_from_a_new_step_process(
+    dedup_on: str, instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    """Under the multiprocess executor each attempt is a process of its own: the retry's
+    process re-enters the claim the failed attempt's process kept for it (its step context
+    says retries are "deferred" to the engine: they still happen)."""
+    job = build_reconstructable_job(
+        "dagster_layer_jobs",
+        "flaky_multiprocess_job",
+        reconstructable_args=(dedup_on,),
+        reconstructor_working_directory=str(HERE),
+    )  # step processes import the job by module name from this directory
+    with execute_job(job, instance=instance, tags={KEY_TAG: f"retry-2-{dedup_on}"}) as result:
+        assert result.success
+        assert result.output_for_node("flaky_once") == {"attempt": 2}
+    attempt_pids = {
+        e.dagster_event.pid
+        for e in instance.all_logs(result.run_id)
+        if e.dagster_event is not None
+        and e.dagster_event.event_type_value in ("STEP_START", "STEP_RESTARTED")
+    }
+    assert len(attempt_pids) == 2 and os.getpid() not in attempt_pids  # a process per attempt
+    assert [op for op, _ in work_log(work_dir)] == ["flaky_once", "flaky_once"]
+    entry = ledger.get(f"retry-2-{dedup_on}/flaky_once")
+    assert entry.state == State.SUCCEEDED and entry.run_id == result.run_id
+    history = ledger.history(f"retry-2-{dedup_on}/flaky_once")
+    assert [e.kind for e in history] == [
+        EventKind.CLAIMED,
+        EventKind.KEPT_FOR_RETRY,
+        EventKind.CLAIMED,
+        EventKind.SUCCEEDED,
+    ]
+    assert "kept for the retry" in history[2].detail
+    assert entry.generation == history[0].fence
 
 
 def test_reexecution_from_failure_inherits_the_key_then_skips_after_success(

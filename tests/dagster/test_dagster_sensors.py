@@ -1,9 +1,15 @@
-"""Sensors and schedules ask the ledger before requesting a run (built on a real instance)."""
+"""Sensors and schedules ask the ledger before requesting a run (built on a real instance).
+
+A failed key waits for its backoff: the tests never sleep for it, they ask the guard with a
+ledger whose clock is set past (or just short of) the end of the failed run.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
 from dagster import (
     DagsterInstance,
     RunRequest,
@@ -16,11 +22,13 @@ from dagster import (
 )
 from dagster_layer_jobs import fail_config, work_job
 
-from rocky_dagster import IdempotencyLedger, guard_run_requests
+from rocky_dagster import IdempotencyLedger, RetryBackoff, guard_run_requests
 from rocky_dagster.keys import KEY_TAG, RUN_KEY_TAG
-from rocky_dagster.ledger import Ledger
+from rocky_dagster.ledger import EventKind, Ledger, open_ledger
+from rocky_dagster.sensors import DEFAULT_BACKOFF
 
 SENSOR_NAME = "orders_sensor"
+KEY = "orders-2024-06-01"
 
 
 @sensor(job=work_job, name=SENSOR_NAME)
@@ -45,6 +53,26 @@ def _tick(instance: DagsterInstance):
     return orders_sensor(context)
 
 
+def _guard_at(
+    ledger_url: str,
+    at: datetime,
+    context: Any,
+    request: RunRequest | None = None,
+    **kwargs: Any,
+):
+    """The guard as the sensor calls it, deciding with a ledger whose clock reads `at`."""
+    with open_ledger(ledger_url, clock=lambda: at) as clocked:
+        return guard_run_requests(
+            context, request or RunRequest(run_key=KEY), ledger=clocked, job=work_job, **kwargs
+        )
+
+
+def _ended(instance: DagsterInstance, result) -> datetime:
+    end_time = instance.get_run_record_by_id(result.run_id).end_time
+    assert end_time is not None
+    return datetime.fromtimestamp(end_time, UTC)
+
+
 def _launch(instance: DagsterInstance, request: RunRequest, *, fail: bool, sensor: bool = True):
     """Run the request the way the daemon would: its tags plus run_key / sensor name tags."""
     tags = dict(request.tags)
@@ -56,7 +84,7 @@ def _launch(instance: DagsterInstance, request: RunRequest, *, fail: bool, senso
 
 
 def test_sensor_guard_rekeys_a_failed_key_and_skips_a_succeeded_one(
-    instance: DagsterInstance, ledger: Ledger
+    instance: DagsterInstance, ledger: Ledger, ledger_url: str
 ) -> None:
     [request] = _tick(instance)
     assert request.run_key == "orders-2024-06-01"
@@ -65,8 +93,10 @@ def test_sensor_guard_rekeys_a_failed_key_and_skips_a_succeeded_one(
     assert not failed.success
 
     # Dagster would never launch run_key "orders-2024-06-01" again for this sensor, even though
-    # the run failed: the guard re-requests the key under a new run_key, same ledger key
-    [retry] = _tick(instance)
+    # the run failed: the guard re-requests the key under a new run_key, same ledger key (once
+    # the first failure's backoff, a minute, has passed)
+    context = build_sensor_context(instance=instance, sensor_name=SENSOR_NAME)
+    [retry] = _guard_at(ledger_url, _ended(instance, failed) + timedelta(seconds=60), context)
     assert retry.run_key == "orders-2024-06-01#1"
     assert retry.tags[KEY_TAG] == "orders-2024-06-01"
     assert not instance.get_runs(RunsFilter(tags={RUN_KEY_TAG: retry.run_key}))
@@ -92,7 +122,7 @@ def test_sensor_guard_skips_a_key_in_flight_in_a_live_run(
 
 
 def test_schedule_guard_keys_by_schedule_and_time(
-    instance: DagsterInstance, ledger: Ledger
+    instance: DagsterInstance, ledger: Ledger, ledger_url: str
 ) -> None:
     at = datetime(2024, 6, 1, 2, 0, tzinfo=UTC)
 
@@ -107,10 +137,15 @@ def test_schedule_guard_keys_by_schedule_and_time(
     [request] = evaluate().run_requests
     key = request.tags[KEY_TAG]
     assert key == "nightly@2024-06-01T02:00:00+00:00"
-    assert not _launch(instance, request, fail=True, sensor=False).success
+    failed = _launch(instance, request, fail=True, sensor=False)
+    assert not failed.success
 
-    # a failed key is requested again (schedules dedup by tick, not by run_key)
-    [again] = evaluate().run_requests
+    # a failed key is requested again (schedules dedup by tick, not by run_key), once its
+    # backoff has passed
+    assert "failed once; next retry after" in evaluate().skip_message
+    context = build_schedule_context(instance=instance, scheduled_execution_time=at)
+    later = _ended(instance, failed) + timedelta(seconds=60)
+    [again] = _guard_at(ledger_url, later, context, RunRequest(), schedule_name="nightly")
     assert again.tags[KEY_TAG] == key
     succeeded = _launch(instance, again, fail=False, sensor=False)
     assert succeeded.success
@@ -118,3 +153,139 @@ def test_schedule_guard_keys_by_schedule_and_time(
     data = evaluate()
     assert not data.run_requests
     assert succeeded.run_id in data.skip_message and key in data.skip_message
+
+
+# --- backoff of a key whose runs keep failing ------------------------------------------------------
+
+
+def _fail(instance: DagsterInstance, request: RunRequest) -> datetime:
+    """Launch the request and let it fail; when its run ended."""
+    result = _launch(instance, request, fail=True)
+    assert not result.success
+    return _ended(instance, result)
+
+
+@pytest.mark.parametrize(
+    ("backoff", "waits"),
+    [
+        (DEFAULT_BACKOFF, [60, 120, 240]),
+        (RetryBackoff(base_seconds=10, factor=3, max_seconds=50), [10, 30, 50]),
+    ],
+    ids=["default", "custom"],
+)
+def test_a_failing_key_is_dropped_within_its_backoff_and_requested_after_it(
+    instance: DagsterInstance,
+    ledger: Ledger,
+    ledger_url: str,
+    backoff: RetryBackoff,
+    waits: list[int],
+) -> None:
+    context = build_sensor_context(instance=instance, sensor_name=SENSOR_NAME)
+    [request] = _guard_at(ledger_url, datetime.now(UTC), context, backoff=backoff)
+    for failures, wait in enumerate(waits, start=1):
+        ended = _fail(instance, request)
+        retry_at = ended + timedelta(seconds=wait)
+
+        for early in (ended, retry_at - timedelta(microseconds=1)):
+            skip = _guard_at(ledger_url, early, context, backoff=backoff)
+            assert isinstance(skip, SkipReason), f"{failures} failures, asked at {early}"
+            times = "once" if failures == 1 else f"{failures} times in a row"
+            assert skip.skip_message == (
+                f"key {KEY!r} failed {times}; next retry after {retry_at.isoformat()} "
+                f"(backoff {wait} s)"
+            )
+
+        [request] = _guard_at(ledger_url, retry_at, context, backoff=backoff)
+        assert request.run_key == f"{KEY}#{failures}"
+        assert request.tags[KEY_TAG] == KEY
+
+
+def test_the_backoff_caps_at_max_seconds(
+    instance: DagsterInstance, ledger: Ledger, ledger_url: str
+) -> None:
+    backoff = RetryBackoff(base_seconds=1, factor=10, max_seconds=5)
+    context = build_sensor_context(instance=instance, sensor_name=SENSOR_NAME)
+    request = RunRequest(run_key=KEY)
+    for _ in range(4):
+        ended = _fail(instance, request)
+        [request] = _guard_at(ledger_url, ended + timedelta(seconds=5), context, backoff=backoff)
+    skip = _guard_at(ledger_url, ended, context, backoff=backoff)
+    assert "failed at least 3 times in a row;" in skip.skip_message  # counted up to the cap
+    assert "(backoff 5 s)" in skip.skip_message
+
+
+def test_a_success_resets_the_count_of_failures(
+    instance: DagsterInstance, ledger: Ledger, ledger_url: str
+) -> None:
+    context = build_sensor_context(instance=instance, sensor_name=SENSOR_NAME)
+    ended = _fail(instance, RunRequest(run_key=KEY))
+    [retry] = _guard_at(ledger_url, ended + timedelta(seconds=60), context)
+    ended = _fail(instance, retry)
+    [retry] = _guard_at(ledger_url, ended + timedelta(seconds=120), context)
+    assert _launch(instance, retry, fail=False).success
+    # an operator has the key done again; it fails: one failure since the success, not three
+    assert ledger.reset(f"{KEY}/work")
+    ended = _fail(instance, RunRequest(run_key=KEY, tags={KEY_TAG: KEY}))
+
+    skip = _guard_at(ledger_url, ended + timedelta(seconds=59), context)
+    assert (
+        f"key {KEY!r} failed once;" in skip.skip_message and "(backoff 60 s)" in skip.skip_message
+    )
+    [request] = _guard_at(ledger_url, ended + timedelta(seconds=60), context)
+    assert request.tags[KEY_TAG] == KEY
+
+
+def test_without_an_instance_the_failures_are_counted_from_the_ledger(
+    instance: DagsterInstance, ledger: Ledger, ledger_url: str
+) -> None:
+    plain = build_sensor_context()  # no instance: the guard reads the key's ledger history
+
+    def failed_at() -> datetime:
+        return [e for e in ledger.history(f"{KEY}/work") if e.kind == EventKind.FAILED][-1].at
+
+    _fail(instance, RunRequest(run_key=KEY))
+    skip = _guard_at(ledger_url, failed_at() + timedelta(seconds=59), plain)
+    assert f"key {KEY!r} failed once;" in skip.skip_message
+    [retry] = _guard_at(ledger_url, failed_at() + timedelta(seconds=60), plain)
+
+    _fail(instance, retry)
+    skip = _guard_at(ledger_url, failed_at() + timedelta(seconds=119), plain)
+    assert f"key {KEY!r} failed 2 times in a row;" in skip.skip_message
+    assert "(backoff 120 s)" in skip.skip_message
+    [retry] = _guard_at(ledger_url, failed_at() + timedelta(seconds=120), plain)
+
+    assert _launch(instance, retry, fail=False).success
+    assert ledger.reset(f"{KEY}/work")
+    _fail(instance, RunRequest(run_key=KEY, tags={KEY_TAG: KEY}))  # after the success: once
+    skip = _guard_at(ledger_url, failed_at() + timedelta(seconds=59), plain)
+    assert f"key {KEY!r} failed once;" in skip.skip_message
+
+
+def test_backoff_none_re_requests_a_failed_key_on_every_tick(
+    instance: DagsterInstance, ledger: Ledger, ledger_url: str
+) -> None:
+    context = build_sensor_context(instance=instance, sensor_name=SENSOR_NAME)
+    request = RunRequest(run_key=KEY)
+    for failures in (1, 2, 3):
+        ended = _fail(instance, request)
+        [request] = _guard_at(ledger_url, ended, context, backoff=None)
+        assert request.run_key == f"{KEY}#{failures}"
+
+
+@pytest.mark.parametrize("backoff", ["60", 60, {"base_seconds": 60}], ids=repr)
+def test_backoff_must_be_a_policy_or_none(
+    instance: DagsterInstance, ledger_url: str, backoff: object
+) -> None:
+    context = build_sensor_context(instance=instance, sensor_name=SENSOR_NAME)
+    with pytest.raises(TypeError, match="backoff must be a RetryBackoff or None"):
+        _guard_at(ledger_url, datetime.now(UTC), context, backoff=backoff)
+
+
+def test_without_an_instance_a_key_in_flight_is_skipped_not_an_error(
+    instance: DagsterInstance, ledger: Ledger, ledger_url: str
+) -> None:
+    live = instance.create_run_for_job(job_def=work_job, tags={KEY_TAG: KEY})
+    ledger.claim(f"{KEY}/work", live.run_id)
+
+    skip = _guard_at(ledger_url, datetime.now(UTC), build_sensor_context())
+    assert f"in flight in run {live.run_id}" in skip.skip_message

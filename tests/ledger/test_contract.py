@@ -137,6 +137,7 @@ def test_failure_under_dedup_success_is_claimable_at_once(ledger: Ledger):
 
 def test_reentrant_claim_by_the_same_run_gets_a_new_fence_and_retires_the_old(ledger: Ledger):
     first = ledger.claim("k", "run-1")
+    assert ledger.keep_for_retry("k", first.fence)  # the attempt failed and will be retried
 
     again = ledger.claim("k", "run-1")
 
@@ -630,6 +631,7 @@ def test_fences_strictly_increase_across_keys_and_are_never_reused(
     for i in range(3):
         fences.append(claim_and_finish(ledger, f"a/{i}", "run-1", Outcome.FAILED))
         fences.append(ledger.claim(f"b/{i}", "run-1").fence)
+        assert ledger.keep_for_retry(f"b/{i}", fences[-1])
         fences.append(ledger.claim(f"b/{i}", "run-1").fence)  # re-entrant
     clock.advance(seconds=61)
     fences.append(ledger.claim("b/0", "run-2").fence)  # adoption
@@ -657,8 +659,9 @@ def test_fences_increase_across_two_ledgers_on_one_store(make_ledger: MakeLedger
         one.claim("x", "r").fence,
         two.claim("y", "r").fence,
         one.claim("z", "r").fence,
-        two.claim("x", "r").fence,
     ]
+    assert one.keep_for_retry("x", fences[0])
+    fences.append(two.claim("x", "r").fence)  # the run's retry re-enters
     assert fences == sorted(fences) and len(set(fences)) == 4
 
 

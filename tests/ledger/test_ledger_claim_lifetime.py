@@ -54,9 +54,11 @@ def test_a_same_run_retry_keeps_the_first_claimed_at_so_the_cap_holds(
     first = ledger.claim("k", "run-1")
     start = clock.now
     retries = []
+    held = first
     while clock.now + LEASE / 2 < start + TTL:
         clock.advance(seconds=LEASE.total_seconds() / 2)
-        retry = ledger.claim("k", "run-1")  # an op retry of the same run, while its lease lives
+        assert ledger.keep_for_retry("k", held.fence)  # the attempt failed, a retry follows
+        retry = held = ledger.claim("k", "run-1")  # the op's retry, while the lease lives
         assert retry.decision == Decision.PROCEED
         retries.append(retry)
         entry = ledger.get("k")
@@ -142,6 +144,7 @@ def test_generations_begin_and_continue_as_documented(make_ledger: MakeLedger, c
     assert first.generation == first.fence  # no entry: begins one
     assert ledger.get("k").generation == first.fence
 
+    assert ledger.keep_for_retry("k", first.fence)
     again = ledger.claim("k", "run-1")  # same-run re-entry: continues
     assert again.fence > first.fence and again.generation == first.fence
     assert ledger.claim("k", "run-2").generation == first.fence  # a skip reports it
@@ -191,6 +194,7 @@ def _make_v1(url: str) -> None:
     if url.startswith("sqlite:///"):
         conn = sqlite3.connect(url.removeprefix("sqlite:///"))
         conn.execute("ALTER TABLE rocky_ledger_entries DROP COLUMN generation")
+        conn.execute("ALTER TABLE rocky_ledger_entries DROP COLUMN holder_process")
         conn.execute("UPDATE rocky_ledger_meta SET value = 1 WHERE name = 'schema_version'")
         conn.commit()
         conn.close()
@@ -198,6 +202,7 @@ def _make_v1(url: str) -> None:
     conninfo, schema = parse_url(url)
     with psycopg.connect(**conninfo, autocommit=True) as conn:
         conn.execute(f'ALTER TABLE "{schema}".rocky_ledger_entries DROP COLUMN generation')
+        conn.execute(f'ALTER TABLE "{schema}".rocky_ledger_entries DROP COLUMN holder_process')
         conn.execute(
             f"UPDATE \"{schema}\".rocky_ledger_meta SET value = 1 WHERE name = 'schema_version'"
         )
@@ -222,6 +227,50 @@ def test_a_version_1_ledger_is_migrated_on_open(ledger_url: str, clock: FakeCloc
         assert ledger.check() == []
 
 
+def _make_v3(url: str) -> None:
+    """A ledger as version 3 wrote it: no holder_process column, schema_version 3."""
+    drop = "ALTER TABLE {}rocky_ledger_entries DROP COLUMN holder_process"
+    version = "UPDATE {}rocky_ledger_meta SET value = 3 WHERE name = 'schema_version'"
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        conn.execute(drop.format(""))
+        conn.execute(version.format(""))
+        conn.commit()
+        conn.close()
+        return
+    conninfo, schema = parse_url(url)
+    with psycopg.connect(**conninfo, autocommit=True) as conn:
+        conn.execute(drop.format(f'"{schema}".'))
+        conn.execute(version.format(f'"{schema}".'))
+
+
+def test_a_version_3_ledger_is_migrated_and_its_live_claims_have_unknown_holders(
+    ledger_url: str, clock: FakeClock
+):
+    """A claim written before v4 names no process: the run's next attempt cannot know that
+    the holder is gone, so it waits for the lease (or a park) like any other claimant."""
+    with open_ledger(ledger_url, CONFIG, clock=clock) as old:
+        done = old.claim("done", "run-1")
+        old.finalize("done", done.fence, Outcome.SUCCEEDED, result={"rows": 3})
+        live = old.claim("live", "run-1")
+        parked = old.claim("parked", "run-1")
+    _make_v3(ledger_url)
+
+    with open_ledger(ledger_url, CONFIG, clock=clock) as ledger:
+        assert ledger.get("live").holder_process is None
+        assert ledger.get("done").result == {"rows": 3}
+        assert ledger.claim("done", "run-2").decision == Decision.SKIPPED_COMPLETED
+        assert ledger.claim("live", "run-1").decision == Decision.SKIPPED_IN_FLIGHT
+        assert ledger.keep_for_retry("parked", parked.fence)
+        again = ledger.claim("parked", "run-1")
+        assert (again.decision, again.generation) == (Decision.PROCEED, parked.fence)
+        assert ledger.get("parked").holder_process not in (None, "parked")
+        clock.advance(seconds=LEASE.total_seconds())
+        adopted = ledger.claim("live", "run-1")
+        assert (adopted.decision, adopted.generation) == (Decision.ADOPTED_STALE, live.fence)
+        assert ledger.check() == []
+
+
 def test_the_migrated_sqlite_file_says_the_current_version(tmp_path: Path):
     url = f"sqlite:///{tmp_path}/ledger.db"
     with open_ledger(url) as ledger:
@@ -233,6 +282,6 @@ def test_the_migrated_sqlite_file_says_the_current_version(tmp_path: Path):
         version = conn.execute(
             "SELECT value FROM rocky_ledger_meta WHERE name = 'schema_version'"
         ).fetchone()
-        assert version == (SCHEMA_VERSION,) == (3,)
+        assert version == (SCHEMA_VERSION,) == (4,)
     finally:
         conn.close()

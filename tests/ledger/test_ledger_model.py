@@ -49,6 +49,9 @@ class Row:
     expires_at: datetime | None = None
     result: dict[str, Any] | None = None
     generation: int = 0
+    parked: bool = False
+    """Kept for the run's retry: the run's next claim re-enters it (every claim here comes
+    from this one process, so an unparked live claim of the same run is never re-entered)."""
 
 
 @dataclass
@@ -91,7 +94,7 @@ class Reference:
                 return "adopted_stale", row.run_id, None, False, "adopted"
             if not force and mismatch():
                 raise FingerprintMismatchError(key, row.fingerprint, fingerprint, row.run_id)
-            if row.run_id == run_id:
+            if row.run_id == run_id and row.parked:
                 return "proceed", run_id, None, False, "claimed"
             return "skipped_in_flight", None, row.run_id, False, "skipped_in_flight"
         if not self.binds(row):
@@ -131,6 +134,15 @@ class Reference:
         )
         self.fences[key].append(fence)
         self.last_fence = fence
+
+    def keep_for_retry(self, key: str, fence: int) -> bool:
+        row = self.rows.get(key)
+        if row is None or row.fence != fence or row.state != "in_flight":
+            return False
+        if not row.parked:
+            self.rows[key] = replace(row, parked=True)
+            self.log(key, "kept_for_retry", row.run_id, fence)
+        return True
 
     def finalize(self, key: str, fence: int, outcome: str, result: dict | None) -> str:
         row = self.rows.get(key)
@@ -279,6 +291,11 @@ class LedgerMachine(RuleBasedStateMachine):
         fence = data.draw(self.fence(key), label="fence")
         assert self.ledger.heartbeat(key, fence) == self.ref.heartbeat(key, fence)
 
+    @rule(data=st.data(), key=st.sampled_from(KEYS))
+    def keep_for_retry(self, data: st.DataObject, key: str) -> None:
+        fence = data.draw(self.fence(key), label="fence")
+        assert self.ledger.keep_for_retry(key, fence) == self.ref.keep_for_retry(key, fence)
+
     @rule(step=st.sampled_from(STEPS))
     def advance(self, step: timedelta) -> None:
         self.ref.now += step
@@ -370,6 +387,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 entry.result,
                 entry.prior_run_id,
                 entry.generation,
+                entry.holder_process == "parked",
             ) == (
                 row.state,
                 row.run_id,
@@ -384,6 +402,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 row.result,
                 row.prior_run_id,
                 row.generation,
+                row.parked,
             ), key
 
     @invariant()

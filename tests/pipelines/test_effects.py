@@ -398,6 +398,26 @@ def test_exactly_once_rolls_back_the_body_and_the_marker_together(tmp_path: Path
         assert dump(path) == before
 
 
+def test_exactly_once_names_what_it_takes(tmp_path: Path) -> None:
+    """A SQLite connection takes no ledger= / schema= (those are PostgreSQL's); anything but a
+    sqlite3 or psycopg connection is refused by name. (Before: AttributeError / TypeError.)"""
+    path = str(tmp_path / "app.db")
+    with closing(_invoices(path)) as conn:
+        before = dump(path)
+        for option in ({"ledger": object()}, {"schema": "s"}):
+            with (
+                pytest.raises(PipelineError, match="are for a PostgreSQL connection"),
+                exactly_once(conn, claim(1, 1), **option),  # type: ignore[arg-type]
+            ):
+                pass
+        assert dump(path) == before
+    with (
+        pytest.raises(PipelineError, match=r"sqlite3\.Connection or a psycopg"),
+        exactly_once(object(), claim(1, 1)),
+    ):
+        pass
+
+
 def test_a_real_ledger_claim_is_accepted_once_it_carries_a_generation(tmp_path: Path) -> None:
     """The ledger's Claim is the intended argument: whatever it lacks is a named refusal."""
     from rocky_dagster.ledger import open_ledger

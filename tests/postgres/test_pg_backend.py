@@ -184,7 +184,7 @@ def test_a_version_1_schema_is_migrated_in_place_and_keeps_every_row(postgres_ur
         (version,) = conn.execute(
             f"SELECT value FROM {sql.meta} WHERE name = 'schema_version'"
         ).fetchone()
-    assert version == SCHEMA_VERSION == 3
+    assert version == SCHEMA_VERSION == 4
 
 
 @pytest.mark.parametrize("layout", ["due_index", "generation_column"])

@@ -40,6 +40,7 @@ __all__ = [
     "event_metadata",
     "optional_out",
     "report_engine_event",
+    "run_worker_process",
     "step_exception",
     "step_key",
     "will_retry",
@@ -160,3 +161,31 @@ def run_asset_selection(context: Any) -> set[Any]:
     if selection:
         return set(selection)
     return set(context.job_def.asset_layer.selected_asset_keys)
+
+
+def run_worker_process(run_id: str) -> Any | None:
+    """The run worker of `run_id` (a `multiprocessing` parent process), when this process is the
+    multiprocess executor's step process of that run; None otherwise (the step runs in the run
+    worker itself, or in a process some other executor started).
+
+    Dagster starts each step with `multiprocessing` (spawn by default, or forkserver)
+    running its `MultiprocessExecutorChildProcessCommand`; the step process's own `Process`
+    object (`current_process()`) keeps that command in its `_args`, which is the only sign, in
+    the step, that its parent is the run worker. `multiprocessing.parent_process()` is public:
+    its `pid` is the process that started the step (the run worker, under forkserver too) and
+    its `is_alive()` watches a pipe that the run worker's death closes.
+    """
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return None
+    try:
+        from dagster._core.executor.multiprocess import MultiprocessExecutorChildProcessCommand
+    except ImportError:  # pragma: no cover - moved in a later Dagster: no worker check
+        return None
+    for arg in getattr(multiprocessing.current_process(), "_args", None) or ():
+        if isinstance(arg, MultiprocessExecutorChildProcessCommand):
+            run = getattr(arg, "dagster_run", None)
+            return parent if getattr(run, "run_id", None) == run_id else None
+    return None

@@ -19,14 +19,21 @@ follows. So a job is correct with no hooks attached; the ledger hooks and the ru
 sensors are backstops for what a step cannot do itself (a ledger write that failed, a killed
 process).
 
+While the body runs, a daemon thread also watches the step's run (`heartbeat.StepWatch`): when
+its run worker is gone or the instance marked the run finished, it interrupts the body and the
+step releases its claims ("stopped: ..."); when a heartbeat finds a claim lost, it interrupts the
+body and the step fails "lost its claim".
+
 A step holds one `KeyClaim` per ledger key, each with one explicit `ClaimState`. Ops and
 single assets hold one; a multi-asset guard holds one per selected asset.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any
@@ -34,7 +41,7 @@ from typing import Any
 from dagster import DagsterExecutionInterruptedError, Failure
 
 from . import _compat
-from .heartbeat import Heartbeat
+from .heartbeat import Heartbeat, StepWatch, Stop
 from .key_inheritance import KeyFn, register_job_key_fn, resolve_step_key, tags_with_inherited_key
 from .keys import KEY_TAG, KeySource, ResolvedKey, is_forced
 from .ledger import (
@@ -198,6 +205,7 @@ class StepGuard:
         self.step_key: str = _compat.step_key(self.op_ctx)
         self.ledger: Ledger | None = None
         self.claims: list[KeyClaim] = []
+        self.watch: StepWatch | None = None
 
     # --- the one lifecycle ---------------------------------------------------------------------
 
@@ -208,9 +216,62 @@ class StepGuard:
         try:
             yield self
         except BaseException as exc:
+            error = self._leave(exc)
+            if error is exc:
+                raise
+            raise error from exc
+        error = self._leave(None)
+        if error is not None:
+            raise error
+
+    def _leave(self, exc: BaseException | None) -> BaseException | None:
+        """Settle every claim as the step leaves its body; returns what the step raises.
+
+        `exc`: what the body, or storing its outputs, raised (None: every output is stored).
+        The watch is disarmed first, so nothing interrupts the step while it settles.
+        """
+        stop, late = self._disarm()
+        if stop is not None and stop.interrupted and late is None and not _interrupt(exc):
+            late = _absorb_interrupt()  # sent, not seen yet: let it land here, not in a write
+        if late is not None and (stop is None or not stop.interrupted):
+            exc = exc or late  # someone else's interrupt, landing as the body ended
+        if exc is None:
+            if stop is not None and not stop.lost:
+                self.op_ctx.log.info(
+                    f"rocky_dagster: step '{self.step_key}' finished its body before it could be "
+                    f"stopped ({stop.why}); its outputs are stored, so its claim is stamped"
+                )
+            self.succeed()  # a lost claim raises "lost its claim" here
+            return None
+        if stop is None:
             self.fail(exc)
-            raise
-        self.succeed()
+            return exc
+        if stop.lost:
+            error = exc
+            try:
+                self.check_not_lost("a heartbeat found the claim lost, and the body was stopped")
+            except Failure as failure:
+                error = failure
+            self.fail(error)
+            return exc if isinstance(exc, GeneratorExit) else error
+        self.fail(exc, stopped=stop)
+        if isinstance(exc, (GeneratorExit, KeyboardInterrupt)):
+            return exc
+        return DagsterExecutionInterruptedError(
+            f"rocky_dagster: step '{self.step_key}' stopped: {stop.why}"
+        )
+
+    def _disarm(self) -> tuple[Stop | None, BaseException | None]:
+        """Disarm the step's watch: (why it stopped the step, or None; an interrupt that landed
+        while disarming, or None)."""
+        if self.watch is None:
+            return None, None
+        late: BaseException | None = None
+        while True:
+            try:
+                return self.watch.disarm(), late
+            except (KeyboardInterrupt, DagsterExecutionInterruptedError) as exc:
+                late = exc  # the watch's own interrupt, sent just before the step disarmed it
 
     @property
     def primary(self) -> KeyClaim:
@@ -326,15 +387,48 @@ class StepGuard:
         held.claim = claim
         if claim.should_run and claim.fence is not None:
             held.state = ClaimState.RUNNING
-            held.heartbeat = Heartbeat(
-                self.ledger, key, claim.fence, self.ledger.config.heartbeat_interval_seconds
-            )
+            interval = self.ledger.config.heartbeat_interval_seconds
+            if self.watch is None:
+                self.watch = StepWatch(
+                    self._run_gone_check(),
+                    interval,
+                    interruptible=threading.current_thread() is threading.main_thread(),
+                )
+                self.watch.start()
+            held.heartbeat = Heartbeat(self.ledger, key, claim.fence, interval, self.watch)
             held.heartbeat.start()
             with _ACTIVE_LOCK:
                 _ACTIVE[(self.run_id, self.step_key)] = self
         else:
             held.state = ClaimState.SKIPPED
         self._log_decision(held)
+
+    def _run_gone_check(self) -> Callable[[], str | None]:
+        """The watch thread's test of whether this step's run is gone (see `StepWatch`).
+
+        In a multiprocess executor's step process the run worker started this process: it is
+        gone when the pipe it holds is closed (spawn and forkserver), or when this process was
+        reparented (spawn, where it is the parent). The instance is asked whether it marked the
+        run finished (an ephemeral instance lives in this process only: nobody else can mark it).
+        """
+        worker = _compat.run_worker_process(self.run_id)
+        ppid = os.getppid() if worker is not None else None
+        instance = self.op_ctx.instance
+        ask_instance = not instance.is_ephemeral
+        run_id = self.run_id
+
+        def check() -> str | None:
+            if worker is not None and (
+                not worker.is_alive() or (ppid == worker.pid and os.getppid() != ppid)
+            ):
+                return f"its run worker (pid {worker.pid}) is gone"
+            if ask_instance:
+                run = instance.get_run_by_id(run_id)
+                if run is not None and run.status in FINISHED_STATUSES:
+                    return f"the instance marked run {run_id} {run.status.value}"
+            return None
+
+        return check
 
     def _ask(self, key: str, force: bool) -> Claim:
         assert self.ledger is not None
@@ -387,14 +481,14 @@ class StepGuard:
 
     # --- while the body runs -------------------------------------------------------------------
 
-    def check_not_lost(self) -> None:
+    def check_not_lost(self, why: str = "a heartbeat found the claim taken over") -> None:
         """Raise before outputs are stored when another run took a claim over."""
         for held in self.claims:
             if held.state == ClaimState.RUNNING and held.lost:
                 held.stop_heartbeat()
                 held.state = ClaimState.LOST
                 self._unregister_if_settled()
-                raise self._lost_failure(held, "a heartbeat found the claim taken over")
+                raise self._lost_failure(held, why)
 
     def record_summary(self, summary: dict[str, Any] | None, held: KeyClaim | None = None) -> None:
         """Validate what will be kept with the success (and replayed to later runs)."""
@@ -448,24 +542,43 @@ class StepGuard:
             raise self._lost_failure(held, f"finalize was refused ({result.reason.value})")
         held.state = ClaimState.SUCCEEDED
 
-    def fail(self, exc: BaseException) -> None:
-        """Settle every running claim after the body, or storing its outputs, raised `exc`."""
+    def fail(self, exc: BaseException, *, stopped: Stop | None = None) -> None:
+        """Settle every running claim after the body, or storing its outputs, raised `exc`
+        (`stopped`: the step's watch stopped it because its run is gone: release them)."""
         if isinstance(exc, GeneratorExit):
             # Dagster closed the generator without resuming it: storing an output failed (or
             # the step was abandoned). The step's recorded exception says why.
             exc = _compat.step_exception(self.op_ctx) or Exception("storing outputs failed")
         for held in self.claims:
             if held.state == ClaimState.RUNNING:
-                self._settle_failure(held, exc)
+                self._settle_failure(held, exc, stopped)
         self._unregister_if_settled()
 
-    def _settle_failure(self, held: KeyClaim, exc: BaseException) -> None:
+    def _settle_failure(
+        self, held: KeyClaim, exc: BaseException, stopped: Stop | None = None
+    ) -> None:
         held.stop_heartbeat()
         claim = held.claim
         assert claim is not None and claim.fence is not None and self.ledger is not None
         report = lambda message: self._report(message, held)  # noqa: E731
         try:
-            if isinstance(exc, (DagsterExecutionInterruptedError, KeyboardInterrupt)):
+            if stopped is not None:
+                released = self.ledger.release(
+                    claim.key,
+                    run_id=self.run_id,
+                    fence=claim.fence,
+                    reason=f"run {self.run_id}: step '{self.step_key}' stopped: {stopped.why}",
+                )
+                held.state = ClaimState.RELEASED
+                report(
+                    f"rocky_dagster: step '{self.step_key}' stopped: {stopped.why}; "
+                    + (
+                        f"released ledger key '{claim.key}'"
+                        if released
+                        else f"ledger key '{claim.key}' was already released or taken over"
+                    )
+                )
+            elif _interrupt(exc):
                 released = self.ledger.release(
                     claim.key,
                     run_id=self.run_id,
@@ -577,6 +690,20 @@ class StepGuard:
         if held.claim is not None and held.claim.decision == Decision.SKIPPED_COMPLETED:
             meta.update(replayed_metadata(held.claim.result))
         return meta
+
+
+def _interrupt(exc: BaseException | None) -> bool:
+    return isinstance(exc, (DagsterExecutionInterruptedError, KeyboardInterrupt))
+
+
+def _absorb_interrupt() -> BaseException | None:
+    """Let an interrupt the watch just sent land now (it is raised at the next bytecode, or
+    wakes this sleep), rather than in the middle of a ledger write; returns it if it did."""
+    try:
+        time.sleep(0.01)
+    except (KeyboardInterrupt, DagsterExecutionInterruptedError) as exc:
+        return exc
+    return None
 
 
 def _after_failure(ledger: Ledger) -> str:

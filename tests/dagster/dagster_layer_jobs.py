@@ -25,6 +25,7 @@ from dagster import (
     io_manager,
     job,
     logger,
+    multiprocess_executor,
     op,
 )
 
@@ -131,6 +132,51 @@ def hold_job() -> None:
 def hold_and_explode_job() -> None:
     hold()
     explode()
+
+
+# --- a body that keeps doing side effects (the orphan stories) ---------------------------------
+
+BUSY_SECONDS = 600
+
+
+@idempotent_op
+def busy(context) -> dict[str, Any]:
+    """Appends a line to ``busy.log`` every 0.1 s for ten minutes, or until the ``go`` file
+    exists; writes its pid first and, when something stops it, what did."""
+    directory = work_dir()
+    (directory / f"busy_pid.{context.run_id}").write_text(str(os.getpid()))
+    deadline = time.monotonic() + BUSY_SECONDS
+    try:
+        with open(directory / "busy.log", "a") as out:
+            while not (directory / "go").exists() and time.monotonic() < deadline:
+                out.write(f"{context.run_id}\n")
+                out.flush()
+                time.sleep(0.1)
+    except BaseException as exc:
+        (directory / f"busy_stopped.{context.run_id}").write_text(type(exc).__name__)
+        raise
+    return {"busy": True}
+
+
+_SHORT_LEASE = IdempotencyLedger(lease_seconds=2.0)  # heartbeats (and run checks) every 0.5 s
+
+
+@ledger_job(ledger=_SHORT_LEASE, executor_def=in_process_executor)
+def busy_job() -> None:
+    busy()
+
+
+@ledger_job(ledger=_SHORT_LEASE, executor_def=multiprocess_executor)
+def busy_multiprocess_job() -> None:
+    busy()
+
+
+@ledger_job(
+    ledger=_SHORT_LEASE,
+    executor_def=multiprocess_executor.configured({"start_method": {"forkserver": {}}}),
+)
+def busy_forkserver_job() -> None:
+    busy()
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from .ledger import (
     Ledger,
     LedgerError,
     Outcome,
+    State,
 )
 from .ledger.model import encode_result
 from .presentation import (
@@ -663,18 +664,34 @@ class StepGuard:
     def _lost_failure(self, held: KeyClaim, why: str) -> Failure:
         claim = held.claim
         assert claim is not None and self.ledger is not None
-        entry = self.ledger.get(claim.key)
-        holder = f" Run {entry.run_id} holds it now (fence {entry.fence})." if entry else ""
         return Failure(
             description=(
                 f"rocky_dagster: step '{self.step_key}' lost its claim on ledger key "
-                f"'{claim.key}' (fence {claim.fence}) while it ran: {why}. Its lease expired and "
-                f"another run took the key over, so this run's work is NOT recorded.{holder} "
-                f"See: rocky-dagster ledger history '{claim.key}'."
+                f"'{claim.key}' (fence {claim.fence}) while it ran: {why}. "
+                f"{self._lost_because(claim.key, claim.fence)}, so this run's work is NOT "
+                f"recorded. See: rocky-dagster ledger history '{claim.key}'."
             ),
             metadata=self.metadata(held),
             allow_retries=False,
         )
+
+    def _lost_because(self, key: str, fence: int | None) -> str:
+        """What became of a lost claim, from the key's entry now (for the failure message)."""
+        assert self.ledger is not None
+        try:
+            entry = self.ledger.get(key)
+        except LedgerError as exc:
+            return f"The ledger cannot say what became of it ({exc})"
+        if entry is None:
+            return "It was released or reset (an operator, or a sensor for a finished run)"
+        if entry.fence != fence:
+            return (
+                f"Run {entry.run_id} holds the key now (fence {entry.fence}): the lease expired "
+                "and it was adopted, or it was forced"
+            )
+        if entry.state != State.IN_FLIGHT:
+            return f"It was settled {entry.state.value} by someone else (a sensor or an operator)"
+        return "Its in_flight_ttl_hours cap passed, so its lease can no longer be renewed"
 
     # --- what people see -----------------------------------------------------------------------
 

@@ -215,7 +215,9 @@ def test_a_body_whose_claim_was_taken_over_fails_instead_of_finalizing(
     )
     assert not result.success
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert "lost its claim" in failure.event_specific_data.user_failure_data.description
+    description = failure.event_specific_data.user_failure_data.description
+    assert "lost its claim" in description
+    assert "Run another-run holds the key now" in description  # says what became of it
     entry = ledger.get("lost-1/overtaken")
     assert (entry.state, entry.run_id) == (State.IN_FLIGHT, "another-run")
 

@@ -162,6 +162,7 @@ def test_lost_claim_stops_the_body_and_fails_the_step(
     description = failure.event_specific_data.user_failure_data.description
     assert "lost its claim on ledger key 'orphan-3/busy'" in description
     assert "the body was stopped" in description
+    assert "It was released or reset" in description
     assert instance.get_run_by_id(run_id).status == DagsterRunStatus.FAILURE
     assert ledger.get("orphan-3/busy") is None  # the step wrote nothing over the release
 

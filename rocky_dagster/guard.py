@@ -563,35 +563,26 @@ class StepGuard:
         assert claim is not None and claim.fence is not None and self.ledger is not None
         report = lambda message: self._report(message, held)  # noqa: E731
         try:
-            if stopped is not None:
+            if stopped is not None or _interrupt(exc):
+                # the work neither succeeded nor failed: free the key for the next run
+                if stopped is not None:
+                    what = f"step '{self.step_key}' stopped: {stopped.why}"
+                    reason = f"run {self.run_id}: {what}"
+                else:
+                    what = "run interrupted"
+                    reason = f"run {self.run_id} was interrupted (canceled) during the work"
                 released = self.ledger.release(
-                    claim.key,
-                    run_id=self.run_id,
-                    fence=claim.fence,
-                    reason=f"run {self.run_id}: step '{self.step_key}' stopped: {stopped.why}",
+                    claim.key, run_id=self.run_id, fence=claim.fence, reason=reason
                 )
                 held.state = ClaimState.RELEASED
                 report(
-                    f"rocky_dagster: step '{self.step_key}' stopped: {stopped.why}; "
+                    f"rocky_dagster: {what}; "
                     + (
                         f"released ledger key '{claim.key}'"
                         if released
-                        else f"ledger key '{claim.key}' was already released or taken over"
+                        else f"ledger key '{claim.key}' was already released or taken over "
+                        "(nothing left to release)"
                     )
-                )
-            elif _interrupt(exc):
-                released = self.ledger.release(
-                    claim.key,
-                    run_id=self.run_id,
-                    fence=claim.fence,
-                    reason=f"run {self.run_id} was interrupted (canceled) during the work",
-                )
-                held.state = ClaimState.RELEASED
-                report(
-                    f"rocky_dagster: run interrupted; released ledger key '{claim.key}'"
-                    if released
-                    else f"rocky_dagster: run interrupted; ledger key '{claim.key}' was already "
-                    "released or taken over (nothing left to release)"
                 )
             elif _compat.will_retry(self.op_ctx, exc):
                 # parked: the retry (maybe another process) may re-enter it, as no process

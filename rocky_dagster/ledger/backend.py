@@ -347,8 +347,8 @@ class Ledger(ABC):
         key = validate_key(key)
         fence = validate_fence(fence)
         with self.transaction() as tx:
-            row = tx.load(key)
-            if row is None or row.fence != fence or row.state != State.IN_FLIGHT:
+            row = _live_row(tx, key, fence)
+            if row is None:
                 return False
             now = tx.now
             claimed_at = min(row.claimed_at, now)  # a clock stepped back: see machine._rebase
@@ -377,8 +377,8 @@ class Ledger(ABC):
         key = validate_key(key)
         fence = validate_fence(fence)
         with self.transaction() as tx:
-            row = tx.load(key)
-            if row is None or row.fence != fence or row.state != State.IN_FLIGHT:
+            row = _live_row(tx, key, fence)
+            if row is None:
                 return False
             if row.holder_process != process.PARKED:
                 tx.update(row.model_copy(update={"holder_process": process.PARKED}))
@@ -462,6 +462,15 @@ class Ledger(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+def _live_row(tx: Transaction, key: str, fence: int) -> Entry | None:
+    """The entry of `key` while claim `fence` still holds it in flight; None once it does not
+    (finalized, released, or taken over): what heartbeat and keep_for_retry may change."""
+    row = tx.load(key)
+    if row is None or row.fence != fence or row.state != State.IN_FLIGHT:
+        return None
+    return row
 
 
 def validate_claim(

@@ -196,6 +196,51 @@ class Ledger(ABC):
         with self.transaction() as tx:
             return self._claim_locked(tx, key, run_id, pipeline, fingerprint, force)
 
+    def peek(
+        self,
+        key: str,
+        run_id: str | None = None,
+        *,
+        fingerprint: str | None = None,
+        force: bool = False,
+    ) -> Claim:
+        """What `claim` would decide now, with no write: the same `decide` on the current row.
+
+        For sensors and schedules that must not request a run whose work is done or held; a
+        later `claim` decides again (the answer can change in between). `run_id=None` asks as
+        a run that holds nothing. A proceeding answer carries no fence: nothing was claimed.
+        """
+        key, run_id, _, fingerprint = validate_claim(
+            key, run_id or "-", None, fingerprint, force=force
+        )
+        me = self._process()
+        with self.transaction() as tx:
+            existing = tx.load(key)
+            plan = decide(
+                existing,
+                now=tx.now,
+                run_id=run_id,
+                fingerprint=fingerprint,
+                config=self.config,
+                force=force,
+                judge_holder=lambda recorded: process.holder(recorded, me),
+            )
+        if plan.rebased is not None:
+            existing = plan.rebased
+        in_flight = existing is not None and existing.state == State.IN_FLIGHT
+        return Claim(
+            key=key,
+            run_id=run_id,
+            decision=plan.decision,
+            prior_run_id=plan.prior_run_id,
+            held_by_run_id=plan.held_by_run_id,
+            result=None if existing is None or plan.takes_key else existing.result,
+            forced=plan.forced,
+            lease_expires_at=existing.lease_expires_at if existing and in_flight else None,
+            expires_at=None if existing is None else existing.expires_at,
+            generation=None if existing is None else existing.generation_fence,
+        )
+
     def _claim_locked(
         self,
         tx: Transaction,

@@ -7,6 +7,9 @@ with it, the companions to install without their dependencies, and the ones miss
 
 - ``floor``: the newest patch of the lowest minor the package supports (``dagster>=1.12``).
 - ``newest``: the newest ``dagster`` the registry serves.
+- ``paired``: the newest ``dagster`` for which every companion is published (the lock-step
+  engines, dagster-postgres and dagster-dg-cli lag behind ``newest``): the tests that need a
+  companion run there, so each minor is proven with them.
 
 Dagster's lock-step companions (dagster-webserver, dagster-graphql, dagster-dg-cli,
 dagster-postgres) each pin one exact dagster and are sometimes published later than dagster
@@ -32,7 +35,18 @@ from concurrent.futures import ThreadPoolExecutor
 FLOOR_MINOR = (1, 12)
 """Keep in step with ``dagster>=1.12`` in pyproject.toml."""
 
-COMPANIONS = ("dagster-webserver", "dagster-graphql", "dagster-dg-cli", "dagster-postgres")
+COMPANIONS = (
+    "dagster-webserver",
+    "dagster-graphql",
+    "dagster-dg-cli",
+    "dagster-postgres",
+    "dagster-celery",
+    "dagster-dask",
+)
+LIBRARIES = ("dagster-postgres", "dagster-celery", "dagster-dask")
+"""Companions numbered 0.(minor+16).patch; the others share dagster's own number."""
+EXTRAS = {"dagster-celery": ["redis>=4"]}
+"""What a companion needs for the way the suite runs it (the Celery broker is Redis)."""
 
 
 def versions(package: str) -> list[tuple[int, ...]]:
@@ -56,7 +70,7 @@ def versions(package: str) -> list[tuple[int, ...]]:
 
 def companion_version(package: str, dagster: tuple[int, ...]) -> tuple[int, ...]:
     """The companion release paired with `dagster`: libraries are numbered 0.(minor+16).patch."""
-    if package == "dagster-postgres":
+    if package in LIBRARIES:
         return (0, dagster[1] + 16, *dagster[2:])
     return dagster
 
@@ -77,6 +91,12 @@ def main(target: str) -> int:
         chosen = next(v for v in released if v[:2] == FLOOR_MINOR)
     elif target == "newest":
         chosen = released[0]
+    elif target == "paired":
+        chosen = next(
+            v
+            for v in released
+            if all(companion_version(p, v) in found[p] for p in COMPANIONS)
+        )
     else:
         print(f"echo 'scripts/dagster_matrix.py: unknown target {target}' >&2")
         return 2
@@ -88,6 +108,7 @@ def main(target: str) -> int:
         available = found[package]
         if wanted in available:
             reqs.append(f"{package}=={text(wanted)}")
+            reqs.extend(EXTRAS.get(package, []))
         elif package == "dagster-webserver":
             same_minor = [v for v in available if v[:2] == wanted[:2]]
             if same_minor:

@@ -36,11 +36,6 @@ from dagster import (
 
 from rocky_dagster import (
     IdempotencyLedger,
-    LoadPipeline,
-    QualityPipeline,
-    ReplicationPipeline,
-    SnapshotPipeline,
-    TransformationPipeline,
     guard_run_requests,
     idempotent_asset,
     idempotent_multi_asset,
@@ -48,12 +43,21 @@ from rocky_dagster import (
     ledger_admin_job,
     ledger_job,
     ledger_run_status_sensors,
+    with_ledger,
+)
+from rocky_dagster.pipeline_ops import (
     load_op,
     quality_op,
     replication_op,
     snapshot_op,
     transformation_op,
-    with_ledger,
+)
+from rocky_dagster.pipelines import (
+    LoadPipeline,
+    QualityPipeline,
+    ReplicationPipeline,
+    SnapshotPipeline,
+    TransformationPipeline,
 )
 
 from .project import DROPS_DIR, MODELS_DIR, REPORTS_DIR, SOURCE_DB, WAREHOUSE_DB, ensure_data

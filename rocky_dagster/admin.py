@@ -45,7 +45,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from .keys import FORCE_TAG, FORCE_VALUE
+from .keys import FORCE_VALUE, IDEMPOTENCY_TAG
 from .ledger import Entry, InvalidArgumentError, Ledger, LedgerError, State, redact_url
 from .ledger.operations import (
     DONE,
@@ -94,7 +94,7 @@ class LedgerAdminConfig(Config):
             "again. force: make the next run of a completed key do the work again, by resetting "
             "its record with an audited 'forced' reason; keys whose next run proceeds anyway "
             "are left alone, in-flight keys are refused (to force one run only, launch that run "
-            f"with the tag {FORCE_TAG}={FORCE_VALUE} instead)."
+            f"with the tag {IDEMPOTENCY_TAG}={FORCE_VALUE} instead)."
         ),
     )
     key: str | None = Field(

@@ -50,7 +50,7 @@ REFUSED = "refused"
 NOT_DONE = "unchanged (the action was refused)"
 
 FORCE_TAG_HINT = "rocky/idempotency=force"
-"""The run tag that forces one run (`keys.FORCE_TAG`=`keys.FORCE_VALUE`; the ledger imports no
+"""The run tag that forces one run (`keys.IDEMPOTENCY_TAG`=`keys.FORCE_VALUE`; the ledger imports no
 Dagster-layer module, so the text is repeated here and a test checks it matches)."""
 
 

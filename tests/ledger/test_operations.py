@@ -11,7 +11,7 @@ import re
 import pytest
 from ledger_helpers import LEASE, TICK, FakeClock
 
-from rocky_dagster.keys import FORCE_TAG, FORCE_VALUE
+from rocky_dagster.keys import FORCE_VALUE, IDEMPOTENCY_TAG
 from rocky_dagster.ledger import EventKind, InvalidArgumentError, Ledger, Outcome, State
 from rocky_dagster.ledger.operations import (
     FORCE_TAG_HINT,
@@ -170,7 +170,7 @@ def test_force_leaves_a_key_whose_next_run_proceeds_anyway(ledger: Ledger):
 
 
 def test_the_force_hint_names_the_force_tag():
-    assert f"{FORCE_TAG}={FORCE_VALUE}" == FORCE_TAG_HINT
+    assert f"{IDEMPOTENCY_TAG}={FORCE_VALUE}" == FORCE_TAG_HINT
 
 
 # --- applying ---------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from rocky_dagster.presentation import step_decisions
 
     from . import definitions
+    from .defs import warehouse_jobs
     from .project import SOURCE_DB, WAREHOUSE_DB
     from .sample_data import advance_source
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\nledger:     {ledger.url}")
     print(f"dagster:    DAGSTER_HOME={home}")
-    print(f"warehouse:  {definitions.WAREHOUSE}")
+    print(f"warehouse:  {warehouse_jobs.WAREHOUSE}")
     print(
         f"\nsee it in the UI:   DAGSTER_HOME={home} .venv/bin/dagster dev -w workspace.yaml"
         f"\n                    then open http://127.0.0.1:3000/runs (tag {OUTCOME_TAG})"

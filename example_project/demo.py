@@ -49,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from dagster import DagsterInstance
 
-    from rocky_dagster import step_decisions
     from rocky_dagster.keys import KEY_TAG, OUTCOME_TAG
     from rocky_dagster.ledger import default_ledger_url, open_ledger
+    from rocky_dagster.presentation import step_decisions
 
     from . import definitions
+    from .defs import warehouse_jobs
     from .project import SOURCE_DB, WAREHOUSE_DB
     from .sample_data import advance_source
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\nledger:     {ledger.url}")
     print(f"dagster:    DAGSTER_HOME={home}")
-    print(f"warehouse:  {definitions.WAREHOUSE}")
+    print(f"warehouse:  {warehouse_jobs.WAREHOUSE}")
     print(
         f"\nsee it in the UI:   DAGSTER_HOME={home} .venv/bin/dagster dev -w workspace.yaml"
         f"\n                    then open http://127.0.0.1:3000/runs (tag {OUTCOME_TAG})"

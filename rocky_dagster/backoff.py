@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -14,8 +15,11 @@ from .ledger.errors import LedgerConfigError
 _MAX_SECONDS = MAX_DURATION.total_seconds()
 
 
-class RetryBackoff(BaseModel):
+class RequestBackoff(BaseModel):
     """Exponential backoff for re-requesting a key whose runs failed (`guard_run_requests`).
+
+    It paces the *sensor's requests* for a key; it is not Dagster's ``RetryPolicy`` /
+    ``Backoff``, which retry a failed step inside one run. (Formerly ``RetryBackoff``.)
 
     After ``n`` failed runs of a key in a row (since its last success), the key is requested
     again only once ``min(base_seconds * factor ** (n - 1), max_seconds)`` has passed since the
@@ -54,7 +58,7 @@ class RetryBackoff(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise LedgerConfigError(
-                describe_validation_error(exc, "retry backoff", list(RetryBackoff.model_fields))
+                describe_validation_error(exc, "retry backoff", list(RequestBackoff.model_fields))
             ) from None
 
     @field_validator("base_seconds", "max_seconds")
@@ -106,3 +110,15 @@ class RetryBackoff(BaseModel):
         if self.factor == 1:
             return 1
         return max(1, math.ceil(math.log(self.max_seconds / self.base_seconds, self.factor)) + 1)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RetryBackoff":  # the 0.2 name, easily confused with Dagster's RetryPolicy/Backoff
+        warnings.warn(
+            "rocky_dagster.backoff.RetryBackoff is now RequestBackoff (from rocky_dagster import "
+            "RequestBackoff): it paces a sensor's re-requests, not step retries",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return RequestBackoff
+    raise AttributeError(f"module 'rocky_dagster.backoff' has no attribute {name!r}")

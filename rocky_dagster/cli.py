@@ -1,18 +1,23 @@
 """`rocky-dagster`: the operator's command line for the idempotency ledger.
 
-    rocky-dagster ledger list [--state S] [--prefix BASE_KEY] [--run RUN_ID] [--limit N]
-                                                        entries, newest claim first
+    rocky-dagster ledger list [--state S] [--prefix BASE_KEY] [--run-id RUN_ID | --touched-by RUN_ID]
+                              [--limit N]               entries, newest claim first
     rocky-dagster ledger show KEY                       one entry, every field
     rocky-dagster ledger history KEY [--limit N]        the key's events, oldest first
     rocky-dagster ledger release KEY [--yes]            free an in-flight claim (audited)
     rocky-dagster ledger reset KEY [--yes]              forget a finished key (audited)
+    rocky-dagster ledger force KEY [--yes]              make the next run of a completed key
+                                                        do the work again (audited)
     rocky-dagster ledger sweep                          delete what retention no longer covers
     rocky-dagster ledger stats                          totals
     rocky-dagster ledger check                          look for damage (SQLite integrity_check)
 
 `--prefix BASE_KEY` lists the keys starting with BASE_KEY (a tagged key's steps are
-`BASE_KEY/step`); `--run RUN_ID` lists what that run claimed or did: the entries it holds or
-last held, plus every key whose history names it (adopted from it, skipped by it, reaped).
+`BASE_KEY/step`). `--run-id RUN_ID` lists the entries that run holds in flight or last finished
+(the same filter `release`/`reset`/`force --run-id` guard with, and the admin job's `run_id`);
+`--touched-by RUN_ID` (formerly `--run`) adds every key whose history names the run (adopted
+from it, skipped by it, reaped). The selecting, checking and writing are
+`rocky_dagster.ledger.operations`, shared with `ledger_admin_job`.
 
 `--url` (default: `$ROCKY_LEDGER_URL`, else `$DAGSTER_HOME/rocky_ledger.db`, else
 `./.rocky/ledger.db`) and `--json` go anywhere: before `ledger`, before the command or after it.
@@ -37,12 +42,10 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from .ledger import (
-    Entry,
     Event,
     InvalidArgumentError,
     Ledger,
@@ -53,8 +56,29 @@ from .ledger import (
     redact_url,
 )
 from .ledger.model import validate_reason
+from .ledger.operations import (
+    DONE,
+    LEFT_ALONE,
+    Action,
+    Phrasing,
+    Selection,
+    apply,
+    entry_note,
+    format_time,
+    holds_until,
+    missing_message,
+    plan,
+    select,
+)
 
 PROG = "rocky-dagster"
+CLI_PHRASING = Phrasing(
+    action=lambda name: f"{PROG} ledger {name} KEY",
+    state_filter=lambda state: f"--state {state}",
+    listing=f"{PROG} ledger list",
+    history=f"{PROG} ledger history KEY",
+)
+"""How the CLI words a fix (the admin job words it as config)."""
 
 
 class CliError(Exception):
@@ -68,10 +92,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- output -------------------------------------------------------------------------------------
-
-
-def _time(value: datetime | None) -> str:
-    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _table(rows: list[list[str]], headers: list[str], out: TextIO) -> None:
@@ -92,36 +112,23 @@ def _json(value: Any, out: TextIO) -> None:
     out.write(json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
-def _note(entry: Entry, now: datetime) -> str:
-    if entry.state == State.IN_FLIGHT:
-        return "stale (adoptable)" if entry.lease_expires_at <= now else ""
-    return "expired (awaits sweep)" if entry.is_expired(now) else ""
-
-
-def _until(entry: Entry) -> datetime | None:
-    return entry.lease_expires_at if entry.state == State.IN_FLIGHT else entry.expires_at
-
-
 # --- commands ---------------------------------------------------------------------------------
 
 
 def cmd_list(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
-    if args.run is not None:
-        entries = ledger.entries_touched_by(
-            args.run, args.state, prefix=args.prefix, limit=args.limit
-        )
-    else:
-        entries = ledger.entries(args.state, prefix=args.prefix, limit=args.limit)
+    selection = Selection(
+        prefix=args.prefix,
+        state=None if args.state is None else State(args.state),
+        run_id=args.run_id,
+        touched_by=args.touched_by,
+    )
+    entries = select(ledger, selection, CLI_PHRASING, limit=args.limit)
     if args.json:
         _json([e.model_dump(mode="json") for e in entries], out)
         return 0
     if not entries:
-        filters = [
-            f"in state {args.state}" if args.state else "",
-            f"with prefix {args.prefix!r}" if args.prefix is not None else "",
-            f"touched by run {args.run}" if args.run is not None else "",
-        ]
-        out.write(" ".join(["no entries", *filter(None, filters)]) + "\n")
+        where = [f"with prefix {args.prefix!r}"] if args.prefix is not None else []
+        out.write(" ".join(["no entries", *where, *selection.filters()]) + "\n")
         return 0
     now = ledger.now()
     rows = [
@@ -131,9 +138,9 @@ def cmd_list(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
             e.run_id,
             str(e.fence),
             e.pipeline or "-",
-            _time(e.claimed_at),
-            _time(_until(e)),
-            _note(e, now),
+            format_time(e.claimed_at),
+            format_time(holds_until(e)),
+            entry_note(e, now),
         ]
         for e in entries
     ]
@@ -143,12 +150,12 @@ def cmd_list(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_show(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
-    entry = _entry(ledger, args.key)
+    [entry] = select(ledger, Selection(key=args.key), CLI_PHRASING, limit=1)
     if args.json:
         _json(entry.model_dump(mode="json"), out)
         return 0
     until = "lease_expires_at" if entry.state == State.IN_FLIGHT else "expires_at"
-    note = _note(entry, ledger.now())
+    note = entry_note(entry, ledger.now())
     _fields(
         [
             ("key", entry.key),
@@ -160,10 +167,10 @@ def cmd_show(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
             ("fingerprint", entry.fingerprint or "-"),
             ("dedup_on", entry.dedup_on),
             ("prior_run_id", entry.prior_run_id or "-"),
-            ("claimed_at", _time(entry.claimed_at)),
-            ("heartbeat_at", _time(entry.heartbeat_at)),
-            ("finalized_at", _time(entry.finalized_at) if entry.finalized_at else "-"),
-            (until, _time(_until(entry))),
+            ("claimed_at", format_time(entry.claimed_at)),
+            ("heartbeat_at", format_time(entry.heartbeat_at)),
+            ("finalized_at", format_time(entry.finalized_at) if entry.finalized_at else "-"),
+            (until, format_time(holds_until(entry))),
             ("result", "-" if entry.result is None else json.dumps(entry.result, sort_keys=True)),
         ],
         out,
@@ -174,7 +181,9 @@ def cmd_show(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
 def cmd_history(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
     events = ledger.history(args.key, limit=args.limit)
     if not events:
-        raise CliError(_missing(ledger, args.key))
+        if ledger.get(args.key) is not None:  # a damaged or hand-edited log
+            raise CliError(f"no history for key {args.key!r} (see: {PROG} ledger show KEY)")
+        raise CliError(missing_message(ledger, args.key, CLI_PHRASING))
     if args.json:
         _json([e.model_dump(mode="json") for e in events], out)
         return 0
@@ -187,7 +196,7 @@ def _event_row(event: Event) -> list[str]:
     fence = "-" if event.fence is None else str(event.fence)
     return [
         str(event.id),
-        _time(event.at),
+        format_time(event.at),
         event.kind.value,
         event.run_id or "-",
         fence,
@@ -195,61 +204,55 @@ def _event_row(event: Event) -> list[str]:
     ]
 
 
-def cmd_release(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
-    _check_reason(args)
-    entry = _entry(ledger, args.key)
-    if entry.state != State.IN_FLIGHT:
-        raise CliError(
-            f"key {entry.key!r} is {entry.state.value}, not in flight: nothing to release "
-            f"(to forget a finished key: {PROG} ledger reset KEY)"
-        )
-    _check_guards(entry, args)
-    _confirm(
-        args,
-        f"Release the in-flight claim on {entry.key!r} held by run {entry.run_id} "
-        f"(fence {entry.fence}, lease until {_time(entry.lease_expires_at)} UTC)? "
-        "If that run is still working, its finalize will be refused and the next claim runs "
-        "the work again.",
-        "nothing released",
-    )
-    reason = _reason("released", args)
-    if not ledger.release(entry.key, run_id=entry.run_id, fence=entry.fence, reason=reason):
-        raise CliError(
-            f"the claim on {entry.key!r} changed meanwhile; nothing released, look again"
-        )
-    done = {"key": entry.key, "released": True, "run_id": entry.run_id, "fence": entry.fence}
-    if args.json:
-        _json(done, out)
-    else:
-        out.write(f"released {entry.key!r} (run {entry.run_id}, fence {entry.fence})\n")
-    return 0
+_QUESTIONS: dict[str, str] = {
+    "release": "Release the in-flight claim on {key!r} held by run {run} (fence {fence}, lease "
+    "until {until} UTC)? If that run is still working, its finalize will be refused and the "
+    "next claim runs the work again.",
+    "reset": "Forget the {state} record of {key!r} from run {run} (finalized {finalized} UTC)? "
+    "The next claim of this key runs the work again.",
+    "force": "Force the next run of {key!r}: forget the {state} record of run {run} (finalized "
+    "{finalized} UTC), audited as forced? The next claim of this key runs the work again.",
+}
 
 
-def cmd_reset(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
-    _check_reason(args)
-    entry = _entry(ledger, args.key)
-    if entry.state == State.IN_FLIGHT:
-        raise CliError(
-            f"key {entry.key!r} is in flight (run {entry.run_id}): reset forgets finished keys "
-            f"only; to free a claim use: {PROG} ledger release KEY"
-        )
-    _check_guards(entry, args)
-    _confirm(
-        args,
-        f"Forget the {entry.state.value} record of {entry.key!r} from run {entry.run_id} "
-        f"(finalized {_time(entry.finalized_at)} UTC)? The next claim of this key runs the work "
-        "again.",
-        "nothing reset",
+def cmd_change(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
+    """release, reset or force one key: the same checks and writes as `ledger_admin_job`."""
+    action: Action = args.command
+    if args.reason is not None:  # refuse a bad reason before looking anything up
+        validate_reason(args.reason)
+    selection = Selection(key=args.key, run_id=args.run_id, fence=args.fence)
+    [entry] = select(ledger, selection, CLI_PHRASING, limit=1)
+    [row] = plan([entry], action, ledger.now(), CLI_PHRASING)
+    verb = DONE[action]
+    if row.change == "none":  # force of a key whose next run proceeds anyway
+        if args.json:
+            _json({"key": entry.key, verb: False, "state": entry.state.value, "why": row.note}, out)
+        else:
+            out.write(f"left {entry.key!r} unchanged: {row.note}\n")
+        return 0
+    question = _QUESTIONS[action].format(
+        key=entry.key,
+        run=entry.run_id,
+        fence=entry.fence,
+        state=entry.state.value,
+        until=format_time(entry.lease_expires_at),
+        finalized=format_time(entry.finalized_at),
     )
-    if not ledger.reset(entry.key, reason=_reason("reset", args)):
-        raise CliError(f"the entry of {entry.key!r} changed meanwhile; nothing reset, look again")
-    done = {"key": entry.key, "reset": True, "state": entry.state.value, "run_id": entry.run_id}
-    if args.json:
-        _json(done, out)
+    _confirm(args, question, f"nothing {verb}")
+    [done] = apply(ledger, [row], by=f"{_who()} with {PROG}", reason=args.reason)
+    if done.result == LEFT_ALONE:
+        raise CliError(f"the entry of {entry.key!r} changed meanwhile; nothing {verb}, look again")
+    if action == "release":
+        result: dict[str, Any] = {"key": entry.key, verb: True, "run_id": entry.run_id}
+        result["fence"] = entry.fence
+        text = f"released {entry.key!r} (run {entry.run_id}, fence {entry.fence})"
     else:
-        out.write(
-            f"reset {entry.key!r} (forgot the {entry.state.value} record of run {entry.run_id})\n"
-        )
+        result = {"key": entry.key, verb: True, "state": entry.state.value, "run_id": entry.run_id}
+        text = f"{verb} {entry.key!r} (forgot the {entry.state.value} record of run {entry.run_id})"
+    if args.json:
+        _json(result, out)
+    else:
+        out.write(text + "\n")
     return 0
 
 
@@ -288,34 +291,6 @@ def cmd_check(ledger: Ledger, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _entry(ledger: Ledger, key: str) -> Entry:
-    entry = ledger.get(key)
-    if entry is None:
-        raise CliError(_missing(ledger, key))
-    return entry
-
-
-def _missing(ledger: Ledger, key: str) -> str:
-    """One message for a key `show`, `history`, `release` and `reset` cannot find."""
-    events = len(ledger.history(key, limit=1))
-    entry = ledger.get(key)
-    if entry is None and not events:
-        return f"no entry and no history for key {key!r} (see: {PROG} ledger list)"
-    if entry is None:
-        return (
-            f"no entry for key {key!r}: it was released, reset or swept "
-            f"(see: {PROG} ledger history KEY)"
-        )
-    return f"no history for key {key!r} (see: {PROG} ledger show KEY)"
-
-
-def _check_guards(entry: Entry, args: argparse.Namespace) -> None:
-    if args.run_id is not None and entry.run_id != args.run_id:
-        raise CliError(f"key {entry.key!r} is held by run {entry.run_id}, not {args.run_id}")
-    if args.fence is not None and entry.fence != args.fence:
-        raise CliError(f"key {entry.key!r} has fence {entry.fence}, not {args.fence}")
-
-
 def _confirm(args: argparse.Namespace, question: str, refused: str) -> None:
     """Ask on stderr; anything but y/yes, or no answer at all (EOF, no stdin), is a no."""
     if args.yes:
@@ -332,19 +307,11 @@ def _confirm(args: argparse.Namespace, question: str, refused: str) -> None:
         raise CliError(f"aborted: {refused} (pass --yes to act without asking)")
 
 
-def _check_reason(args: argparse.Namespace) -> None:
-    """Refuse a bad --reason before looking anything up (the ledger would refuse it anyway)."""
-    if args.reason is not None:
-        validate_reason(args.reason)
-
-
-def _reason(action: str, args: argparse.Namespace) -> str:
+def _who() -> str:
     try:
-        who = getpass.getuser()
+        return getpass.getuser()
     except (KeyError, OSError):
-        who = "an unknown user"
-    text = f"{action} by {who} with {PROG}"
-    return f"{text}: {args.reason}" if args.reason else text
+        return "an unknown user"
 
 
 # --- wiring -------------------------------------------------------------------------------------
@@ -402,24 +369,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BASE_KEY",
         help="only keys starting with BASE_KEY (a tagged key's steps)",
     )
-    listing.add_argument(
-        "--run",
+    by_run = listing.add_mutually_exclusive_group()
+    by_run.add_argument(
+        "--run-id",
         metavar="RUN_ID",
-        help="only what this run claimed or did: entries it holds or last held, and keys "
-        "whose history names it",
+        help="only entries this run holds (in flight) or last finished",
+    )
+    by_run.add_argument(
+        "--touched-by",
+        "--run",
+        dest="touched_by",
+        metavar="RUN_ID",
+        help="only what this run claimed or did: entries it holds or last finished, and keys "
+        "whose history names it (--run is the former name)",
     )
     add("show", cmd_show, "show one entry").add_argument("key")
     history = add("history", cmd_history, "show a key's events, oldest first")
     history.add_argument("key")
     history.add_argument("--limit", type=_positive, help="only the newest N")
-    for name, handler, help in (
-        ("release", cmd_release, "free an in-flight claim so the next run proceeds (audited)"),
-        ("reset", cmd_reset, "forget a finished key so the next run proceeds (audited)"),
+    for name, help in (
+        ("release", "free an in-flight claim so the next run proceeds (audited)"),
+        ("reset", "forget a finished key so the next run proceeds (audited)"),
+        ("force", "make the next run of a completed key do the work again (audited)"),
     ):
-        sub = add(name, handler, help)
+        sub = add(name, cmd_change, help)
         sub.add_argument("key")
         sub.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-        sub.add_argument("--run-id", help="act only if this run holds (or last held) the key")
+        sub.add_argument("--run-id", help="act only if this run holds (or last finished) the key")
         sub.add_argument("--fence", type=_positive, help="act only if the entry has this fence")
         sub.add_argument("--reason", help="recorded in the event log")
     add("sweep", cmd_sweep, "delete entries and events that retention no longer covers")

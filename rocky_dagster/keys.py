@@ -27,10 +27,12 @@ KEY_TAG = "rocky/idempotency_key"
 first guarded step writes it back (with `OUTCOME_TAG`, in one write) so retries and
 re-executions, which copy tags, keep the same key."""
 
-FORCE_TAG = "rocky/idempotency"
-"""Run tag; the value ``force`` re-runs steps whose key already succeeded (audited in the ledger).
-It never overrides a live in-flight claim."""
+IDEMPOTENCY_TAG = "rocky/idempotency"
+"""Run tag; the value `FORCE_VALUE` (``force``) re-runs steps whose key already succeeded
+(audited in the ledger). It never overrides a live in-flight claim."""
 FORCE_VALUE = "force"
+FORCE_TAG = IDEMPOTENCY_TAG
+"""The former name of `IDEMPOTENCY_TAG` (the tag is ``rocky/idempotency``; ``force`` is its value)."""
 
 OUTCOME_TAG = "rocky/outcome"
 """Run tag summarising the run's guarded steps: ``worked`` | ``skipped`` | ``mixed`` |

@@ -25,7 +25,7 @@ from dagster import (
     run_status_sensor,
 )
 
-from .backoff import RetryBackoff
+from .backoff import RequestBackoff as RetryBackoff
 from .keys import (
     GUARDED_OP_TAG,
     KEY_TAG,

@@ -410,6 +410,43 @@ def test_list_by_run_shows_what_the_run_claimed_or_did(url: str, tagged):
     assert listed("--url", url, "--run", "nobody") == []
 
 
+def test_run_id_is_the_holder_and_touched_by_adds_the_history_as_in_the_admin_job(url: str, tagged):
+    """The same two filters as `ledger_admin_job`'s run_id / touched_by (one shared module)."""
+    assert listed("--url", url, "--run-id", "run-b") == []  # its claims were adopted or skipped
+    assert listed("--url", url, "--touched-by", "run-b") == listed("--url", url, "--run", "run-b")
+    assert listed("--url", url, "--run-id", "run-c") == [
+        "nightly/2031-03-15/extract",
+        "nightly/2031-03-150/extract",
+    ]
+    both = rocky("ledger", "list", "--url", url, "--run-id", "a", "--touched-by", "b")
+    one_line_error(both, 2, "not allowed with argument")
+
+
+def test_force_resets_a_completed_key_and_leaves_one_that_proceeds_anyway(url: str, seeded):
+    one_line_error(
+        rocky("ledger", "force", "job/c/transform-with-a-longer-key", "--url", url, "--yes"),
+        1,
+        "is in flight",
+        "never overrides a live claim",
+        "ledger release KEY",
+    )
+    failed = rocky("ledger", "force", "job/b/load", "--url", url, "--yes")
+    assert (failed.returncode, failed.stdout) == (
+        0,
+        "left 'job/b/load' unchanged: failed: the next run proceeds anyway\n",
+    )
+
+    done = rocky("ledger", "force", "job/a/extract", "--url", url, "--yes", "--reason", "re-ingest")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "forced 'job/a/extract' (forgot the succeeded record of run run-1)\n"
+    with seeded() as ledger:
+        detail = ledger.history("job/a/extract")[-1].detail
+        assert detail.startswith("forced by ") and "with rocky-dagster: re-ingest" in detail
+        assert ledger.claim("job/a/extract", "run-4").should_run
+        assert ledger.get("job/b/load").state == State.FAILED
+
+
 @pytest.mark.parametrize(
     "where",
     [

@@ -6,9 +6,11 @@ before a write leaves the ledger unchanged.
 
 from __future__ import annotations
 
+from ..errors import RockyDagsterError
 
-class LedgerError(Exception):
-    """Base class of every error the ledger raises."""
+
+class LedgerError(RockyDagsterError):
+    """Base class of every error the ledger raises (a `RockyDagsterError`)."""
 
 
 class LedgerConfigError(LedgerError, ValueError):

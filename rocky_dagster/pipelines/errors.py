@@ -1,4 +1,5 @@
-"""Errors a pipeline raises; all derive from PipelineError so callers can catch one type.
+"""Errors a pipeline raises; all derive from PipelineError so callers can catch one type
+(and PipelineError from `rocky_dagster.errors.RockyDagsterError`, the root of every error).
 
 An error carries where it happened (`pipeline`, `table`, `path`, `line`) as attributes and in
 its message, so an operator reading a failed step sees what to fix without a traceback.
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..errors import RockyDagsterError
+
 if TYPE_CHECKING:
     from .results import PipelineResult
 
 
-class PipelineError(Exception):
-    """A pipeline run failed; the warehouse was left as it was before the run.
+class PipelineError(RockyDagsterError):
+    """A pipeline run failed; the warehouse was left as it was before the run (a
+    `RockyDagsterError`).
 
     `pipeline` is the pipeline type, `table` the warehouse table (or view, or model) and
     `path` / `line` the input file and line, each None where there is none.

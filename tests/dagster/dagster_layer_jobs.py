@@ -265,17 +265,19 @@ def flaky_multiprocess_job(dedup_on: str = "success"):
 def pipelines_job():
     """Load → replicate → transform → check → snapshot, plus a custom op (configs from env)."""
 
-    from rocky_dagster import (
-        LoadPipeline,
-        QualityPipeline,
-        ReplicationPipeline,
-        SnapshotPipeline,
-        TransformationPipeline,
+    from rocky_dagster.pipeline_ops import (
         load_op,
         quality_op,
         replication_op,
         snapshot_op,
         transformation_op,
+    )
+    from rocky_dagster.pipelines import (
+        LoadPipeline,
+        QualityPipeline,
+        ReplicationPipeline,
+        SnapshotPipeline,
+        TransformationPipeline,
     )
 
     base = work_dir()

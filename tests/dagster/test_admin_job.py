@@ -15,14 +15,7 @@ from dagster import DagsterInstance, DagsterRunStatus, Definitions, ExecuteInPro
 from dagster_layer_jobs import fail_config, work_job, work_log
 
 from rocky_dagster import IdempotencyLedger
-from rocky_dagster.admin import (
-    LedgerAdminConfig,
-    apply,
-    ledger_admin_job,
-    ledger_definitions,
-    plan,
-    select,
-)
+from rocky_dagster.admin import LedgerAdminConfig, ledger_admin_job, ledger_definitions
 from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, Outcome, State, open_ledger
 
@@ -111,7 +104,7 @@ def test_dry_run_is_the_default_changes_nothing_and_lists_what_would_change(
         }
     }
     assert "would reset" in meta["keys"] and "orders/2026-11-01/check" in meta["keys"]
-    assert meta["selection"] == "prefix 'orders/2026-11-01/' (state succeeded)"
+    assert meta["selection"] == "prefix 'orders/2026-11-01/' (in state succeeded)"
 
 
 def test_dry_run_refuses_what_the_real_run_would_refuse(admin, ledger: Ledger) -> None:
@@ -303,7 +296,7 @@ REFUSALS = [
     ),
     pytest.param(
         {"action": "release", "key": "p/typo"},
-        ["no entry for key 'p/typo'"],
+        ["no entry and no history for key 'p/typo'", "action: list and a prefix"],
         id="release-a-missing-key",
     ),
     pytest.param(
@@ -318,7 +311,7 @@ REFUSALS = [
     ),
     pytest.param(
         {"action": "release", "prefix": "p/live/", "max_keys": 1},
-        ["matches 2 keys, more than max_keys=1", "raise max_keys"],
+        ["matches more than max_keys=1 keys", "raise max_keys"],
         id="prefix-larger-than-max-keys",
     ),
     pytest.param(
@@ -418,21 +411,20 @@ def test_list_shows_the_newest_entries_and_one_key_s_event_log(admin, ledger: Le
     assert snapshot(ledger) == before
 
 
-# --- the pieces, on a ledger that changes between the check and the act -------------------------
+def test_run_id_is_the_holder_and_touched_by_adds_the_history_as_in_the_cli(
+    admin, ledger: Ledger
+) -> None:
+    finished(ledger, "t/1", Outcome.SUCCEEDED, "run-x")
+    assert not ledger.claim("t/1", "run-y").should_run  # run-y skipped it: in its history only
 
+    held = output_metadata(admin(run_id="run-y"))
+    touched = output_metadata(admin(touched_by="run-y"))
 
-def test_a_key_that_changed_after_the_check_is_left_alone(ledger: Ledger) -> None:
-    in_flight(ledger, "c/1", "holder")
-    fence = in_flight(ledger, "c/2", "holder")
-    config = LedgerAdminConfig(action="release", prefix="c/")
-    rows = plan(ledger, select(ledger, config), "release")
-    ledger.finalize("c/2", fence, Outcome.SUCCEEDED)  # the holder finished meanwhile
-
-    done = {r.key: r.result for r in apply(ledger, rows, "a test")}
-
-    assert done == {"c/1": "released", "c/2": "changed meanwhile: left alone"}
-    entry = ledger.get("c/2")
-    assert entry is not None and entry.state == State.SUCCEEDED
+    assert held["keys_json"] == []
+    assert [r["key"] for r in touched["keys_json"]] == ["t/1"]
+    assert touched["selection"] == "every key (touched by run run-y)"
+    message, _ = failure(admin(action="reset", key="t/1", touched_by="run-z"))
+    assert "key 't/1' was never touched by run run-z" in message
 
 
 # --- shipping it -------------------------------------------------------------------------------
@@ -459,7 +451,16 @@ def test_ledger_definitions_ship_the_sensors_the_job_and_the_resource(ledger_url
 
 def test_every_config_field_is_documented() -> None:
     fields = LedgerAdminConfig.model_fields
-    assert set(fields) >= {"action", "key", "prefix", "state", "run_id", "fence", "dry_run"}
+    assert set(fields) >= {
+        "action",
+        "key",
+        "prefix",
+        "state",
+        "run_id",
+        "touched_by",
+        "fence",
+        "dry_run",
+    }
     assert all(f.description for f in fields.values()), [
         n for n, f in fields.items() if not f.description
     ]

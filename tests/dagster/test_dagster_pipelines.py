@@ -14,9 +14,11 @@ from dagster import (
 )
 from dagster_layer_jobs import HERE, make_pipeline_inputs, pipelines_job, work_log
 
-from rocky_dagster import IdempotencyLedger, QualityPipeline, ledger_job, quality_op
+from rocky_dagster import IdempotencyLedger, ledger_job
 from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import Ledger, State
+from rocky_dagster.pipeline_ops import quality_op
+from rocky_dagster.pipelines import QualityPipeline
 
 STEPS = ["load", "replication", "transformation", "quality", "snapshot", "notify"]
 
@@ -114,7 +116,8 @@ def test_quality_op_reports_every_check_then_fails_and_releases_its_key(
 
 
 def test_a_pipeline_op_refuses_another_pipelines_config(work_dir: Path) -> None:
-    from rocky_dagster import LoadPipeline, replication_op
+    from rocky_dagster.pipeline_ops import replication_op
+    from rocky_dagster.pipelines import LoadPipeline
 
     (work_dir / "drop").mkdir()
     config = LoadPipeline(
@@ -132,7 +135,7 @@ def test_quality_checks_surface_as_asset_check_results_and_dedup_per_key(
 
     from dagster import asset, materialize
 
-    from rocky_dagster import quality_checks
+    from rocky_dagster.pipelines import quality_checks
 
     warehouse = work_dir / "warehouse.db"
 

@@ -22,7 +22,7 @@ from dagster import (
 )
 from dagster_layer_jobs import fail_config, work_job
 
-from rocky_dagster import IdempotencyLedger, RetryBackoff, guard_run_requests
+from rocky_dagster import IdempotencyLedger, RequestBackoff, guard_run_requests
 from rocky_dagster.keys import KEY_TAG, RUN_KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, open_ledger
 from rocky_dagster.sensors import DEFAULT_BACKOFF
@@ -169,7 +169,7 @@ def _fail(instance: DagsterInstance, request: RunRequest) -> datetime:
     ("backoff", "waits"),
     [
         (DEFAULT_BACKOFF, [60, 120, 240]),
-        (RetryBackoff(base_seconds=10, factor=3, max_seconds=50), [10, 30, 50]),
+        (RequestBackoff(base_seconds=10, factor=3, max_seconds=50), [10, 30, 50]),
     ],
     ids=["default", "custom"],
 )
@@ -177,7 +177,7 @@ def test_a_failing_key_is_dropped_within_its_backoff_and_requested_after_it(
     instance: DagsterInstance,
     ledger: Ledger,
     ledger_url: str,
-    backoff: RetryBackoff,
+    backoff: RequestBackoff,
     waits: list[int],
 ) -> None:
     context = build_sensor_context(instance=instance, sensor_name=SENSOR_NAME)
@@ -203,7 +203,7 @@ def test_a_failing_key_is_dropped_within_its_backoff_and_requested_after_it(
 def test_the_backoff_caps_at_max_seconds(
     instance: DagsterInstance, ledger: Ledger, ledger_url: str
 ) -> None:
-    backoff = RetryBackoff(base_seconds=1, factor=10, max_seconds=5)
+    backoff = RequestBackoff(base_seconds=1, factor=10, max_seconds=5)
     context = build_sensor_context(instance=instance, sensor_name=SENSOR_NAME)
     request = RunRequest(run_key=KEY)
     for _ in range(4):
@@ -277,7 +277,7 @@ def test_backoff_must_be_a_policy_or_none(
     instance: DagsterInstance, ledger_url: str, backoff: object
 ) -> None:
     context = build_sensor_context(instance=instance, sensor_name=SENSOR_NAME)
-    with pytest.raises(TypeError, match="backoff must be a RetryBackoff or None"):
+    with pytest.raises(TypeError, match=r"backoff must be a (Request|Retry)Backoff or None"):
         _guard_at(ledger_url, datetime.now(UTC), context, backoff=backoff)
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from dagster import DagsterInstance, job
 
-from rocky_dagster import IdempotencyLedger, LoadPipeline, load_op
+from rocky_dagster import IdempotencyLedger
 from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import Decision, Ledger, State, open_ledger
-from rocky_dagster.pipelines import EFFECTS
+from rocky_dagster.pipeline_ops import load_op
+from rocky_dagster.pipelines import EFFECTS, LoadPipeline
 
 
 def _pipeline(tmp_path: Path) -> LoadPipeline:

@@ -16,16 +16,16 @@ from dagster import (
     materialize,
 )
 
-from rocky_dagster import (
-    IdempotencyLedger,
+from rocky_dagster import IdempotencyLedger
+from rocky_dagster.keys import KEY_TAG
+from rocky_dagster.ledger import Ledger, State
+from rocky_dagster.pipeline_assets import external_assets
+from rocky_dagster.pipelines import (
     QualityPipeline,
     ReplicationPipeline,
     TransformationPipeline,
     pipeline_assets,
 )
-from rocky_dagster.keys import KEY_TAG
-from rocky_dagster.ledger import Ledger, State
-from rocky_dagster.pipeline_assets import external_assets
 
 
 @pytest.fixture

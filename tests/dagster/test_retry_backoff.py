@@ -1,4 +1,4 @@
-"""RetryBackoff: the waits it gives, and the values it refuses (naming the field and the fix)."""
+"""RequestBackoff: the waits it gives, and the values it refuses (naming the field and the fix)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from datetime import timedelta
 
 import pytest
 
-from rocky_dagster import LedgerConfigError, RetryBackoff
+from rocky_dagster import RequestBackoff
+from rocky_dagster.errors import LedgerConfigError
 
 
 def test_the_default_waits_one_minute_then_doubles_up_to_an_hour() -> None:
-    backoff = RetryBackoff()
+    backoff = RequestBackoff()
     assert (backoff.base_seconds, backoff.factor, backoff.max_seconds) == (60, 2.0, 3600)
     waits = [backoff.delay(n) / timedelta(seconds=1) for n in range(1, 10)]
     assert waits == [60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]
@@ -27,7 +28,7 @@ def test_the_default_waits_one_minute_then_doubles_up_to_an_hour() -> None:
     ],
 )
 def test_custom_waits(kwargs: dict, expected: list[float]) -> None:
-    backoff = RetryBackoff(base_seconds=30, **kwargs)
+    backoff = RequestBackoff(base_seconds=30, **kwargs)
     assert [backoff.delay(n).total_seconds() for n in (1, 2, 3)] == expected
     # the failures worth counting: from there on the wait no longer grows
     n = backoff.failures_that_matter
@@ -56,13 +57,13 @@ def test_custom_waits(kwargs: dict, expected: list[float]) -> None:
 )
 def test_bad_values_raise_naming_the_field_and_the_fix(kwargs: dict, field: str, fix: str) -> None:
     with pytest.raises(LedgerConfigError, match=r"^invalid retry backoff: ") as raised:
-        RetryBackoff(**kwargs)
+        RequestBackoff(**kwargs)
     assert f"{field}: " in str(raised.value)
     assert fix in str(raised.value)
     assert isinstance(raised.value, ValueError)
 
 
 def test_a_policy_is_frozen() -> None:
-    backoff = RetryBackoff()
+    backoff = RequestBackoff()
     with pytest.raises(Exception, match="frozen"):
         backoff.base_seconds = 1  # type: ignore[misc]

@@ -33,9 +33,9 @@ from dagster import (
     reconstructable,
 )
 
-from rocky_dagster import step_decisions
 from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import EventKind, State, open_ledger
+from rocky_dagster.presentation import step_decisions
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

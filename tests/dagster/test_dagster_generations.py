@@ -86,16 +86,14 @@ def _next_run_continues(
 ) -> str:
     """The next run with the key continues the generation: its body runs, finds the marker,
     applies nothing, and the key ends `succeeded` with the first run's recorded result."""
-    before = ledger.get(f"{key}/write_once")
-    assert before is not None and before.generation == held.generation
     retry = job.execute_in_process(instance=instance, tags={KEY_TAG: key})
     assert retry.success
+    assert warehouse_rows(work_dir) == [(first,)]  # one row: nothing applied a second time
     assert step_decisions(instance, retry.run_id)["write_once"] == "proceed"
     entry = ledger.get(f"{key}/write_once")
     assert entry is not None and entry.state == State.SUCCEEDED and entry.run_id == retry.run_id
     assert entry.fence > held.fence and entry.generation == held.generation
     assert entry.result == {"rows": 1, "by": first}  # the first run's recorded work
-    assert warehouse_rows(work_dir) == [(first,)]  # one row: nothing applied a second time
     assert [run for op, run in work_log(work_dir) if op == "write_once"] == [first, retry.run_id]
     [output] = [e for e in retry.all_events if e.is_successful_output]
     assert output.event_specific_data.metadata["rocky/prior_run_id"].value == first
@@ -183,9 +181,16 @@ def test_an_operator_release_through_the_cli(
     proc, holder, held = _commit_and_wait(
         "write_once_watched_job", "gen-operator", work_dir, ledger, started
     )
+    release = ["ledger", "release", "gen-operator/write_once", "--url", ledger_url, "--yes"]
     cli = subprocess.run(
-        [sys.executable, "-m", "rocky_dagster.cli", "ledger", "release", "gen-operator/write_once"]
-        + ["--url", ledger_url, "--yes", "--reason", "stuck, says the operator"],
+        [
+            sys.executable,
+            "-m",
+            "rocky_dagster.cli",
+            *release,
+            "--reason",
+            "stuck, says an operator",
+        ],
         capture_output=True,
         text=True,
         timeout=STOP_BOUND,

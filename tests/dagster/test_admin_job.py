@@ -217,7 +217,7 @@ def test_release_on_a_postgresql_ledger(instance: DagsterInstance, postgres_url:
             },
         )
         assert result.success
-        assert pg.get("pg/1") is None and pg.get("pg/2") is not None
+        assert pg.get("pg/1").released and pg.get("pg/2").state == State.SUCCEEDED
         assert result.run_id in (pg.history("pg/1")[-1].detail or "")
 
 

@@ -302,10 +302,7 @@ def _missing(ledger: Ledger, key: str) -> str:
     if entry is None and not events:
         return f"no entry and no history for key {key!r} (see: {PROG} ledger list)"
     if entry is None:
-        return (
-            f"no entry for key {key!r}: it was released, reset or swept "
-            f"(see: {PROG} ledger history KEY)"
-        )
+        return f"no entry for key {key!r}: it was reset or swept (see: {PROG} ledger history KEY)"
     return f"no history for key {key!r} (see: {PROG} ledger show KEY)"
 
 

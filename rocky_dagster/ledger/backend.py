@@ -148,7 +148,7 @@ class Ledger(ABC):
     ) -> list[Entry]:
         """What one run claimed or did: entries it holds or last held, plus every key whose
         event history names it (claimed and lost to an adopter, skipped, reaped), newest claim
-        first. A key whose entry is gone (reset, released, swept) has no entry to show. Scans
+        first. A key whose entry is gone (reset, swept) has no entry to show. Scans
         the event log (no index by run): an operator's query, not for hot paths."""
         state, _, prefix, limit = validate_entries_filter(state, None, prefix, limit)
         run_id = validate_key(run_id, "run_id")

@@ -680,6 +680,8 @@ class StepGuard:
                 f"Run {entry.run_id} holds the key now (fence {entry.fence}): the lease expired "
                 "and it was adopted, or it was forced"
             )
+        if entry.released:
+            return "It was released (an operator, or a sensor for a finished run)"
         if entry.state != State.IN_FLIGHT:
             return f"It was settled {entry.state.value} by someone else (a sensor or an operator)"
         return "Its in_flight_ttl_hours cap passed, so its lease can no longer be renewed"

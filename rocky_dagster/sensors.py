@@ -34,7 +34,8 @@ from .keys import (
     ledger_key,
     schedule_key,
 )
-from .ledger import DedupPolicy, Entry, EventKind, Ledger, LedgerError, State
+from .ledger import Entry, EventKind, Ledger, LedgerError, State
+from .ledger.machine import dedups
 from .presentation import settle_outcome_tag
 from .reconcile import FINISHED_STATUSES, reconcile_run
 from .resource import IdempotencyLedger
@@ -302,10 +303,7 @@ def _blocked(
                 f"key {key!r} is in flight in run {entry.run_id} (step {step}, lease until "
                 f"{entry.lease_expires_at.isoformat()})"
             )
-        dedup = entry.state == State.SUCCEEDED or (
-            entry.state == State.FAILED and entry.dedup_on == DedupPolicy.ANY.value
-        )
-        if dedup and not entry.is_expired(now):
+        if dedups(entry) and not entry.is_expired(now):
             done.append(entry)
     if len(done) == len(steps):
         runs = sorted({e.run_id for e in done})

@@ -199,7 +199,7 @@ def test_release_frees_the_claim_and_records_who_did_it(url: str, seeded, confir
     with seeded() as ledger:
         fence = ledger.history(key)[0].fence
         assert result.stdout == f"released '{key}' (run run-3, fence {fence})\n"
-        assert ledger.get(key) is None
+        assert ledger.get(key).released
         event = ledger.history(key)[-1]
         assert (event.kind, event.run_id, event.fence) == (EventKind.RELEASED, "run-3", fence)
         assert "rocky-dagster" in event.detail and "worker OOM" in event.detail

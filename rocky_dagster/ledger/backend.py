@@ -19,6 +19,7 @@ from .config import LedgerConfig
 from .errors import InvalidArgumentError, LedgerConfigError, LedgerError
 from .machine import decide
 from .model import (
+    RELEASED,
     Claim,
     Entry,
     Event,
@@ -147,7 +148,7 @@ class Ledger(ABC):
     ) -> list[Entry]:
         """What one run claimed or did: entries it holds or last held, plus every key whose
         event history names it (claimed and lost to an adopter, skipped, reaped), newest claim
-        first. A key whose entry is gone (reset, released, swept) has no entry to show. Scans
+        first. A key whose entry is gone (reset, swept) has no entry to show. Scans
         the event log (no index by run): an operator's query, not for hot paths."""
         state, _, prefix, limit = validate_entries_filter(state, None, prefix, limit)
         run_id = validate_key(run_id, "run_id")
@@ -372,6 +373,9 @@ class Ledger(ABC):
                 f"{row.fence} of run {row.run_id}",
             )
             return _finalize_result(row, fence, outcome, FinalizeReason.STALE_FENCE)
+        if row.released:
+            tx.log(EventKind.LOST, key, None, fence, f"{outcome.value} discarded: it was released")
+            return _finalize_result(row, fence, outcome, FinalizeReason.RELEASED)
         if row.state != State.IN_FLIGHT:
             return _finalize_result(row, fence, outcome, FinalizeReason.ALREADY_FINAL)
         now = tx.now
@@ -449,6 +453,9 @@ class Ledger(ABC):
         """Free an in-flight claim so the next claim proceeds; only if it is (still) the one named.
 
         `run_id` / `fence` guard against freeing a claim that changed hands since it was looked at.
+        The row stays as a `failed` entry marked released (`Entry.released`), which never
+        deduplicates: whoever frees a claim cannot know whether its work committed, so the next
+        claim continues its generation (docs/contract.md "When a generation ends").
         """
         key = validate_key(key)
         run_id = validate_optional_label(run_id, "run_id")
@@ -462,7 +469,18 @@ class Ledger(ABC):
                 fence is not None and row.fence != fence
             ):
                 return False
-            tx.delete(key)
+            now = tx.now
+            tx.update(
+                row.model_copy(
+                    update={
+                        "state": State.FAILED,
+                        "finalized_at": now,
+                        "expires_at": now + self.config.retention,
+                        "result": None,
+                        "holder_process": RELEASED,
+                    }
+                )
+            )
             tx.log(EventKind.RELEASED, key, row.run_id, row.fence, reason)
             return True
 

@@ -36,7 +36,8 @@ class Plan:
     held_by_run_id: str | None = None
     forced: bool = False
     continues: bool = False
-    """The new claim continues the existing entry's generation (adoption, same-run re-entry)."""
+    """The new claim continues the existing entry's generation: adoption, same-run re-entry,
+    and a claim after a failure or a release (docs/contract.md "When a generation ends")."""
     reentrant: bool = False
     """Same-run re-entry: the claim keeps the original `claimed_at`, so the TTL cap holds."""
     rebased: Entry | None = None
@@ -45,10 +46,11 @@ class Plan:
 
 
 def dedups(entry: Entry) -> bool:
-    """Whether a terminal entry blocks new claims under the policy it was written with."""
+    """Whether a terminal entry blocks new claims under the policy it was written with (a
+    released claim never does: its work neither succeeded nor failed)."""
     if entry.state == State.SUCCEEDED:
         return True
-    return entry.state == State.FAILED and entry.dedup_on == DedupPolicy.ANY
+    return entry.state == State.FAILED and entry.dedup_on == DedupPolicy.ANY and not entry.released
 
 
 def decide(
@@ -68,8 +70,10 @@ def decide(
 
     The fingerprint binds while the recorded work does: a live claim, a stale claim being
     adopted (the adopter continues that work), and a terminal record that still dedups. A
-    retry after a failure, after retention ended, or after a reset/release starts new work
-    and may change the parameters; `force` overrides the check.
+    retry after a failure or a release may change the parameters: with another fingerprint
+    it begins a new generation (new work), with the same one it continues the old generation,
+    whose work may have committed before its holder stopped. `force` overrides the check and,
+    over a finished record, begins a new generation.
     """
     if existing is None:
         return Plan(Decision.PROCEED, True, EventKind.CLAIMED, "new claim")
@@ -136,12 +140,18 @@ def decide(
             prior_run_id=existing.run_id,
         )
     if not dedups(existing):
+        # the claim ended without a success: its work may have committed all the same, so the
+        # next claim of the same work continues its generation (docs/contract.md)
+        same_work = not force and not _changed(existing, fingerprint)
+        ended = "was released" if existing.released else "failed"
         return Plan(
             Decision.PROCEED,
             True,
             EventKind.CLAIMED,
-            f"retry after run {existing.run_id} failed",
+            f"retry after run {existing.run_id} {ended}"
+            + ("" if same_work else ": new work, a new generation"),
             prior_run_id=existing.run_id,
+            continues=same_work,
         )
     if force:
         return Plan(
@@ -181,6 +191,15 @@ def _rebase(existing: Entry, now: datetime, config: LedgerConfig) -> Entry | Non
                 existing.lease_expires_at, now + config.lease, claimed_at + config.in_flight_ttl
             ),
         }
+    )
+
+
+def _changed(existing: Entry, fingerprint: str | None) -> bool:
+    """Whether the claimant's fingerprint names other work than the entry's (both known)."""
+    return (
+        fingerprint is not None
+        and existing.fingerprint is not None
+        and fingerprint != existing.fingerprint
     )
 
 

@@ -23,6 +23,9 @@ MAX_RESULT_DEPTH = 32
 input would hit the interpreter's recursion limit when encoded or decoded)."""
 MAX_REASON_LENGTH = 1024
 """Longest operator `reason` (release/reset) in characters."""
+RELEASED = "released"
+"""`holder_process` of a claim freed by `Ledger.release`: the row is kept as a `failed` entry
+that never deduplicates, so the next claim continues its generation (see `Claim.generation`)."""
 MAX_FENCE = 2**63 - 1
 """Fences are 64-bit signed integers in both stores; none handed out is larger."""
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -81,8 +84,10 @@ class FinalizeReason(StrEnum):
     """Another claim owns the key now (this holder was adopted): its outcome is discarded."""
     ALREADY_FINAL = "already_final"
     """The claim was already finalized; finalize is one-shot."""
+    RELEASED = "released"
+    """The claim was released (an operator, a cancel, a watch): its outcome is discarded."""
     NOT_FOUND = "not_found"
-    """No entry: never claimed, released by an operator, reset, or swept."""
+    """No entry: never claimed, reset, or swept."""
 
 
 class _Frozen(BaseModel):
@@ -110,9 +115,10 @@ class Entry(_Frozen):
     """The fence of the claim that began this generation of the key (see `Claim.generation`);
     stored NULL means this entry's own fence (a claim that began one, or a pre-v2 row)."""
     holder_process: str | None = None
-    """The process that made the claim (`process.current`), or `"parked"` once the claim is
-    kept for its run's retry; NULL on rows written before schema v4. A same-run claim
-    re-enters a live claim only if this process is known gone, or the claim is parked."""
+    """The process that made the claim (`process.current`), `"parked"` once the claim is
+    kept for its run's retry, `"released"` on the `failed` row a release leaves; NULL on rows
+    written before schema v4. A same-run claim re-enters a live claim only if this process is
+    known gone, or the claim is parked."""
 
     def checked(self) -> Entry:
         """This entry as read back from a store, if it could have been written by a ledger;
@@ -127,6 +133,12 @@ class Entry(_Frozen):
         elif self.finalized_at is None or self.expires_at is None:
             raise ValueError(f"a {self.state.value} entry has no finalized_at or expires_at")
         return self
+
+    @property
+    def released(self) -> bool:
+        """A claim freed by `release`: kept as `failed`, never deduplicating, so that the
+        next claim continues its generation."""
+        return self.state == State.FAILED and self.holder_process == RELEASED
 
     @property
     def generation_fence(self) -> int:
@@ -164,10 +176,14 @@ class Claim(_Frozen):
     lease_expires_at: datetime | None = None
     expires_at: datetime | None = None
     generation: int | None = None
-    """The fence of the claim that began this generation of the key: a proceed after no entry,
-    a failure, expiry, reset/release or force begins one (generation == fence); adopting a
-    stale claim and a same-run re-entry continue it. Work done once per generation is done
-    once, whichever holder of the generation did it. For a skip, the recorded entry's."""
+    """The fence of the claim that began this generation of the key. A generation ends only
+    where the work is deliberately finished or redone: a success (the next claim, after
+    retention or a force, begins one), a `force`, a `reset` of a finished key, or retention
+    running out; a proceed after no entry begins one too (generation == fence). Every other
+    way a claim ends keeps it open, so the next claim continues it: adoption of a stale
+    claim, a same-run re-entry, and a claim after a failure or a release (unless it gives
+    another fingerprint: new work). Work done once per generation is done once, whichever
+    holder of the generation did it. For a skip, the recorded entry's."""
 
     @property
     def should_run(self) -> bool:

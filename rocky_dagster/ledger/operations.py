@@ -160,11 +160,9 @@ def select(ledger: Ledger, selection: Selection, phrasing: Phrasing, *, limit: i
 
 
 def missing_message(ledger: Ledger, key: str, phrasing: Phrasing) -> str:
-    """Why a key has no entry: never seen, or released, reset or swept (its history remains)."""
+    """Why a key has no entry: never seen, or reset or swept (its history remains)."""
     if ledger.history(key, limit=1):
-        return (
-            f"no entry for key {key!r}: it was released, reset or swept (see: {phrasing.history})"
-        )
+        return f"no entry for key {key!r}: it was reset or swept (see: {phrasing.history})"
     return f"no entry and no history for key {key!r} (see: {phrasing.listing})"
 
 

@@ -4,7 +4,8 @@ naming the claim generation they belong to.
 Fencing in the ledger stops a holder that lost its claim from *stamping* success, not from
 *writing*. The marker closes that gap inside the warehouse itself: the first holder of a key
 generation to commit leaves `(key, generation, fence)` next to its writes, atomically. A later
-holder of the same generation with a higher fence (an adopter) then finds the work done and
+holder of the same generation with a higher fence (an adopter, or the next claim after a
+failure or a release: docs/contract.md "When a generation ends") then finds the work done and
 returns the recorded result instead of doing it again; a holder with a lower fence (a zombie)
 that gets there after an adopter committed is refused with FenceLostError and changes nothing.
 A marker of an older generation is simply replaced: a new generation is new work.

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ from dagster import (
 )
 
 from rocky_dagster import IdempotencyLedger, idempotent_op, ledger_hooks, ledger_job
+from rocky_dagster.guard import running_claim
+from rocky_dagster.pipelines.effects import exactly_once
 
 HERE = Path(__file__).resolve().parent
 GO_TIMEOUT_SECONDS = 120
@@ -177,6 +181,63 @@ def busy_multiprocess_job() -> None:
 )
 def busy_forkserver_job() -> None:
     busy()
+
+
+# --- a write of one's own through `exactly_once`, then a stop (the generation stories) ---------
+
+AFTER_TAG = "rocky_test/after"
+"""What `write_once` does once its write committed: `return` (the default), `wait` for the
+``go`` file (holding its claim, so the test can kill, cancel or release it), or `raise`."""
+
+
+def warehouse_rows(directory: Path) -> list[tuple[str, ...]]:
+    """The rows `write_once` inserted: (run id,) each, in order."""
+    with closing(sqlite3.connect(directory / "warehouse.db")) as conn:
+        return conn.execute("SELECT run_id FROM payments ORDER BY rowid").fetchall()
+
+
+@idempotent_op
+def write_once(context) -> dict[str, Any]:
+    """Inserts one row with a plain INSERT (no natural key, so a second application really adds
+    a second row) inside `exactly_once` on its own claim; then does what its run's tag says."""
+    did_work("write_once", context.run_id)
+    claim = running_claim(context)
+    with closing(sqlite3.connect(work_dir() / "warehouse.db", isolation_level=None)) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS payments (run_id TEXT NOT NULL)")
+        with exactly_once(conn, claim, name="payments") as effect:
+            if effect.already_applied:
+                result = effect.recorded
+            else:
+                conn.execute("INSERT INTO payments VALUES (?)", (context.run_id,))
+                effect.result = result = {"rows": 1, "by": context.run_id}
+    (work_dir() / f"committed.{context.run_id}").touch()
+    after = context.run.tags.get(AFTER_TAG, "return")
+    if after == "raise":
+        raise ValueError("write_once failed after its write committed")
+    if after == "wait":
+        deadline = time.monotonic() + GO_TIMEOUT_SECONDS
+        while not (work_dir() / "go").exists():
+            if time.monotonic() > deadline:
+                raise Failure("the test never said go")
+            time.sleep(0.05)
+    return result
+
+
+@ledger_job(**_JOB)
+def write_once_job() -> None:
+    write_once()
+
+
+@ledger_job(ledger=_SHORT_LEASE, executor_def=in_process_executor)
+def write_once_watched_job() -> None:
+    """Heartbeats (and looks at its run) every 0.5 s: a release or a finished run stops it."""
+    write_once()
+
+
+def committed(directory: Path) -> str | None:
+    """Run id of a run whose `write_once` write has committed, if any."""
+    markers = sorted(directory.glob("committed.*"))
+    return markers[0].name.split(".", 1)[1] if markers else None
 
 
 # --- helpers --------------------------------------------------------------------------------

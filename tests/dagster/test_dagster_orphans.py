@@ -111,7 +111,7 @@ def test_killed_run_worker_stops_its_multiprocess_step(
     assert set(lines) == {run_id}
     # the claim was given back by the step itself (the run is still STARTED: nobody marked it)
     assert instance.get_run_by_id(run_id).status == DagsterRunStatus.STARTED
-    assert ledger.get("orphan-1/busy") is None
+    assert ledger.get("orphan-1/busy").released
     last = ledger.history("orphan-1/busy")[-1]
     assert last.kind == EventKind.RELEASED and last.run_id == run_id
     assert f"its run worker (pid {worker.pid}) is gone" in _messages(instance, run_id)
@@ -135,7 +135,7 @@ def test_run_marked_finished_stops_its_in_process_step(
         "KeyboardInterrupt",
     )
     assert instance.get_run_by_id(run_id).status == DagsterRunStatus.FAILURE
-    assert ledger.get("orphan-2/busy") is None
+    assert ledger.get("orphan-2/busy").released
     last = ledger.history("orphan-2/busy")[-1]
     assert last.kind == EventKind.RELEASED and last.run_id == run_id
     assert f"the instance marked run {run_id} FAILURE" in _messages(instance, run_id)
@@ -162,9 +162,9 @@ def test_lost_claim_stops_the_body_and_fails_the_step(
     description = failure.event_specific_data.user_failure_data.description
     assert "lost its claim on ledger key 'orphan-3/busy'" in description
     assert "the body was stopped" in description
-    assert "It was released or reset" in description
+    assert "It was released (an operator" in description
     assert instance.get_run_by_id(run_id).status == DagsterRunStatus.FAILURE
-    assert ledger.get("orphan-3/busy") is None  # the step wrote nothing over the release
+    assert ledger.get("orphan-3/busy").released  # the step wrote nothing over the release
 
     _next_run_proceeds(instance, ledger, work_dir, "orphan-3")
 

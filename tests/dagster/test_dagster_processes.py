@@ -173,7 +173,7 @@ def test_canceled_run_canceled_sensor_releases_the_claim(
     assert ledger.get("nightly-9/hold").state == State.IN_FLIGHT
 
     ticks.tick()
-    assert ledger.get("nightly-9/hold") is None
+    assert ledger.get("nightly-9/hold").released
     last = ledger.history("nightly-9/hold")[-1]
     assert last.kind == EventKind.RELEASED and last.run_id == dead
     assert "CANCELED" in (last.detail or "")

@@ -289,3 +289,24 @@ def test_without_an_instance_a_key_in_flight_is_skipped_not_an_error(
 
     skip = _guard_at(ledger_url, datetime.now(UTC), build_sensor_context())
     assert f"in flight in run {live.run_id}" in skip.skip_message
+
+
+def test_under_dedup_on_any_a_failed_key_is_done_but_a_released_one_is_requested(
+    dagster_home: Any, ledger_url: str
+) -> None:
+    """A released claim never deduplicates (its work neither succeeded nor failed), so the
+    guard requests its key even under dedup_on='any', where a failure counts as done."""
+    with open_ledger(ledger_url, {"dedup_on": "any"}) as policy_any:
+        failed = policy_any.claim("failed-key/work", "run-1")
+        assert policy_any.finalize("failed-key/work", failed.fence, "failed").applied
+        policy_any.claim("released-key/work", "run-2")
+        assert policy_any.release("released-key/work", reason="canceled")
+    now, context = datetime.now(UTC), build_sensor_context()
+
+    skip = _guard_at(ledger_url, now, context, RunRequest(run_key="failed-key"), backoff=None)
+    assert isinstance(skip, SkipReason)
+    assert "'failed-key' already completed in run run-1" in skip.skip_message
+    [request] = _guard_at(
+        ledger_url, now, context, RunRequest(run_key="released-key"), backoff=None
+    )
+    assert request.tags[KEY_TAG] == "released-key"

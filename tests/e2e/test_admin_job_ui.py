@@ -199,7 +199,7 @@ def test_admin_job_releases_a_stuck_key_and_refuses_to_reset_it(server: DagsterS
     [row] = meta["keys_json"]
     assert (row["key"], row["result"], row["run_id"]) == (KEY, "released", LOST_RUN)
     with ledger(server) as opened:
-        assert opened.get(KEY) is None
+        assert opened.get(KEY).released
         released = opened.history(KEY)[-1]
     assert released.kind == EventKind.RELEASED and released.run_id == LOST_RUN
     assert released.detail == (

@@ -272,7 +272,10 @@ def _wait_released(example: Example, key: str, run_id: str, timeout: float = 120
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with example.ledger() as ledger:
-            if not ledger.entries(State.IN_FLIGHT, run_id=run_id) and ledger.get(key) is None:
+            entry = ledger.get(key)
+            if not ledger.entries(State.IN_FLIGHT, run_id=run_id) and (
+                entry is None or entry.released
+            ):
                 return
         time.sleep(1.0)
     with example.ledger() as ledger:

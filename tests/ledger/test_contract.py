@@ -292,14 +292,16 @@ def test_finalize_of_a_key_never_claimed_is_not_found_and_logged_as_lost(ledger:
     assert (event.kind, event.fence, event.run_id) == (EventKind.LOST, 7, None)
 
 
-def test_finalize_after_an_operator_release_is_not_found(ledger: Ledger):
+def test_finalize_after_an_operator_release_is_discarded(ledger: Ledger):
     claim = ledger.claim("k", "run-1")
     assert ledger.release("k")
 
     result = ledger.finalize("k", claim.fence, Outcome.SUCCEEDED)
 
-    assert result.reason == FinalizeReason.NOT_FOUND
-    assert ledger.get("k") is None
+    assert (result.applied, result.reason) == (False, FinalizeReason.RELEASED)
+    entry = ledger.get("k")
+    assert entry is not None and entry.released and entry.state == State.FAILED
+    assert entry.fence == claim.fence and entry.result is None
     assert kinds(ledger, "k") == ["claimed", "released", "lost"]
 
 
@@ -520,7 +522,8 @@ def test_release_frees_an_in_flight_claim_and_is_an_event(ledger: Ledger):
 
     assert ledger.release("k", reason="run-1 was killed by the OOM killer")
 
-    assert ledger.get("k") is None
+    entry = ledger.get("k")  # kept as a released failure: its generation stays open
+    assert entry is not None and entry.released and entry.state == State.FAILED
     released = ledger.history("k")[-1]
     assert (released.kind, released.run_id, released.fence) == (
         EventKind.RELEASED,

@@ -19,6 +19,7 @@ from rocky_dagster.ledger import (
     Decision,
     FingerprintMismatchError,
     Ledger,
+    LedgerConfig,
     Outcome,
     State,
     open_ledger,
@@ -155,11 +156,11 @@ def test_generations_begin_and_continue_as_documented(make_ledger: MakeLedger, c
     assert ledger.get("k").generation == first.fence
 
     ledger.finalize("k", adopted.fence, Outcome.FAILED)
-    retry = ledger.claim("k", "run-3")  # after a failure: begins one
-    assert retry.generation == retry.fence
+    retry = ledger.claim("k", "run-3")  # after a failure: continues
+    assert retry.fence > adopted.fence and retry.generation == first.fence
     ledger.finalize("k", retry.fence, Outcome.SUCCEEDED)
     skip = ledger.claim("k", "run-4")
-    assert (skip.decision, skip.generation) == (Decision.SKIPPED_COMPLETED, retry.fence)
+    assert (skip.decision, skip.generation) == (Decision.SKIPPED_COMPLETED, first.fence)
 
     forced = ledger.claim("k", "run-4", force=True)  # force: begins one
     assert forced.generation == forced.fence
@@ -168,12 +169,112 @@ def test_generations_begin_and_continue_as_documented(make_ledger: MakeLedger, c
     after_reset = ledger.claim("k", "run-5")  # reset: begins one
     assert after_reset.generation == after_reset.fence
     ledger.release("k")
-    after_release = ledger.claim("k", "run-6")  # release: begins one
-    assert after_release.generation == after_release.fence
+    after_release = ledger.claim("k", "run-6")  # release: continues
+    assert after_release.generation == after_reset.fence
     ledger.finalize("k", after_release.fence, Outcome.SUCCEEDED)
     clock.advance(days=2)
     expired = ledger.claim("k", "run-7")  # retention over: begins one
     assert expired.generation == expired.fence
+
+
+# --- when a generation ends (docs/contract.md "When a generation ends") ------------------------
+
+
+def _settle(ledger: Ledger, how: str, claim_fence: int, run_id: str) -> None:
+    """End claim `claim_fence` of key "k" the way `how` names, without a success."""
+    if how == "failed":
+        done = ledger.finalize("k", claim_fence, Outcome.FAILED)
+    elif how == "failed_by_a_sensor":
+        done = ledger.finalize("k", claim_fence, Outcome.FAILED, reason="run is FAILURE (sensor)")
+    else:
+        kwargs = {"release": {}, "release_run": {"run_id": run_id}}.get(how, {"fence": claim_fence})
+        assert ledger.release("k", **kwargs)
+        return
+    assert done.applied
+
+
+SETTLEMENTS = ["failed", "failed_by_a_sensor", "release", "release_run", "release_fence"]
+
+
+@pytest.mark.parametrize("how", SETTLEMENTS)
+def test_a_claim_ended_without_a_success_leaves_its_generation_open(
+    make_ledger: MakeLedger, clock: FakeClock, how: str
+):
+    """Whoever ends a claim this way cannot know whether its work committed: the next claim
+    continues the generation (a new fence, the same generation), and so does the one after."""
+    ledger = make_ledger(CONFIG, clock)
+    first = ledger.claim("k", "run-1", fingerprint="fp")
+    _settle(ledger, how, first.fence, "run-1")
+
+    entry = ledger.get("k")
+    assert entry is not None and entry.state == State.FAILED
+    assert entry.released == how.startswith("release")
+    assert (entry.fence, entry.generation) == (first.fence, first.fence)
+
+    nxt = ledger.claim("k", "run-2", fingerprint="fp")
+    assert nxt.decision == Decision.PROCEED and nxt.prior_run_id == "run-1"
+    assert nxt.fence > first.fence and nxt.generation == first.fence
+    assert ledger.get("k").generation == first.fence
+    _settle(ledger, how, nxt.fence, "run-2")  # settled again: still the same generation
+    third = ledger.claim("k", "run-3")
+    assert third.generation == first.fence
+    assert ledger.finalize("k", third.fence, Outcome.SUCCEEDED).applied
+    after = ledger.claim("k", "run-4", force=True)  # a success ends it; the force begins one
+    assert after.generation == after.fence > third.fence
+
+
+@pytest.mark.parametrize("how", SETTLEMENTS)
+@pytest.mark.parametrize("ending", ["force", "reset", "retention", "other_fingerprint"])
+def test_a_deliberate_redo_begins_a_new_generation_after_any_settlement(
+    make_ledger: MakeLedger, clock: FakeClock, how: str, ending: str
+):
+    ledger = make_ledger(CONFIG, clock)
+    first = ledger.claim("k", "run-1", fingerprint="fp")
+    _settle(ledger, how, first.fence, "run-1")
+    fingerprint = "fp"
+    force = False
+    if ending == "force":
+        force = True
+    elif ending == "reset":
+        assert ledger.reset("k")
+    elif ending == "retention":
+        clock.now = ledger.get("k").expires_at
+    else:
+        fingerprint = "other"  # other parameters: new work
+
+    nxt = ledger.claim("k", "run-2", fingerprint=fingerprint, force=force)
+
+    assert nxt.decision == Decision.PROCEED
+    assert nxt.generation == nxt.fence > first.fence
+    assert ledger.get("k").generation == nxt.fence
+
+
+def test_a_release_keeps_a_record_that_never_deduplicates(
+    make_ledger: MakeLedger, clock: FakeClock
+):
+    """Under dedup_on='any' a failure still deduplicates; a released claim never does (its
+    work neither succeeded nor failed), and its record goes at the end of retention."""
+    ledger = make_ledger(LedgerConfig(**{**CONFIG.model_dump(), "dedup_on": "any"}), clock)
+    failed = ledger.claim("f", "run-1")
+    ledger.finalize("f", failed.fence, Outcome.FAILED)
+    assert ledger.claim("f", "run-2").decision == Decision.SKIPPED_COMPLETED
+
+    held = ledger.claim("k", "run-1")
+    assert ledger.release("k", reason="canceled")
+    entry = ledger.get("k")
+    assert entry is not None and entry.released and entry.dedup_on == "any"
+    assert (entry.state, entry.result, entry.finalized_at) == (State.FAILED, None, clock.now)
+    assert not ledger.release("k")  # nothing in flight to free
+    assert not ledger.heartbeat("k", held.fence) and not ledger.keep_for_retry("k", held.fence)
+    again = ledger.claim("k", "run-2")
+    assert (again.decision, again.generation) == (Decision.PROCEED, held.fence)
+    assert "was released" in ledger.history("k")[-1].detail
+
+    assert ledger.release("k")
+    clock.now = ledger.get("k").expires_at
+    assert ledger.sweep() == 2  # the released record ends with retention, like any other
+    assert ledger.get("k") is None
+    assert ledger.claim("k", "run-3").generation > held.fence
 
 
 def test_a_fresh_handle_sees_the_stored_generation(make_ledger: MakeLedger, clock: FakeClock):

@@ -52,6 +52,8 @@ class Row:
     parked: bool = False
     """Kept for the run's retry: the run's next claim re-enters it (every claim here comes
     from this one process, so an unparked live claim of the same run is never re-entered)."""
+    released: bool = False
+    """Freed by `release`: kept as `failed`, never deduplicating, its generation still open."""
 
 
 @dataclass
@@ -74,7 +76,7 @@ class Reference:
     def binds(self, row: Row) -> bool:
         """A terminal row still deduplicates: not expired, and a success or a failure under any."""
         live = row.expires_at is not None and self.now < row.expires_at
-        return live and (row.state == "succeeded" or row.dedup_on == "any")
+        return live and (row.state == "succeeded" or (row.dedup_on == "any" and not row.released))
 
     def claim(
         self, key: str, run_id: str, fingerprint: str | None, force: bool
@@ -113,12 +115,22 @@ class Reference:
         fence: int,
         prior: str | None,
         kind: str,
+        force: bool,
     ):
-        """A claim that runs: adoption and same-run re-entry continue the key's generation, and
-        a re-entry keeps the first attempt's claimed_at (the TTL cap holds)."""
+        """A claim that runs: adoption, same-run re-entry, and an unforced claim of the same
+        work after a failure or a release (not expired) continue the key's generation, and a
+        re-entry keeps the first attempt's claimed_at (the TTL cap holds)."""
         old = self.rows.get(key)
         live = old is not None and old.state == "in_flight"
         reentry = live and kind == "claimed" and old.run_id == run_id
+        unfinished = (
+            old is not None
+            and not live
+            and self.now < old.expires_at
+            and not self.binds(old)
+            and not force
+            and (fingerprint is None or old.fingerprint in (None, fingerprint))
+        )
         claimed_at = old.claimed_at if reentry else self.now
         self.rows[key] = Row(
             state="in_flight",
@@ -130,7 +142,9 @@ class Reference:
             lease_expires_at=min(self.now + self.lease, claimed_at + TTL),
             dedup_on=self.policy,
             prior_run_id=prior,
-            generation=old.generation if live and (reentry or kind == "adopted") else fence,
+            generation=old.generation
+            if (live and (reentry or kind == "adopted")) or unfinished
+            else fence,
         )
         self.fences[key].append(fence)
         self.last_fence = fence
@@ -152,6 +166,9 @@ class Reference:
         if row.fence != fence:
             self.log(key, "lost", None, fence)
             return "stale_fence"
+        if row.released:
+            self.log(key, "lost", None, fence)
+            return "released"
         if row.state != "in_flight":
             return "already_final"
         self.rows[key] = replace(
@@ -259,7 +276,7 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         if claim.should_run:
             assert claim.fence is not None and claim.fence > self.ref.last_fence
-            self.ref.take(key, run_id, fingerprint, claim.fence, prior, kind)
+            self.ref.take(key, run_id, fingerprint, claim.fence, prior, kind, force)
             assert claim.generation == self.ref.rows[key].generation
             self.ref.log(key, kind, run_id, claim.fence)
         else:
@@ -360,7 +377,15 @@ class LedgerMachine(RuleBasedStateMachine):
         expected = row is not None and row.state == "in_flight" and guard != "wrong"
         assert self.ledger.release(key, **kwargs) == expected
         if expected:
-            del self.ref.rows[key]
+            self.ref.rows[key] = replace(
+                row,
+                state="failed",
+                finalized_at=self.ref.now,
+                expires_at=self.ref.now + RETENTION,
+                result=None,
+                parked=False,
+                released=True,
+            )
             self.ref.log(key, "released", row.run_id, row.fence)
 
     @invariant()
@@ -388,6 +413,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 entry.prior_run_id,
                 entry.generation,
                 entry.holder_process == "parked",
+                entry.released,
             ) == (
                 row.state,
                 row.run_id,
@@ -403,6 +429,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 row.prior_run_id,
                 row.generation,
                 row.parked,
+                row.released,
             ), key
 
     @invariant()

@@ -102,7 +102,7 @@ def test_one_key_is_refused_unless_every_guard_matches(adopted: Ledger):
         with pytest.raises(OperationRefused, match=re.escape(says)):
             select(adopted, selection, PHRASING, limit=1)
     adopted.reset("n/1/extract")
-    with pytest.raises(OperationRefused, match=r"released, reset or swept \(see: <history>\)"):
+    with pytest.raises(OperationRefused, match=r"it was reset or swept \(see: <history>\)"):
         select(adopted, Selection(key="n/1/extract"), PHRASING, limit=1)
 
 

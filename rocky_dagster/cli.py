@@ -17,7 +17,8 @@ last held, plus every key whose history names it (adopted from it, skipped by it
 `--url` (default: `$ROCKY_LEDGER_URL`, else `$DAGSTER_HOME/rocky_ledger.db`, else
 `./.rocky/ledger.db`) and `--json` go anywhere: before `ledger`, before the command or after it.
 
-Exit codes (errors are one line on stderr, never a traceback):
+Exit codes (errors are one line on stderr, never a traceback; with `--json` the same error is
+also a JSON object on stdout, ``{"error": "...", "exit_code": N}``):
 
     0    done; `check` found no problem
     1    ledger error (unreachable, damaged, config), refused or aborted action, no such key,
@@ -62,9 +63,15 @@ class CliError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    json_errors = False
+    """Set by `main` when --json is on the command line: errors are JSON on stdout too."""
+
     def error(self, message: str) -> NoReturn:
         """Bad usage: one line on stderr and exit 2 (argparse would print the usage block too)."""
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        text = f"{message} (see {self.prog} --help)"
+        if _Parser.json_errors:
+            _json({"error": text, "exit_code": 2}, sys.stdout)
+        self.exit(2, f"{self.prog}: error: {text}\n")
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -368,7 +375,11 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
         "(default: $ROCKY_LEDGER_URL, else $DAGSTER_HOME/rocky_ledger.db, else ./.rocky/ledger.db)",
     )
     parser.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="machine-readable output; an error is then also a JSON object on stdout: "
+        '{"error": MESSAGE, "exit_code": N}',
     )
 
 
@@ -468,12 +479,15 @@ def _not_text(argv: Sequence[str]) -> str | None:
 
 def _fail(code: int, message: str) -> int:
     text = " ".join(message.split())  # one line, whatever the error says
+    if _Parser.json_errors:
+        _json({"error": text, "exit_code": code}, sys.stdout)
     sys.stderr.write(f"{PROG}: error: {text}\n")
     return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _Parser.json_errors = "--json" in argv
     problem = _not_text(argv)
     if problem is not None:
         return _fail(2, f"{problem} (see {PROG} --help)")

@@ -65,6 +65,8 @@ class CliError(Exception):
 class _Parser(argparse.ArgumentParser):
     json_errors = False
     """Set by `main` when --json is on the command line: errors are JSON on stdout too."""
+    json_written = False
+    """Whether stdout already holds the command's JSON (`check` reports, then fails)."""
 
     def error(self, message: str) -> NoReturn:
         """Bad usage: one line on stderr and exit 2 (argparse would print the usage block too)."""
@@ -96,6 +98,7 @@ def _fields(pairs: list[tuple[str, Any]], out: TextIO) -> None:
 
 
 def _json(value: Any, out: TextIO) -> None:
+    _Parser.json_written = True  # the command's answer: an error after it adds no second object
     out.write(json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
@@ -479,7 +482,7 @@ def _not_text(argv: Sequence[str]) -> str | None:
 
 def _fail(code: int, message: str) -> int:
     text = " ".join(message.split())  # one line, whatever the error says
-    if _Parser.json_errors:
+    if _Parser.json_errors and not _Parser.json_written:
         _json({"error": text, "exit_code": code}, sys.stdout)
     sys.stderr.write(f"{PROG}: error: {text}\n")
     return code
@@ -487,7 +490,7 @@ def _fail(code: int, message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _Parser.json_errors = "--json" in argv
+    _Parser.json_errors, _Parser.json_written = "--json" in argv, False
     problem = _not_text(argv)
     if problem is not None:
         return _fail(2, f"{problem} (see {PROG} --help)")

@@ -277,7 +277,7 @@ def step_decisions(instance: DagsterInstance, run_id: str) -> dict[str, str]:
 
 def settle_outcome_tag(instance: DagsterInstance, run_id: str) -> str | None:
     """Set a finished run's ``rocky/outcome`` from its own steps' decisions — ``failed`` or
-    ``canceled`` when the run finished so, whatever its steps decided; the value written, or
+    ``canceled`` when a run with guarded steps finished so; the value written, or
     None when the tag already said it (or the run has no guarded step and no such tag)."""
     run = instance.get_run_by_id(run_id)
     if run is None:
@@ -286,7 +286,8 @@ def settle_outcome_tag(instance: DagsterInstance, run_id: str) -> str | None:
     current = run.tags.get(OUTCOME_TAG)
     if not decisions and current is None:
         return None
-    value = _FINISHED_AS.get(run.status.value) or outcome_of(decisions.values())
+    finished_as = _FINISHED_AS.get(run.status.value) if decisions else None
+    value = finished_as or outcome_of(decisions.values())
     if value == current:
         return None
     _compat.add_run_tags(instance, run_id, {OUTCOME_TAG: value})

@@ -165,10 +165,16 @@ def decision_message(claim: Claim, run_id: str) -> str | None:
 def unguarded_message(step_key: str, *, asset: bool) -> str:
     from .keys import KEY_TAG, RUN_KEY_TAG
 
+    if asset:
+        return (
+            f"rocky_dagster: step '{step_key}' has no idempotency key (no key_fn, no '{KEY_TAG}' "
+            f"or '{RUN_KEY_TAG}' run tag, no partition, no upstream asset to key it by): it runs "
+            "UNGUARDED, without the ledger. Key it with key_fn=..., a partitions_def, deps on "
+            f"the assets it reads, or a '{KEY_TAG}' tag on the launch"
+        )
     return (
         f"rocky_dagster: step '{step_key}' has no idempotency key (no key_fn, no '{KEY_TAG}' or "
-        f"'{RUN_KEY_TAG}' run tag{', no partition' if asset else ''}): it runs UNGUARDED, "
-        "without the ledger"
+        f"'{RUN_KEY_TAG}' run tag): it runs UNGUARDED, without the ledger"
     )
 
 

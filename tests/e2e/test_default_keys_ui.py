@@ -110,7 +110,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserProject]:
         server.terminate_unfinished()
     finally:
         server.stop(timeout=120)  # a loaded machine takes a while to wind dagster dev down
-    assert not server.leftovers, f"processes left after SIGINT (SIGKILLed): {server.leftovers}"
+    assert not server.leftovers, (
+        f"processes left after SIGINT (SIGKILLed): {[pid for pid, _ in server.leftovers]}\n"
+        f"{server.log_tail(40)}"
+    )
 
 
 def test_the_second_materialize_with_no_tags_skips_and_names_the_first(
@@ -161,16 +164,30 @@ def test_the_asset_page_and_the_catalog_show_the_skip(project: UserProject) -> N
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.set_default_timeout(60_000)
-            # The asset page: its metadata table shows each key's latest value, from the
-            # materialization or the newer skip observation (with that event's time)
+            # The asset page's overview shows the latest *materialization* (and its metadata:
+            # rocky/decision proceed, from the run that did the work); Dagster renders no
+            # observation there for a materializable asset.
             page.goto(f"{server.url}/assets/order_summary")
+            expect(page.get_by_text("rocky/ledger_key").first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "asset_page_overview.png"), full_page=True)
+
+            # Its Events tab: the newest event is the skip's observation, selected, with the
+            # decision and a link to the run that did the work.
+            page.goto(f"{server.url}/assets/order_summary?view=events")
             expect(page.get_by_text("skipped_completed").first).to_be_visible()
             expect(page.get_by_text("rocky/prior_run_id").first).to_be_visible()
-            page.screenshot(path=str(ARTIFACTS / "asset_page_skip.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / "asset_page_events_skip.png"), full_page=True)
 
+            # The catalog: its status is the latest materialization's.
             page.goto(f"{server.url}/assets")
             row = page.get_by_role("row").filter(has_text="order_summary")
+            expect(row).to_be_visible()
             expect(row.get_by_text("Loading")).to_have_count(0)
-            page.screenshot(path=str(ARTIFACTS / "asset_catalog_skip.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / "asset_catalog.png"), full_page=True)
+
+            # The runs list, filtered on the outcome tag: the skipped run is there, tagged.
+            page.goto(f"{server.url}/runs?q%5B0%5D=tag%3Arocky%2Foutcome%3Dskipped")
+            expect(page.get_by_text(skipped[:8]).first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "runs_outcome_skipped.png"), full_page=True)
         finally:
             browser.close()

@@ -110,7 +110,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserProject]:
         yield UserProject(server, first, second)
         server.terminate_unfinished()
     finally:
-        server.stop(timeout=120)  # a loaded machine takes a while to wind dagster dev down
+        server.stop()
     assert not server.leftovers, (
         f"processes left after SIGINT (SIGKILLed): {[pid for pid, _ in server.leftovers]}\n"
         f"{server.log_tail(40)}"

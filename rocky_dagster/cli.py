@@ -22,7 +22,8 @@ from it, skipped by it, reaped). The selecting, checking and writing are
 `--url` (default: `$ROCKY_LEDGER_URL`, else `$DAGSTER_HOME/rocky_ledger.db`, else
 `./.rocky/ledger.db`) and `--json` go anywhere: before `ledger`, before the command or after it.
 
-Exit codes (errors are one line on stderr, never a traceback):
+Exit codes (errors are one line on stderr, never a traceback; with `--json` the same error is
+also a JSON object on stdout, ``{"error": "...", "exit_code": N}``):
 
     0    done; `check` found no problem
     1    ledger error (unreachable, damaged, config), refused or aborted action, no such key,
@@ -86,9 +87,17 @@ class CliError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    json_errors = False
+    """Set by `main` when --json is on the command line: errors are JSON on stdout too."""
+    json_written = False
+    """Whether stdout already holds the command's JSON (`check` reports, then fails)."""
+
     def error(self, message: str) -> NoReturn:
         """Bad usage: one line on stderr and exit 2 (argparse would print the usage block too)."""
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        text = f"{message} (see {self.prog} --help)"
+        if _Parser.json_errors:
+            _json({"error": text, "exit_code": 2}, sys.stdout)
+        self.exit(2, f"{self.prog}: error: {text}\n")
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -109,6 +118,7 @@ def _fields(pairs: list[tuple[str, Any]], out: TextIO) -> None:
 
 
 def _json(value: Any, out: TextIO) -> None:
+    _Parser.json_written = True  # the command's answer: an error after it adds no second object
     out.write(json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
@@ -335,7 +345,11 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
         "(default: $ROCKY_LEDGER_URL, else $DAGSTER_HOME/rocky_ledger.db, else ./.rocky/ledger.db)",
     )
     parser.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="machine-readable output; an error is then also a JSON object on stdout: "
+        '{"error": MESSAGE, "exit_code": N}',
     )
 
 
@@ -444,12 +458,15 @@ def _not_text(argv: Sequence[str]) -> str | None:
 
 def _fail(code: int, message: str) -> int:
     text = " ".join(message.split())  # one line, whatever the error says
+    if _Parser.json_errors and not _Parser.json_written:
+        _json({"error": text, "exit_code": code}, sys.stdout)
     sys.stderr.write(f"{PROG}: error: {text}\n")
     return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _Parser.json_errors, _Parser.json_written = "--json" in argv, False
     problem = _not_text(argv)
     if problem is not None:
         return _fail(2, f"{problem} (see {PROG} --help)")

@@ -56,6 +56,7 @@ from .ledger import (
 )
 from .ledger.model import encode_result
 from .presentation import (
+    FAILED,
     RUN_TAGS,
     UNGUARDED,
     claim_metadata,
@@ -467,8 +468,6 @@ class StepGuard:
         if message is None:
             return
         decision = held.claim.decision
-        if held.state == ClaimState.SKIPPED and held.asset_key is not None:
-            return  # the asset's observation is its decision line (see assets.py)
         if decision == Decision.SKIPPED_IN_FLIGHT or (
             held.state == ClaimState.SKIPPED and self.skip_event
         ):
@@ -599,6 +598,7 @@ class StepGuard:
             else:
                 result = self.ledger.finalize(claim.key, claim.fence, Outcome.FAILED)
                 held.state = ClaimState.FAILED
+                RUN_TAGS.note(self.op_ctx, self.run_id, FAILED)
                 report(
                     f"rocky_dagster: step failed; ledger key '{claim.key}' finalized failed "
                     f"({_after_failure(self.ledger)})"

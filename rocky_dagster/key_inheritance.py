@@ -2,7 +2,8 @@
 
 `keys.resolve_key` is a pure function of tags, a step key and a partition; this module reads
 those off a running step: the step's own `key_fn` or its job's (`ledger_job(key_fn=...)`), the
-run's tags — or, for a re-execution that did not copy them, its parent's — and the partition.
+run's tags — or, for a re-execution that did not copy them, its parent's — and the partition;
+for a guarded asset whose launch carries no key, what the asset reads (`asset_inputs_key`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dagster import Failure
+from dagster import AssetKey, Failure
 
 from .keys import KEY_TAG, RUN_KEY_TAG, ResolvedKey, resolve_key
 from .ledger import InvalidArgumentError
@@ -69,7 +70,8 @@ def resolve_step_key(
     key_fn: KeyFn | None,
     asset_key: str | None,
 ) -> ResolvedKey:
-    """The step's base and ledger key; a bad key or key_fn result fails the step (no retries)."""
+    """The step's base and ledger key; a bad key or key_fn result fails the step (no retries).
+    A guarded asset with no other key is keyed by what it reads (`asset_inputs_key`)."""
     key_fn = key_fn or _JOB_KEY_FNS.get(op_ctx.job_name)
     user_key = None
     if key_fn is not None:
@@ -84,10 +86,30 @@ def resolve_step_key(
             )
     try:
         return resolve_key(
-            tags, step_key, user_key=user_key, partition=partition_of(op_ctx), asset_key=asset_key
+            tags,
+            step_key,
+            user_key=user_key,
+            partition=partition_of(op_ctx),
+            asset_key=asset_key,
+            inputs_key=None
+            if asset_key is None
+            else asset_inputs_key(context, AssetKey.from_user_string(asset_key)),
         )
     except InvalidArgumentError as exc:
         raise Failure(
             description=f"rocky_dagster: bad idempotency key for '{step_key}': {exc}",
             allow_retries=False,
         ) from exc
+
+
+def asset_inputs_key(
+    context: Any, subject: AssetKey, input_state: Callable[[], str | None] | None = None
+) -> Callable[[], str | None]:
+    """The key of a guarded asset whose launch carries none, asked only then: what `subject`
+    reads (its upstream data versions and code version, and `input_state()`, the state of what
+    it reads from outside Dagster); None when it reads nothing known (it runs unguarded)."""
+    from .input_versions import inputs_key
+
+    return lambda: inputs_key(
+        context, subject, input_state=input_state() if input_state is not None else None
+    )

@@ -6,7 +6,9 @@ them what it reads off a run; nothing here talks to Dagster or the ledger.
 
 A run's *base key* comes from, in order: a user ``key_fn``; the run tag
 ``rocky/idempotency_key``; Dagster's ``dagster/run_key``; for a guarded
-partitioned asset, ``<asset key>/<partition key>``; else there is none and the
+partitioned asset, ``<asset key>/<partition key>``; for a guarded asset, what it
+reads (``inputs:...``, `input_versions.inputs_key`: its upstream data versions
+and, for a pipeline, the state of its input files); else there is none and the
 step runs unguarded. The *ledger key* of one step is ``<base>/<step key>``, with
 the partition folded in as ``<base>/<partition>/<step key>`` when the run has a
 partition the base did not already come from, so two partitions never share a
@@ -15,7 +17,7 @@ key.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -57,6 +59,8 @@ class KeySource(StrEnum):
     TAG = "tag"
     RUN_KEY = "run_key"
     ASSET_PARTITION = "asset_partition"
+    INPUTS = "inputs"
+    """A launch with no key: the asset's key is what it reads (unchanged inputs: a skip)."""
     NONE = "none"
 
     @property
@@ -111,13 +115,15 @@ def resolve_key(
     user_key: str | None = None,
     partition: str | None = None,
     asset_key: str | None = None,
+    inputs_key: Callable[[], str | None] | None = None,
 ) -> ResolvedKey:
     """Resolve one step's base and ledger key (docs/contract.md, "Keys").
 
     `user_key` is what a `key_fn` returned (None: no opinion); `asset_key` is set only for a
     guarded asset: it names the asset's share of the base (``<base>/<asset key>``, not the
     step key), and with its partition it is the key of last resort, ``<asset key>/<partition>``
-    on its own (the asset is named once).
+    on its own (the asset is named once). `inputs_key` is asked last, only when nothing
+    else keys the step: the key of what the asset reads (None: it reads nothing known).
     """
     if user_key is not None:
         base, source = user_key, KeySource.KEY_FN
@@ -125,6 +131,9 @@ def resolve_key(
         base, source = base_key_from_tags(tags)
     if base is None and asset_key is not None and partition:
         base, source = asset_partition_key(asset_key, partition), KeySource.ASSET_PARTITION
+    if base is None and inputs_key is not None:
+        base = inputs_key()
+        source = KeySource.INPUTS if base is not None else KeySource.NONE
     if base is None:
         return ResolvedKey(None, KeySource.NONE, step_key, partition)
     base = validate_key(base, f"idempotency key (from {source.value})")

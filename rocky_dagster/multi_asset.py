@@ -32,7 +32,7 @@ from dagster import (
 
 from . import _compat
 from .guard import KeyClaim, StepGuard
-from .key_inheritance import job_key_fn, partition_of, tags_with_inherited_key
+from .key_inheritance import asset_inputs_key, job_key_fn, partition_of, tags_with_inherited_key
 from .keys import GUARDED_OP_TAG, KEY_TAG, KeySource, is_forced, resolve_key
 from .ledger import Claim, InvalidArgumentError
 from .presentation import DECISION_KEY, RUN_TAGS, UNGUARDED
@@ -85,14 +85,20 @@ class AssetsGuard(StepGuard):
         fingerprint: str | None = None,
         pipeline: str | None = None,
         key_fn_subjects: Mapping[AssetKey, AssetKey] | None = None,
+        input_state: Callable[[], str | None] | None = None,
+        key_by_inputs: bool = True,
     ) -> None:
         """`key_fn_subjects`: the asset a claim's `key_fn` is asked about, when the claim is
-        not an asset's own (an asset check's claim asks about the asset it checks)."""
+        not an asset's own (an asset check's claim asks about the asset it checks).
+        `key_by_inputs`: an asset with no other key is keyed by what it reads (its upstream
+        versions and `input_state()`, see `asset_inputs_key`); False: it runs unguarded."""
         super().__init__(context, resource, fingerprint=fingerprint, pipeline=pipeline)
         self.asset_keys = list(asset_keys)
         self.asset_key_fn = key_fn
         self.key_fn_subjects = dict(key_fn_subjects or {})
         self.by_asset: dict[AssetKey, KeyClaim] = {}
+        self.input_state = input_state
+        self.key_by_inputs = key_by_inputs
 
     def claim(self) -> Claim | None:
         """Claim every selected asset's key; the proceeding set is published for the body."""
@@ -107,7 +113,14 @@ class AssetsGuard(StepGuard):
             user_key = _call_key_fn(key_fn, self.context, subject) if key_fn else None
             try:
                 resolved = resolve_key(
-                    tags, name, user_key=user_key, partition=partition, asset_key=name
+                    tags,
+                    name,
+                    user_key=user_key,
+                    partition=partition,
+                    asset_key=name,
+                    inputs_key=asset_inputs_key(self.context, subject, self.input_state)
+                    if self.key_by_inputs
+                    else None,
                 )
             except InvalidArgumentError as exc:
                 raise Failure(

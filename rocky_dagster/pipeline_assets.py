@@ -28,6 +28,7 @@ from dagster import (
     multi_asset_check,
 )
 
+from .input_versions import pipeline_input_state
 from .keys import GUARDED_OP_TAG
 from .ledger import Claim
 from .multi_asset import AssetKeyFn, AssetsGuard
@@ -52,6 +53,7 @@ def pipeline_assets(
     partitions_def: Any = None,
     automation_condition: Any = None,
     key_fn: AssetKeyFn | None = None,
+    key_by_inputs: bool = True,
 ) -> list[AssetsDefinition]:
     """The pipeline's tables as one guarded, subsettable multi-asset, in a list; a quality
     pipeline gives one guarded asset-check op per table it checks (one op across tables that
@@ -67,6 +69,10 @@ def pipeline_assets(
         automation_condition: a declarative automation condition for every asset.
         key_fn: ``key_fn(context, asset_key) -> str | None`` (or ``key_fn(context)``), e.g.
             `input_versions_key`; default: the run's tags, then the partition.
+        key_by_inputs: a launch with no key (a Materialize click, ``dg launch``) keys each
+            asset by what it reads: its upstream assets' data versions and the pipeline's
+            input files (drops, source database, models), so unchanged inputs skip. False: such
+            a launch runs unguarded (one key per run, from its tags, or none).
 
     Examples:
         .. code-block:: python
@@ -99,6 +105,7 @@ def pipeline_assets(
                 [c for c in plan.checks if c.table == table],
                 op_name if len(tables) == 1 else f"{op_name}__{table}",
                 key_fn,
+                key_by_inputs,
             )
             for table in tables
         ]
@@ -124,6 +131,8 @@ def pipeline_assets(
             key_fn=key_fn,
             fingerprint=fingerprint,
             pipeline=pipeline.pipeline_type,
+            input_state=lambda: pipeline_input_state(pipeline),
+            key_by_inputs=key_by_inputs,
         )
         try:
             with guard.lifecycle():
@@ -211,7 +220,11 @@ def table_metadata(asset: TableAsset, stats: Any) -> dict[str, Any]:
 
 
 def _quality_checks(
-    plan: PipelinePlan, checks: list[TableCheck], op_name: str, key_fn: AssetKeyFn | None
+    plan: PipelinePlan,
+    checks: list[TableCheck],
+    op_name: str,
+    key_fn: AssetKeyFn | None,
+    key_by_inputs: bool = True,
 ) -> AssetChecksDefinition:
     """Some of a quality pipeline's checks as guarded asset checks, one ledger key per check.
 
@@ -243,6 +256,7 @@ def _quality_checks(
             fingerprint=fingerprint,
             pipeline="quality",
             key_fn_subjects={claim_keys[k]: k.asset_key for k in selected},
+            key_by_inputs=key_by_inputs,
         )
         try:
             with guard.lifecycle():

@@ -8,7 +8,8 @@
 - **Two run tags at most**, whatever the number of steps: ``rocky/idempotency_key`` (the base
   key) and ``rocky/outcome`` (`OUTCOME_TAG`), one of ``worked`` (every guarded step did its
   work), ``skipped`` (every step skipped: the work was done or under way elsewhere), ``mixed``,
-  ``unguarded`` (no step had a key) or ``none`` (a re-execution that decided nothing). It is
+  ``unguarded`` (no step had a key), ``none`` (a re-execution that decided nothing),
+  ``failed`` (a guarded step failed, or the run finished FAILURE) or ``canceled``. It is
   written when the run's value changes (once, twice when it becomes ``mixed``), never per
   step, and settled by the run-status sensors when the run finishes, so a re-execution never
   keeps showing the summary it copied from its parent.
@@ -34,7 +35,9 @@ DECISION_KEY = "rocky/decision"
 REPLAYED_PREFIX = "rocky/replayed/"
 
 WORKED, SKIPPED, MIXED, NONE = "worked", "skipped", "mixed", "none"
-OUTCOMES = (WORKED, SKIPPED, MIXED, UNGUARDED, NONE)
+FAILED, CANCELED = "failed", "canceled"
+"""A run a guarded step of which failed (or that finished FAILURE); one canceled."""
+OUTCOMES = (WORKED, SKIPPED, MIXED, UNGUARDED, NONE, FAILED, CANCELED)
 """Every value of the ``rocky/outcome`` run tag."""
 
 _KIND = {
@@ -43,6 +46,7 @@ _KIND = {
     Decision.SKIPPED_COMPLETED.value: SKIPPED,
     Decision.SKIPPED_IN_FLIGHT.value: SKIPPED,
     UNGUARDED: UNGUARDED,
+    FAILED: FAILED,
 }
 
 
@@ -161,10 +165,16 @@ def decision_message(claim: Claim, run_id: str) -> str | None:
 def unguarded_message(step_key: str, *, asset: bool) -> str:
     from .keys import KEY_TAG, RUN_KEY_TAG
 
+    if asset:
+        return (
+            f"rocky_dagster: step '{step_key}' has no idempotency key (no key_fn, no '{KEY_TAG}' "
+            f"or '{RUN_KEY_TAG}' run tag, no partition, no upstream asset to key it by): it runs "
+            "UNGUARDED, without the ledger. Key it with key_fn=..., a partitions_def, deps on "
+            f"the assets it reads, or a '{KEY_TAG}' tag on the launch"
+        )
     return (
         f"rocky_dagster: step '{step_key}' has no idempotency key (no key_fn, no '{KEY_TAG}' or "
-        f"'{RUN_KEY_TAG}' run tag{', no partition' if asset else ''}): it runs UNGUARDED, "
-        "without the ledger"
+        f"'{RUN_KEY_TAG}' run tag): it runs UNGUARDED, without the ledger"
     )
 
 
@@ -176,6 +186,8 @@ def outcome_of(decisions: Iterable[str]) -> str:
     kinds = {_KIND.get(d, MIXED) for d in decisions}
     if not kinds:
         return NONE
+    if FAILED in kinds:
+        return FAILED  # whatever else the run did, it did not finish its work
     return kinds.pop() if len(kinds) == 1 else MIXED
 
 
@@ -228,10 +240,14 @@ _SEED: dict[str | None, tuple[str, ...]] = {
     SKIPPED: (Decision.SKIPPED_COMPLETED.value,),
     UNGUARDED: (UNGUARDED,),
     MIXED: (Decision.PROCEED.value, Decision.SKIPPED_COMPLETED.value),
+    FAILED: (FAILED,),
 }
 """Decisions standing for a summary already on the run (written by another step process)."""
 
 RUN_TAGS = _RunTagWriter()
+
+_FINISHED_AS = {"FAILURE": FAILED, "CANCELED": CANCELED}
+"""A finished run's status that names its outcome, whatever its steps decided."""
 
 _DECISION_EVENTS = {
     DagsterEventType.STEP_OUTPUT,
@@ -266,8 +282,9 @@ def step_decisions(instance: DagsterInstance, run_id: str) -> dict[str, str]:
 
 
 def settle_outcome_tag(instance: DagsterInstance, run_id: str) -> str | None:
-    """Set a finished run's ``rocky/outcome`` from its own steps' decisions; the value written,
-    or None when the tag already said it (or the run has no guarded step and no such tag)."""
+    """Set a finished run's ``rocky/outcome`` from its own steps' decisions — ``failed`` or
+    ``canceled`` when a run with guarded steps finished so; the value written, or
+    None when the tag already said it (or the run has no guarded step and no such tag)."""
     run = instance.get_run_by_id(run_id)
     if run is None:
         return None
@@ -275,7 +292,8 @@ def settle_outcome_tag(instance: DagsterInstance, run_id: str) -> str | None:
     current = run.tags.get(OUTCOME_TAG)
     if not decisions and current is None:
         return None
-    value = outcome_of(decisions.values())
+    finished_as = _FINISHED_AS.get(run.status.value) if decisions else None
+    value = finished_as or outcome_of(decisions.values())
     if value == current:
         return None
     _compat.add_run_tags(instance, run_id, {OUTCOME_TAG: value})

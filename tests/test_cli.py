@@ -601,3 +601,17 @@ def test_a_terminal_that_cannot_show_a_key_gets_one_line(url: str):
         ledger.claim("отчёт/2031", "run-1")
     result = rocky("ledger", "list", "--url", url, env={"PYTHONIOENCODING": "ascii"})
     one_line_error(result, 1, "PYTHONIOENCODING=utf-8")
+
+
+def test_json_errors_are_json_on_stdout_too(url: str, seeded):
+    seeded()
+    missing = rocky("ledger", "show", "no/such/key", "--url", url, "--json")
+    assert missing.returncode == 1
+    error = json.loads(missing.stdout)
+    assert error["exit_code"] == 1 and "no/such/key" in error["error"]
+    assert missing.stderr.startswith("rocky-dagster: error:")  # the one line stays
+
+    usage = rocky("ledger", "list", "--limit", "0", "--json", "--url", url)
+    assert usage.returncode == 2
+    assert json.loads(usage.stdout)["exit_code"] == 2
+    assert "--json" in rocky("ledger", "--help").stdout

@@ -1,6 +1,7 @@
-"""README.md's code blocks work as written.
+"""README.md's and docs/*.md's code blocks work as written.
 
-Every ```python block runs, pasted into a file in an empty directory, with only the package
+Every ```python block (of the README and of every docs/*.md page, so a block moved there stays
+tested) runs, pasted into a file in an empty directory, with only the package
 installed and no `DAGSTER_HOME` / `ROCKY_LEDGER_URL` leaking in from this process. A block that
 is deliberately a fragment says so in its first line (``# fragment``) and must still compile.
 The shell lines that launch Dagster share one `DAGSTER_HOME`, and the README names no file
@@ -20,6 +21,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
+QUICKSTART_SECTION = "Quickstart"
 MAIN_EXAMPLE_SECTION = "Using it in Dagster"
 ASSETS_SECTION = "Using it with assets"
 YAML_SECTION = "In YAML, for `dg`"
@@ -39,6 +42,7 @@ class Block:
     code: str
     line: int
     section: str
+    page: str = "README.md"
 
     @property
     def is_fragment(self) -> bool:
@@ -46,10 +50,10 @@ class Block:
         return first.startswith("# fragment")
 
     def __str__(self) -> str:
-        return f"README.md:{self.line}"
+        return f"{self.page}:{self.line}"
 
 
-def readme_blocks(text: str, lang: str) -> list[Block]:
+def readme_blocks(text: str, lang: str, page: str = "README.md") -> list[Block]:
     headings = [(m.start(), m.group("title").strip()) for m in _HEADING.finditer(text)]
     found = []
     for match in _FENCE.finditer(text):
@@ -57,12 +61,18 @@ def readme_blocks(text: str, lang: str) -> list[Block]:
             continue
         section = next((t for pos, t in reversed(headings) if pos < match.start()), "")
         line = text.count("\n", 0, match.start()) + 1
-        found.append(Block(lang, match.group("code"), line, section))
+        found.append(Block(lang, match.group("code"), line, section, page))
     return found
 
 
 TEXT = README.read_text(encoding="utf-8")
-PYTHON = readme_blocks(TEXT, "python")
+PYTHON = [
+    block
+    for path in PAGES
+    for block in readme_blocks(
+        path.read_text(encoding="utf-8"), "python", str(path.relative_to(REPO))
+    )
+]
 RUNNABLE = [b for b in PYTHON if not b.is_fragment]
 FRAGMENTS = [b for b in PYTHON if b.is_fragment]
 
@@ -86,19 +96,35 @@ def test_python_block_runs_as_written_in_an_empty_directory(block: Block, tmp_pa
 
     assert done.returncode == 0, f"{block} failed:\n{done.stdout}\n{done.stderr[-4000:]}"
     assert not (tmp_path / ".rocky").exists(), "the example fell back to ./.rocky/ledger.db"
-    if block.section == MAIN_EXAMPLE_SECTION:
+    in_readme = block.page == "README.md"
+    if in_readme and block.section == QUICKSTART_SECTION:
+        # three launches with no tags: the second skips, the third follows a new input
+        assert "second (same inputs) -> skipped" in done.stdout, done.stdout
+        assert "third (after a new orders) -> worked" in done.stdout, done.stdout
+        assert done.stdout.count("order_totals computed") == 2, done.stdout
+    if in_readme and block.section == MAIN_EXAMPLE_SECTION:
         # the example's point: two runs with one key, the side effect happens once
         assert (tmp_path / "published.txt").read_text().splitlines() == ["published 2 payments"]
         second = [line for line in done.stdout.splitlines() if line.startswith("run 2:")]
         assert second and "'replayed': True" in second[0], done.stdout
-    if block.section == ASSETS_SECTION:
+    if in_readme and block.section == ASSETS_SECTION:
         # two runs with one key: the model materialized once, the warehouse built once
         assert "after run 2: revenue materialized 1 time(s)" in done.stdout, done.stdout
         assert "[('ada', 9.5), ('grace', 12.0)]" in done.stdout, done.stdout
 
 
+def test_the_readme_opens_with_a_short_quickstart():
+    """What the package is, how to install it, and a quickstart of at most 25 lines, all
+    within the README's first 60 lines."""
+    head = "\n".join(TEXT.splitlines()[:60])
+    assert "## Install" in head and "not** `dagster-rocky`" in head
+    [block] = [b for b in PYTHON if b.page == "README.md" and b.section == QUICKSTART_SECTION]
+    assert len(block.code.strip().splitlines()) <= 25
+    assert block.line + len(block.code.splitlines()) <= 60
+
+
 def test_the_main_example_is_a_whole_program_not_a_fragment():
-    main = [b for b in PYTHON if b.section == MAIN_EXAMPLE_SECTION]
+    main = [b for b in PYTHON if b.page == "README.md" and b.section == MAIN_EXAMPLE_SECTION]
     assert main, f"no python block under '## {MAIN_EXAMPLE_SECTION}'"
     assert not main[0].is_fragment
     assert "execute_in_process" in main[0].code
@@ -187,14 +213,21 @@ def test_the_outside_path_rule_tells_outside_from_inside(text: str, outside: boo
     assert bool(_OUTSIDE_PATH.search(text)) is outside
 
 
-def test_readme_names_no_file_outside_the_repository():
-    outside = [m.group() for m in _OUTSIDE_PATH.finditer(TEXT)]
+@pytest.mark.parametrize("path", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_readme_names_no_file_outside_the_repository(path: Path):
+    text = path.read_text(encoding="utf-8")
+    scanned = re.sub(r"/proc(/<pid>/\w+)?", "", text)  # the kernel's process table, no file
+    outside = [
+        m.group()
+        for m in _OUTSIDE_PATH.finditer(scanned)
+        if not (path.parent / m.group()).resolve().is_relative_to(REPO)
+    ]
     assert outside == []
-    assert "DESIGN" not in TEXT
-    for match in _LINK.finditer(TEXT):
+    assert "DESIGN" not in text
+    for match in _LINK.finditer(text):
         target = match.group("target").split("#")[0]
         if not target or re.match(r"[a-z][a-z0-9+.-]*:", target):
             continue  # an in-page anchor or a URL
-        path = (REPO / target).resolve()
-        assert path.is_relative_to(REPO), f"link {target} leaves the repository"
-        assert path.exists(), f"link {target} names no file in the repository"
+        linked = (path.parent / target).resolve()
+        assert linked.is_relative_to(REPO), f"link {target} leaves the repository"
+        assert linked.exists(), f"link {target} names no file in the repository"

@@ -9,8 +9,6 @@ the folder of the ``defs.yaml``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -117,22 +115,25 @@ class PipelineOptions(BaseModel):
 class PipelinesScaffolder(dg.Scaffolder):
     """``dg scaffold defs rocky_dagster.PipelinesComponent NAME``: a working warehouse.
 
-    Writes a defs.yaml with a load pipeline and a transformation over it, plus the sample drop
-    file and model they read, so ``dg check defs`` passes and the asset graph shows lineage.
+    Writes a defs.yaml with a load pipeline and a transformation over it, the model it builds
+    (code, beside the defs.yaml) and a sample drop file in the project's ``data/`` folder, where
+    the warehouse is written too: data stays out of the package's source tree.
     """
 
     def scaffold(self, request: dg.ScaffoldRequest) -> None:
         folder = request.target_path
-        (folder / "drops").mkdir(parents=True, exist_ok=True)
-        (folder / "models").mkdir(exist_ok=True)
-        (folder / "drops" / "orders_sample.csv").write_text(
-            "order_id,customer,amount\n1,ada,12.50\n2,grace,7.00\n3,ada,3.25\n"
-        )
+        data = (request.project_root or folder) / "data"
+        (data / "drops").mkdir(parents=True, exist_ok=True)
+        (folder / "models").mkdir(parents=True, exist_ok=True)
+        sample = data / "drops" / "orders_sample.csv"
+        if not sample.exists():
+            sample.write_text("order_id,customer,amount\n1,ada,12.50\n2,grace,7.00\n3,ada,3.25\n")
         (folder / "models" / "customer_totals.sql").write_text(
             "-- description: Order count and amount per customer\n"
             "SELECT customer, count(*) AS orders, sum(amount) AS amount\n"
             "FROM orders GROUP BY customer\n"
         )
+        warehouse = SCAFFOLD_DATA + "/warehouse.db"
         dg.scaffold_component(
             request,
             {
@@ -140,8 +141,8 @@ class PipelinesScaffolder(dg.Scaffolder):
                     {
                         "type": "load",
                         "name": "load_orders",
-                        "warehouse": "warehouse.db",
-                        "directory": "drops",
+                        "warehouse": warehouse,
+                        "directory": SCAFFOLD_DATA + "/drops",
                         "pattern": "*.csv",
                         "table": "orders",
                         "group_name": "warehouse",
@@ -149,13 +150,17 @@ class PipelinesScaffolder(dg.Scaffolder):
                     {
                         "type": "transformation",
                         "name": "build_models",
-                        "warehouse": "warehouse.db",
+                        "warehouse": warehouse,
                         "models_dir": "models",
                         "group_name": "warehouse",
                     },
                 ]
             },
         )
+
+
+SCAFFOLD_DATA = "{{ context.project_root }}/data"
+"""Where a scaffolded component keeps its data: the project's ``data/`` folder, not the package."""
 
 
 @dg.scaffold_with(PipelinesScaffolder)
@@ -227,13 +232,15 @@ class PipelinesComponent(dg.Component, dg.Resolvable, dg.Model):
             "runs; one set per project, so turn it off where another component adds them."
         ),
     )
-    key_fn: Literal["run", "input_versions"] = Field(
-        default="run",
+    key_fn: Literal["inputs", "run", "input_versions"] = Field(
+        default="inputs",
         description=(
-            "How an asset is keyed when its run carries no key: 'run' (the run's "
-            "rocky/idempotency_key tag, run_key or partition, else unguarded) or "
-            "'input_versions' (its code version and upstream data versions, so automation "
-            "skips unchanged work)."
+            "How an asset is keyed. 'inputs' (default): the run's rocky/idempotency_key tag, "
+            "run_key or partition, else what the asset reads (its upstream data versions and "
+            "the pipeline's drop files, source database or models), so a launch with no tags "
+            "over unchanged inputs skips. 'run': one key per run (the run's tag, run_key or "
+            "partition), else unguarded. 'input_versions': always its code version and "
+            "upstream data versions, even when the run carries a key."
         ),
     )
 
@@ -259,6 +266,7 @@ class PipelinesComponent(dg.Component, dg.Resolvable, dg.Model):
                     partitions_def=options.partitions.build() if options.partitions else None,
                     automation_condition=options.automation_condition,
                     key_fn=key_fn,
+                    key_by_inputs=self.key_fn != "run",
                 )
             except (ValueError, PipelineError) as exc:
                 raise PipelineConfigError(
@@ -365,19 +373,10 @@ def _input_sensor(
 
 def _input_state(pipeline: PipelineConfig) -> str | None:
     """A digest of what the pipeline reads (file names, sizes and modification times)."""
-    paths: list[Path] = []
-    directory = getattr(pipeline, "directory", None)
-    if directory is not None:  # load: the files it would read
-        pattern = getattr(pipeline, "pattern", "*")
-        paths = sorted(p for p in Path(directory).glob(pattern) if p.is_file())
-    elif getattr(pipeline, "source", None):  # replication: the source database
-        paths = [Path(pipeline.source)]  # type: ignore[attr-defined]
-    elif getattr(pipeline, "models_dir", None):  # transformation: the models
-        paths = sorted(Path(pipeline.models_dir).rglob("*.sql"))  # type: ignore[attr-defined]
-    else:
+    from ..input_versions import files_state, pipeline_input_paths
+
+    paths = pipeline_input_paths(pipeline)
+    if paths is None:  # snapshot, quality: the warehouse itself
         paths = [Path(pipeline.warehouse)]
     present = [p for p in paths if p.exists()]
-    if not present:
-        return None
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in present]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+    return files_state(present) if present else None

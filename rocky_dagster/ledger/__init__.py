@@ -91,7 +91,9 @@ def open_ledger(
         except ImportError as exc:
             raise LedgerConfigError(
                 f"url: {redact_url(text)!r} needs the PostgreSQL backend, which is not installed "
-                f"({exc}); install it with: pip install 'rocky-dagster[postgres]'"
+                f"({exc}); install its drivers: pip install 'psycopg[binary]>=3.2,<4' "
+                "'psycopg-pool>=3.2,<4' (or, from a clone of rocky_dagster: pip install "
+                "'.[postgres]')"
             ) from None
         return PostgresLedger(text, config, clock)
     from .sqlite import SQLiteLedger

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,10 @@ def _dg(project: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "ROCKY_LEDGER_URL")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["NO_COLOR"] = "1"
-    env["PYTHONPATH"] = str(project / "src")  # an installed project would not need it
+    # an installed project would not need its src; a checkout under test stays first on the path
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(project / "src"), os.environ.get("PYTHONPATH", "")) if p
+    )
     done = subprocess.run(
         [DG, *args], cwd=project, env=env, capture_output=True, text=True, timeout=300
     )
@@ -137,3 +141,45 @@ def test_the_example_project_passes_dg_check(tmp_path: Path) -> None:
             timeout=300,
         )
         assert done.returncode == 0, f"dg check {command}:\n{done.stdout}\n{done.stderr}"
+
+
+RUN_ID = re.compile(r" - ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}) - ")
+
+
+def _launch(project: Path) -> tuple[str, str]:
+    """`dg launch --assets '*'` with no tags: (its run id, its event log as printed)."""
+    done = _dg(project, "launch", "--assets", "*")
+    output = done.stdout + done.stderr
+    found = RUN_ID.search(output)
+    assert found, output
+    return found.group(1), output
+
+
+def test_a_scaffolded_warehouse_launched_twice_with_no_tags_does_the_work_once(
+    tmp_path: Path,
+) -> None:
+    """The first path a dg user takes: scaffold, launch, launch again, change a drop, launch."""
+    defs_dir = _project(tmp_path)
+    _dg(tmp_path, "scaffold", "defs", "rocky_dagster.PipelinesComponent", "my_pipelines")
+
+    first, output = _launch(tmp_path)
+    assert "Materialized value orders" in output and "Materialized value customer_totals" in output
+    assert "UNGUARDED" not in output
+    assert (tmp_path / "data" / "warehouse.db").exists()  # data beside the project, not in src
+    assert not list(defs_dir.rglob("*.db"))
+
+    second, output = _launch(tmp_path)
+    assert second != first
+    assert "ASSET_MATERIALIZATION" not in output, output
+    skips = [line for line in output.splitlines() if "SKIPPED" in line and " - INFO - " in line]
+    assert len(skips) == 1, output  # orders; Dagster does not start customer_totals' step
+    assert f"already completed in run {first}" in skips[0]
+
+    drop = tmp_path / "data" / "drops" / "orders_sample.csv"
+    before = drop.stat().st_mtime_ns
+    drop.write_text(drop.read_text() + "4,alan,1.50\n")
+    os.utime(drop, ns=(before, before + 1_000_000_000))
+    third, output = _launch(tmp_path)
+    assert third not in (first, second)
+    assert "Materialized value orders" in output and "Materialized value customer_totals" in output
+    assert "SKIPPED" not in output

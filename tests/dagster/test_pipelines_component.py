@@ -74,7 +74,9 @@ def _load(attributes: dict) -> Iterator[tuple[Path, dg.Definitions]]:
 def test_scaffold_writes_a_working_warehouse() -> None:
     with create_defs_folder_sandbox() as sandbox:
         path = sandbox.scaffold_component(PipelinesComponent)
-        assert (path / "drops" / "orders_sample.csv").exists()
+        data = sandbox.project_root / "data"  # data beside the project, not in its package
+        assert (data / "drops" / "orders_sample.csv").exists()
+        assert not (path / "drops").exists()
         with sandbox.load_component_and_build_defs(defs_path=path) as (_component, defs):
             keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == {"orders", "customer_totals"}

@@ -79,9 +79,12 @@ def test_every_job_runs_with_dagster_job_execute_from_the_repo_root(tmp_path: Pa
 
 
 def _readme_first_command() -> str:
+    """The first command of the README's "The two commands" (after what the package is, how to
+    install it and its quickstart)."""
     text = (REPO / "README.md").read_text()
-    block = re.search(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S)
-    assert block, "README.md has no code block"
+    section = text.split("\n## The two commands\n", 1)[-1]
+    block = re.search(r"```(?:bash|sh|console)?\n(.*?)```", section, re.S)
+    assert block, "README.md has no code block under '## The two commands'"
     first = next(line for line in block.group(1).splitlines() if line.strip())
     return first.split("#", 1)[0].strip()
 
@@ -191,3 +194,15 @@ def test_readme_first_command_in_a_fresh_copy(tmp_path: Path) -> None:
     assert f"ledger:     sqlite:///{ledger_file}" in out, out
     assert ledger_file.is_file()
     assert f"DAGSTER_HOME={home}" in out, out
+    # it said what it installed while it installed, and does not install twice
+    assert "demo: installing rocky_dagster[ui]" in out and "demo:   Successfully installed" in out
+    again = subprocess.run(
+        ["bash", "-c", f"{command} --help"],
+        cwd=copy,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    assert "demo: .venv is up to date" in again and "installing" not in again, again

@@ -265,7 +265,7 @@ def test_missing_extra_names_it():
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     ).stdout
-    assert "rocky-dagster[postgres]" in out
+    assert "pip install 'psycopg[binary]>=3.2,<4' 'psycopg-pool>=3.2,<4'" in out
     assert "hunter2secret" not in out
 
 

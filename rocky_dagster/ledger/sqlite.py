@@ -7,11 +7,10 @@ processes; the busy timeout makes contenders wait instead of failing.
 
 Every commit fsyncs the pages it dirtied, so the layout keeps that number low: entries
 in one key-ordered B-tree (WITHOUT ROWID), one index serving both reconcilers and sweep,
-and no fence counter of its own (fences are event ids, see `next_fence`). The hot path is
-one statement each (plus its event): a claim of a key with no row is an insert-if-absent,
-a finalize of a live claim a compare-and-set UPDATE; anything else falls back, under the
-same write lock, to the decision table. A claim+finalize cycle writes ~10 WAL frames;
-`benchmarks/ledger_bench.py` measures the cost.
+and no fence counter of its own (fences are event ids, see `next_fence`). Every write takes
+the transaction path of `backend.Ledger` (load, decide, write what changed): in-process
+statements cost no round trip, so a one-statement form would only be a second copy of a rule.
+`benchmarks/ledger_bench.py` measures the pages a claim+finalize cycle writes.
 """
 
 from __future__ import annotations
@@ -25,18 +24,12 @@ import time
 import weakref
 from collections.abc import Callable
 from contextlib import suppress
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from .backend import (
-    Clock,
-    Ledger,
-    row_problems,
-    validate_claim,
-    validate_finalize,
-)
+from .backend import Clock, Ledger, row_problems
 from .config import LedgerConfig
 from .errors import (
     LedgerConfigError,
@@ -44,24 +37,17 @@ from .errors import (
     LedgerSchemaError,
     LedgerUnavailableError,
 )
-from .machine import NEW_KEY
 from .model import (
     ENTRY_COLUMNS,
-    Claim,
     Entry,
     Event,
     EventKind,
-    FinalizeReason,
-    FinalizeResult,
-    Outcome,
-    State,
     Stats,
     corrupt_row,
     decode_result,
     encode_result,
-    validate_reason,
 )
-from .queries import Dialect, ReadQueries
+from .queries import Dialect, ReadQueries, decode_event
 
 SCHEMA_VERSION = 4
 """1: the first release. 2: one `due` index instead of two partial ones (fewer pages per
@@ -90,40 +76,12 @@ def _update_sql(columns: tuple[str, ...]) -> str:
     return f"UPDATE {ENTRIES} SET {', '.join(f'{c} = ?' for c in columns)} WHERE key = ?"
 
 
-FAST_PATH = sqlite3.sqlite_version_info >= (3, 35, 0)
-"""`RETURNING` came with SQLite 3.35 (2021); an older library takes the generic path."""
-
 HOLDER = "(CASE WHEN state = 'in_flight' THEN run_id END)"
 """The run holding an in-flight row, NULL for a terminal one: the first column of the `due`
 index. Queries that should use the index spell it exactly so (SQLite matches expressions)."""
 
 _QUERIES = ReadQueries(Dialect("?", holder=HOLDER), ENTRIES, EVENTS)
 _SELECT_ENTRY = _QUERIES.select_entry
-
-_FAST_CLAIM = f"""
-    INSERT INTO {ENTRIES} (key, state, run_id, fence, pipeline, fingerprint, claimed_at,
-        heartbeat_at, lease_expires_at, dedup_on, generation, holder_process)
-    SELECT ?1, 'in_flight', ?2, top.fence, ?3, ?4, ?5, ?5, ?6, ?7, top.fence, ?8
-    FROM (
-        SELECT max(coalesce((SELECT max(id) FROM {EVENTS}), 0), value) + 1 AS fence,
-            typeof(value) AS kind
-        FROM {META} WHERE name = 'last_fence'
-    ) AS top
-    WHERE top.kind = 'integer'
-    ON CONFLICT (key) DO NOTHING
-    RETURNING fence"""
-"""A claim of a key with no row, its fence computed in place (see `next_fence`) and written as
-its generation too (a new key begins one). No row back means the key has one, or the fence
-floor is damaged: the claim then goes through the decision table, which says which."""
-_FAST_FINALIZE = (
-    f"UPDATE {ENTRIES} SET state = ?, finalized_at = ?, expires_at = ?, result = ? "
-    "WHERE key = ? AND fence = ? AND state = 'in_flight' RETURNING run_id"
-)
-"""Compare-and-set of the live claim `fence`; no row back sends the finalize to the generic path,
-which finds out why under the same write lock."""
-_INSERT_EVENT_AS = (
-    f"INSERT INTO {EVENTS} (id, key, kind, run_id, fence, at, detail) VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
 
 _SWEEP_DOOMED = f"""
     SELECT key, run_id, fence, state FROM {ENTRIES} WHERE {HOLDER} IS NULL AND expires_at <= ?
@@ -220,13 +178,7 @@ def _entry(row: tuple[Any, ...]) -> Entry:
 
 
 def _event(row: tuple[Any, ...]) -> Event:
-    try:
-        return Event(
-            id=row[0], key=row[1], kind=row[2], run_id=row[3], fence=row[4], at=_dt(row[5]),
-            detail=row[6],
-        )  # fmt: skip
-    except (ValueError, TypeError) as exc:
-        raise corrupt_row(EVENTS, row[1], exc) from None
+    return decode_event(row, _dt)
 
 
 def _decode_entry(row: tuple[Any, ...]) -> Entry:
@@ -329,12 +281,6 @@ class _SQLiteTransaction:
             _INSERT_EVENT, (key, kind.value, run_id, fence, self.now_text, detail)
         )
         self._last_event_id = cursor.lastrowid or 0
-
-    def log_claim(self, fence: int, kind: EventKind, key: str, run_id: str, detail: str) -> None:
-        """Log the event of a claim the fast path made: its id is the fence (see `next_fence`)."""
-        self.conn.execute(
-            _INSERT_EVENT_AS, (fence, key, kind.value, run_id, fence, self.now_text, detail)
-        )
 
     def seal(self) -> None:
         """Before commit: a fence handed out with no event after it still must never recur."""
@@ -713,101 +659,6 @@ class SQLiteLedger(Ledger):
 
     def now(self) -> datetime:
         return self._now(_utcnow)
-
-    # --- the hot path: one write statement (and its event) each ----------------------------------
-
-    @functools.cached_property
-    def _claim_lease(self) -> timedelta:
-        return min(self.config.lease, self.config.in_flight_ttl)
-
-    @functools.cached_property
-    def _dedup_on(self) -> str:
-        return self.config.dedup_on.value
-
-    def claim(
-        self,
-        key: str,
-        run_id: str,
-        *,
-        pipeline: str | None = None,
-        fingerprint: str | None = None,
-        force: bool = False,
-    ) -> Claim:
-        """As `Ledger.claim`; a key with no row is claimed by one insert-if-absent.
-
-        The insert and the decision table's fallback run under one write lock, so a key that
-        has a row (the only case the insert does not take) is decided by `decide` as ever.
-        """
-        if not FAST_PATH:
-            return super().claim(
-                key, run_id, pipeline=pipeline, fingerprint=fingerprint, force=force
-            )
-        key, run_id, pipeline, fingerprint = validate_claim(
-            key, run_id, pipeline, fingerprint, force=force
-        )
-        with self.transaction() as tx:
-            lease_expires_at = tx.now + self._claim_lease
-            conn = tx.conn
-            row = conn.execute(
-                _FAST_CLAIM,
-                (
-                    key,
-                    run_id,
-                    pipeline,
-                    fingerprint,
-                    tx.now_text,
-                    _ts(lease_expires_at),
-                    self._dedup_on,
-                    self._process(),
-                ),
-            ).fetchone()
-            if row is None:
-                return self._claim_locked(tx, key, run_id, pipeline, fingerprint, force)
-            (fence,) = row
-            tx.log_claim(fence, NEW_KEY.event, key, run_id, NEW_KEY.detail)
-        return Claim(
-            key=key,
-            run_id=run_id,
-            decision=NEW_KEY.decision,
-            fence=fence,
-            lease_expires_at=lease_expires_at,
-            generation=fence,
-        )
-
-    def finalize(
-        self,
-        key: str,
-        fence: int,
-        outcome: Outcome | str,
-        *,
-        result: dict[str, Any] | None = None,
-        reason: str | None = None,
-    ) -> FinalizeResult:
-        """As `Ledger.finalize`; a live claim is finalized by one compare-and-set UPDATE."""
-        if not FAST_PATH:
-            return super().finalize(key, fence, outcome, result=result, reason=reason)
-        key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
-        detail = None if reason is None else validate_reason(reason)
-        with self.transaction() as tx:
-            expires_at = tx.now + self.config.retention
-            row = tx.conn.execute(
-                _FAST_FINALIZE,
-                (outcome.value, tx.now_text, _ts(expires_at), encoded, key, fence),
-            ).fetchone()
-            if row is None:
-                return self._finalize_locked(tx, key, fence, outcome, encoded, result, detail)
-            (holder,) = row
-            tx.log(EventKind(outcome.value), key, holder, fence, detail)
-        return FinalizeResult(
-            key=key,
-            fence=fence,
-            outcome=outcome,
-            applied=True,
-            reason=FinalizeReason.APPLIED,
-            state=State(outcome.value),
-            run_id=holder,
-            expires_at=expires_at,
-        )
 
     _reads = _QUERIES
     _decode_entry = staticmethod(_entry)

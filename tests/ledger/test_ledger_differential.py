@@ -107,7 +107,10 @@ class BackendsAgree(RuleBasedStateMachine):
         n = next(_schemas)
         sqlite_clock, pg_clock = FakeClock(), FakeClock()
         self.sides = (
-            _Side(open_ledger(f"sqlite:///{self.tmp}/diff-{n}.db", CONFIG, clock=sqlite_clock), sqlite_clock),
+            _Side(
+                open_ledger(f"sqlite:///{self.tmp}/diff-{n}.db", CONFIG, clock=sqlite_clock),
+                sqlite_clock,
+            ),
             _Side(open_ledger(self.pg_url(f"diff{n}"), CONFIG, clock=pg_clock), pg_clock),
         )
 

@@ -7,10 +7,11 @@ processes; the busy timeout makes contenders wait instead of failing.
 
 Every commit fsyncs the pages it dirtied, so the layout keeps that number low: entries
 in one key-ordered B-tree (WITHOUT ROWID), one index serving both reconcilers and sweep,
-and no fence counter of its own (fences are event ids, see `next_fence`). Every write takes
-the transaction path of `backend.Ledger` (load, decide, write what changed): in-process
-statements cost no round trip, so a one-statement form would only be a second copy of a rule.
-`benchmarks/ledger_bench.py` measures the pages a claim+finalize cycle writes.
+and no fence counter of its own (fences are event ids, see `next_fence`). The two writes of
+every run's hot path are `Ledger`'s one-statement primitives (a claim of a key with no row is
+an insert-if-absent, a finalize of a live claim a compare-and-set UPDATE, each with its event
+and under the write lock); anything else takes `Ledger`'s transaction path (load, decide,
+write what changed). `benchmarks/ledger_bench.py` measures the pages a cycle writes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from .backend import Clock, Ledger, row_problems
+from .backend import Clock, Ledger, NewClaim, row_problems
 from .config import LedgerConfig
 from .errors import (
     LedgerConfigError,
@@ -42,6 +43,7 @@ from .model import (
     Entry,
     Event,
     EventKind,
+    Outcome,
     Stats,
     corrupt_row,
     decode_result,
@@ -76,12 +78,40 @@ def _update_sql(columns: tuple[str, ...]) -> str:
     return f"UPDATE {ENTRIES} SET {', '.join(f'{c} = ?' for c in columns)} WHERE key = ?"
 
 
+FAST_PATH = sqlite3.sqlite_version_info >= (3, 35, 0)
+"""`RETURNING` came with SQLite 3.35 (2021); an older library takes the generic path."""
+
 HOLDER = "(CASE WHEN state = 'in_flight' THEN run_id END)"
 """The run holding an in-flight row, NULL for a terminal one: the first column of the `due`
 index. Queries that should use the index spell it exactly so (SQLite matches expressions)."""
 
 _QUERIES = ReadQueries(Dialect("?", holder=HOLDER), ENTRIES, EVENTS)
 _SELECT_ENTRY = _QUERIES.select_entry
+
+_FAST_CLAIM = f"""
+    INSERT INTO {ENTRIES} (key, state, run_id, fence, pipeline, fingerprint, claimed_at,
+        heartbeat_at, lease_expires_at, dedup_on, generation, holder_process)
+    SELECT ?1, 'in_flight', ?2, top.fence, ?3, ?4, ?5, ?5, ?6, ?7, top.fence, ?8
+    FROM (
+        SELECT max(coalesce((SELECT max(id) FROM {EVENTS}), 0), value) + 1 AS fence,
+            typeof(value) AS kind
+        FROM {META} WHERE name = 'last_fence'
+    ) AS top
+    WHERE top.kind = 'integer'
+    ON CONFLICT (key) DO NOTHING
+    RETURNING fence"""
+"""A claim of a key with no row, its fence computed in place (see `next_fence`) and written as
+its generation too (a new key begins one). No row back means the key has one, or the fence
+floor is damaged: the claim then goes through the decision table, which says which."""
+_FAST_FINALIZE = (
+    f"UPDATE {ENTRIES} SET state = ?, finalized_at = ?, expires_at = ?, result = ? "
+    "WHERE key = ? AND fence = ? AND state = 'in_flight' RETURNING run_id"
+)
+"""Compare-and-set of the live claim `fence`; no row back sends the finalize to the generic path,
+which finds out why under the same write lock."""
+_INSERT_EVENT_AS = (
+    f"INSERT INTO {EVENTS} (id, key, kind, run_id, fence, at, detail) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 _SWEEP_DOOMED = f"""
     SELECT key, run_id, fence, state FROM {ENTRIES} WHERE {HOLDER} IS NULL AND expires_at <= ?
@@ -281,6 +311,12 @@ class _SQLiteTransaction:
             _INSERT_EVENT, (key, kind.value, run_id, fence, self.now_text, detail)
         )
         self._last_event_id = cursor.lastrowid or 0
+
+    def log_claim(self, fence: int, kind: EventKind, key: str, run_id: str, detail: str) -> None:
+        """Log the event of a claim the fast path made: its id is the fence (see `next_fence`)."""
+        self.conn.execute(
+            _INSERT_EVENT_AS, (fence, key, kind.value, run_id, fence, self.now_text, detail)
+        )
 
     def seal(self) -> None:
         """Before commit: a fence handed out with no event after it still must never recur."""
@@ -659,6 +695,50 @@ class SQLiteLedger(Ledger):
 
     def now(self) -> datetime:
         return self._now(_utcnow)
+
+    # --- the one-statement primitives (see `Ledger`): the hot path's two writes -------------
+
+    def _insert_new(self, new: NewClaim) -> tuple[int, datetime] | None:
+        """One insert-if-absent, its fence computed in place (see `next_fence`)."""
+        if not FAST_PATH:
+            return None
+        with self.transaction() as tx:
+            lease_expires_at = tx.now + new.lease
+            row = tx.conn.execute(
+                _FAST_CLAIM,
+                (
+                    new.key,
+                    new.run_id,
+                    new.pipeline,
+                    new.fingerprint,
+                    tx.now_text,
+                    _ts(lease_expires_at),
+                    new.dedup_on,
+                    new.holder_process,
+                ),
+            ).fetchone()
+            if row is None:
+                return None
+            (fence,) = row
+            tx.log_claim(fence, new.event, new.key, new.run_id, new.detail)
+        return fence, lease_expires_at
+
+    def _finalize_live(
+        self, key: str, fence: int, outcome: Outcome, encoded: str | None, detail: str | None
+    ) -> tuple[str, datetime] | None:
+        """One compare-and-set UPDATE of the live claim `fence`."""
+        if not FAST_PATH:
+            return None
+        with self.transaction() as tx:
+            expires_at = tx.now + self.config.retention
+            row = tx.conn.execute(
+                _FAST_FINALIZE, (outcome.value, tx.now_text, _ts(expires_at), encoded, key, fence)
+            ).fetchone()
+            if row is None:
+                return None
+            (holder,) = row
+            tx.log(EventKind(outcome.value), key, holder, fence, detail)
+        return holder, expires_at
 
     _reads = _QUERIES
     _decode_entry = staticmethod(_entry)

@@ -13,6 +13,7 @@ from pathlib import Path
 from ledger_helpers import replay
 
 from rocky_dagster.ledger import Outcome, open_ledger
+from rocky_dagster.ledger import sqlite as sqlite_backend
 from rocky_dagster.ledger.sqlite import SCHEMA_VERSION
 
 
@@ -63,3 +64,24 @@ def test_the_file_is_in_wal_mode_for_every_later_reader(tmp_path: Path):
         ).fetchone() == (SCHEMA_VERSION,)
     finally:
         conn.close()
+
+
+def test_without_returning_the_generic_path_gives_the_same_answers(tmp_path: Path, monkeypatch):
+    """SQLite older than 3.35 has no RETURNING: claim and finalize take the decision table."""
+    fast_path_answers = _a_small_history(tmp_path / "fast.db")
+    monkeypatch.setattr(sqlite_backend, "FAST_PATH", False)
+    assert _a_small_history(tmp_path / "generic.db") == fast_path_answers
+
+
+def _a_small_history(path: Path) -> list[object]:
+    answers: list[object] = []
+    with open_ledger(f"sqlite:///{path}") as ledger:
+        first = ledger.claim("k", "run-1")
+        answers += [first.decision, first.fence, ledger.claim("k", "run-2").decision]
+        answers += [first.generation, ledger.get("k").generation]  # a new key begins one
+        done = ledger.finalize("k", first.fence, Outcome.SUCCEEDED, result={"rows": 1})
+        answers += [done.applied, done.reason, done.run_id]
+        again = ledger.finalize("k", first.fence, Outcome.FAILED)
+        answers += [again.applied, again.reason, ledger.claim("k", "run-3").result]
+        answers += [[(e.kind, e.run_id, e.fence) for e in ledger.history("k")]]
+    return answers

@@ -11,13 +11,14 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
 
 from . import process
 from .config import LedgerConfig
 from .errors import InvalidArgumentError, LedgerConfigError, LedgerError
-from .machine import decide
+from .machine import NEW_KEY, Plan, decide
 from .model import (
     RELEASED,
     Claim,
@@ -40,9 +41,55 @@ from .model import (
 from .queries import ReadQueries
 
 Clock = Callable[[], datetime]
+T = TypeVar("T")
 _DATETIME = datetime
 """The datetime type itself, for isinstance checks that must survive tests patching the
 module's `datetime` name to skew the clock."""
+
+
+@dataclass(frozen=True)
+class NewClaim:
+    """The row a claim of a key with no row writes (`machine.NEW_KEY`): in flight for `run_id`,
+    claimed and heartbeated now, leased for `lease` (already capped by the TTL), beginning its
+    own generation (stored NULL or equal to its fence), logged as `event` with `detail`."""
+
+    key: str
+    run_id: str
+    pipeline: str | None
+    fingerprint: str | None
+    lease: timedelta
+    dedup_on: str
+    holder_process: str
+    event: EventKind = NEW_KEY.event
+    detail: str = NEW_KEY.detail
+
+    def claim(self, fence: int, lease_expires_at: datetime) -> Claim:
+        """The answer to the claim that wrote this row with `fence`."""
+        return Claim(
+            key=self.key,
+            run_id=self.run_id,
+            decision=NEW_KEY.decision,
+            fence=fence,
+            lease_expires_at=lease_expires_at,
+            generation=fence,
+        )
+
+
+def renew_lease(row: Entry, now: datetime, config: LedgerConfig) -> Entry | None:
+    """A live claim after a heartbeat at `now`, or None once its TTL cap has passed (the claim
+    is adoptable: it is lost). A `claimed_at` ahead of `now` means the clock stepped back: it is
+    clamped to `now` (machine._rebase), so the cap counts from the earlier time."""
+    claimed_at = min(row.claimed_at, now)
+    deadline = claimed_at + config.in_flight_ttl
+    if deadline <= now:
+        return None
+    return row.model_copy(
+        update={
+            "claimed_at": claimed_at,
+            "heartbeat_at": now,
+            "lease_expires_at": min(now + config.lease, deadline),
+        }
+    )
 
 
 class Transaction(Protocol):
@@ -98,6 +145,35 @@ class Ledger(ABC):
     @abstractmethod
     def transaction(self) -> AbstractContextManager[Transaction]:
         """Begin a write transaction that locks what `load` reads until it commits."""
+
+    # One-statement writes, for a store where a transaction costs round trips. Each is what
+    # the transaction path below would write in its one case, so it may only ever agree with
+    # it; None means "not done here": the call then takes the transaction path.
+
+    def _insert_new(self, new: NewClaim) -> tuple[int, datetime] | None:
+        """Insert `new` as the row of a key that has none, with its event, atomically: its
+        (fence, lease_expires_at), or None if the key has a row."""
+        return None
+
+    def _finalize_live(
+        self, key: str, fence: int, outcome: Outcome, encoded: str | None, detail: str | None
+    ) -> tuple[str, datetime] | None:
+        """Compare-and-set the live claim `fence` to `outcome` (`finalized_at` now, `expires_at`
+        one retention later), with its event: (holder run_id, expires_at), or None if `fence`
+        is not the key's live claim."""
+        return None
+
+    def _extend_lease(self, key: str, fence: int) -> bool | None:
+        """`renew_lease` on the live claim `fence` as one conditional write: whether it held."""
+        return None
+
+    def _attempt(self, call: Callable[[], T]) -> T:
+        """Run one whole call; a store that can lose a connection may run it once more."""
+        return call()
+
+    def _attempt_finalize(self, call: Callable[[], FinalizeResult]) -> FinalizeResult:
+        """`_attempt` for a finalize (a store that lost a reply may learn more from the answer)."""
+        return self._attempt(call)
 
     # --- reads: one implementation over each backend's query builder and row decoders ------
 
@@ -194,8 +270,24 @@ class Ledger(ABC):
         key, run_id, pipeline, fingerprint = validate_claim(
             key, run_id, pipeline, fingerprint, force=force
         )
-        with self.transaction() as tx:
-            return self._claim_locked(tx, key, run_id, pipeline, fingerprint, force)
+        new = NewClaim(
+            key=key,
+            run_id=run_id,
+            pipeline=pipeline,
+            fingerprint=fingerprint,
+            lease=min(self.config.lease, self.config.in_flight_ttl),
+            dedup_on=self.config.dedup_on.value,
+            holder_process=self._process(),
+        )
+
+        def attempt() -> Claim:
+            taken = self._insert_new(new)
+            if taken is not None:
+                return new.claim(*taken)
+            with self.transaction() as tx:
+                return self._claim_locked(tx, key, run_id, pipeline, fingerprint, force)
+
+        return self._attempt(attempt)
 
     def peek(
         self,
@@ -214,33 +306,27 @@ class Ledger(ABC):
         key, run_id, _, fingerprint = validate_claim(
             key, run_id or "-", None, fingerprint, force=force
         )
-        me = self._process()
         with self.transaction() as tx:
-            existing = tx.load(key)
-            plan = decide(
-                existing,
-                now=tx.now,
-                run_id=run_id,
-                fingerprint=fingerprint,
-                config=self.config,
-                force=force,
-                judge_holder=lambda recorded: process.holder(recorded, me),
-            )
-        if plan.rebased is not None:
-            existing = plan.rebased
-        in_flight = existing is not None and existing.state == State.IN_FLIGHT
-        return Claim(
-            key=key,
+            existing, plan = self._plan(tx, key, run_id, fingerprint, force)
+        return _answer(key, run_id, plan, existing)
+
+    def _plan(
+        self, tx: Transaction, key: str, run_id: str, fingerprint: str | None, force: bool
+    ) -> tuple[Entry | None, Plan]:
+        """The key's row (locked; rebased if the clock stepped back) and what a claim of it by
+        `run_id` must do: `decide`, for `claim` and `peek` alike."""
+        me = self._process()
+        existing = tx.load(key)
+        plan = decide(
+            existing,
+            now=tx.now,
             run_id=run_id,
-            decision=plan.decision,
-            prior_run_id=plan.prior_run_id,
-            held_by_run_id=plan.held_by_run_id,
-            result=None if existing is None or plan.takes_key else existing.result,
-            forced=plan.forced,
-            lease_expires_at=existing.lease_expires_at if existing and in_flight else None,
-            expires_at=None if existing is None else existing.expires_at,
-            generation=None if existing is None else existing.generation_fence,
+            fingerprint=fingerprint,
+            config=self.config,
+            force=force,
+            judge_holder=lambda recorded: process.holder(recorded, me),
         )
+        return (existing if plan.rebased is None else plan.rebased), plan
 
     def _claim_locked(
         self,
@@ -254,36 +340,13 @@ class Ledger(ABC):
         """A validated claim inside an open transaction: load the row, decide, write the plan."""
         me = self._process()
         while True:
-            existing = tx.load(key)
-            plan = decide(
-                existing,
-                now=tx.now,
-                run_id=run_id,
-                fingerprint=fingerprint,
-                config=self.config,
-                force=force,
-                judge_holder=lambda recorded: process.holder(recorded, me),
-            )
-            if plan.rebased is not None:
-                existing = plan.rebased
+            existing, plan = self._plan(tx, key, run_id, fingerprint, force)
             if not plan.takes_key:
                 assert existing is not None
                 if plan.rebased is not None:
                     tx.update(plan.rebased)
                 tx.log(plan.event, key, run_id, None, plan.detail)
-                return Claim(
-                    key=key,
-                    run_id=run_id,
-                    decision=plan.decision,
-                    prior_run_id=plan.prior_run_id,
-                    held_by_run_id=plan.held_by_run_id,
-                    result=existing.result,
-                    lease_expires_at=existing.lease_expires_at
-                    if existing.state == State.IN_FLIGHT
-                    else None,
-                    expires_at=existing.expires_at,
-                    generation=existing.generation_fence,
-                )
+                return _answer(key, run_id, plan, existing)
             now = tx.now
             fence = tx.next_fence()
             # a same-run re-entry keeps the first attempt's claimed_at: the TTL cap holds
@@ -311,16 +374,7 @@ class Ledger(ABC):
             else:
                 tx.update(entry)
             tx.log(plan.event, key, run_id, entry.fence, plan.detail)
-            return Claim(
-                key=key,
-                run_id=run_id,
-                decision=plan.decision,
-                fence=entry.fence,
-                prior_run_id=plan.prior_run_id,
-                forced=plan.forced,
-                lease_expires_at=entry.lease_expires_at,
-                generation=entry.generation,
-            )
+            return _answer(key, run_id, plan, entry, entry.fence)
 
     def finalize(
         self,
@@ -339,8 +393,17 @@ class Ledger(ABC):
         """
         key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
         detail = None if reason is None else validate_reason(reason)
-        with self.transaction() as tx:
-            return self._finalize_locked(tx, key, fence, outcome, encoded, result, detail)
+
+        def attempt() -> FinalizeResult:
+            done = self._finalize_live(key, fence, outcome, encoded, detail)
+            if done is not None:
+                run_id, expires_at = done
+                return _settled(key, fence, outcome, FinalizeReason.APPLIED, run_id, expires_at)
+            # not a live claim of this fence: find out why under the lock
+            with self.transaction() as tx:
+                return self._finalize_locked(tx, key, fence, outcome, encoded, result, detail)
+
+        return self._attempt_finalize(attempt)
 
     def _finalize_locked(
         self,
@@ -356,13 +419,7 @@ class Ledger(ABC):
         row = tx.load(key)
         if row is None:
             tx.log(EventKind.LOST, key, None, fence, f"{outcome.value} reported, but no entry")
-            return FinalizeResult(
-                key=key,
-                fence=fence,
-                outcome=outcome,
-                applied=False,
-                reason=FinalizeReason.NOT_FOUND,
-            )
+            return _settled(key, fence, outcome, FinalizeReason.NOT_FOUND)
         if row.fence != fence:
             tx.log(
                 EventKind.LOST,
@@ -395,25 +452,20 @@ class Ledger(ABC):
         """Extend the lease of claim `fence`; False means the claim was lost and work must stop."""
         key = validate_key(key)
         fence = validate_fence(fence)
-        with self.transaction() as tx:
-            row = _live_row(tx, key, fence)
-            if row is None:
-                return False
-            now = tx.now
-            claimed_at = min(row.claimed_at, now)  # a clock stepped back: see machine._rebase
-            deadline = claimed_at + self.config.in_flight_ttl
-            if deadline <= now:
-                return False  # past the hard cap the claim is adoptable: it is lost
-            tx.update(
-                row.model_copy(
-                    update={
-                        "claimed_at": claimed_at,
-                        "heartbeat_at": now,
-                        "lease_expires_at": min(now + self.config.lease, deadline),
-                    }
-                )
-            )
-            return True
+
+        def attempt() -> bool:
+            extended = self._extend_lease(key, fence)
+            if extended is not None:
+                return extended
+            with self.transaction() as tx:
+                row = _live_row(tx, key, fence)
+                renewed = None if row is None else renew_lease(row, tx.now, self.config)
+                if renewed is None:
+                    return False
+                tx.update(renewed)
+                return True
+
+        return self._attempt(attempt)
 
     def keep_for_retry(self, key: str, fence: int) -> bool:
         """Park claim `fence` for its run's next attempt: no process works on it any more.
@@ -425,6 +477,10 @@ class Ledger(ABC):
         """
         key = validate_key(key)
         fence = validate_fence(fence)
+        # idempotent: repeating it after a lost reply finds the claim already parked
+        return self._attempt(lambda: self._keep_for_retry(key, fence))
+
+    def _keep_for_retry(self, key: str, fence: int) -> bool:
         with self.transaction() as tx:
             row = _live_row(tx, key, fence)
             if row is None:
@@ -461,6 +517,9 @@ class Ledger(ABC):
         run_id = validate_optional_label(run_id, "run_id")
         fence = None if fence is None else validate_fence(fence)
         reason = validate_reason(reason)
+        return self._attempt(lambda: self._release(key, run_id, fence, reason))
+
+    def _release(self, key: str, run_id: str | None, fence: int | None, reason: str) -> bool:
         with self.transaction() as tx:
             row = tx.load(key)
             if row is None or row.state != State.IN_FLIGHT:
@@ -488,6 +547,9 @@ class Ledger(ABC):
         """Forget a finalized key so the next claim proceeds; in-flight claims need `release`."""
         key = validate_key(key)
         reason = validate_reason(reason)
+        return self._attempt(lambda: self._reset(key, reason))
+
+    def _reset(self, key: str, reason: str) -> bool:
         with self.transaction() as tx:
             row = tx.load(key)
             if row is None or row.state == State.IN_FLIGHT:
@@ -525,6 +587,27 @@ class Ledger(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+def _answer(
+    key: str, run_id: str, plan: Plan, row: Entry | None, fence: int | None = None
+) -> Claim:
+    """A claim's answer: `row` is the key's entry after the claim (the claim's own when it
+    took the key, with its `fence`), or as it stands for a claim that did not (or a peek)."""
+    in_flight = row is not None and row.state == State.IN_FLIGHT
+    return Claim(
+        key=key,
+        run_id=run_id,
+        decision=plan.decision,
+        fence=fence,
+        prior_run_id=plan.prior_run_id,
+        held_by_run_id=plan.held_by_run_id,
+        result=None if row is None or plan.takes_key else row.result,
+        forced=plan.forced,
+        lease_expires_at=row.lease_expires_at if row is not None and in_flight else None,
+        expires_at=None if row is None else row.expires_at,
+        generation=None if row is None else row.generation_fence,
+    )
 
 
 def _live_row(tx: Transaction, key: str, fence: int) -> Entry | None:
@@ -599,15 +682,29 @@ def _outcome(value: Outcome | str) -> Outcome:
 def _finalize_result(
     row: Entry, fence: int, outcome: Outcome, reason: FinalizeReason
 ) -> FinalizeResult:
+    return _settled(row.key, fence, outcome, reason, row.run_id, row.expires_at, row.state)
+
+
+def _settled(
+    key: str,
+    fence: int,
+    outcome: Outcome,
+    reason: FinalizeReason,
+    run_id: str | None = None,
+    expires_at: datetime | None = None,
+    state: State | None = None,
+) -> FinalizeResult:
+    """A finalize's answer; an applied one leaves the entry in the outcome's state."""
+    applied = reason == FinalizeReason.APPLIED
     return FinalizeResult(
-        key=row.key,
+        key=key,
         fence=fence,
         outcome=outcome,
-        applied=reason == FinalizeReason.APPLIED,
+        applied=applied,
         reason=reason,
-        state=row.state,
-        run_id=row.run_id,
-        expires_at=row.expires_at,
+        state=State(outcome.value) if applied else state,
+        run_id=run_id,
+        expires_at=expires_at,
     )
 
 

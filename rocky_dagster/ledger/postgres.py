@@ -1,12 +1,13 @@
 """PostgreSQL backend: one ledger shared by every host of a deployment (extra `postgres`).
 
 The generic path (`Ledger` over `transaction()`) locks the key's row with `SELECT … FOR UPDATE`
-and decides in Python (machine.decide), so both backends share one decision table. The two
-calls on every run's hot path have a one-statement form as well: a claim of a key with no row is
-one `INSERT … WHERE NOT EXISTS … ON CONFLICT DO NOTHING` (with its event, in one CTE), and a
-finalize of a live claim is one compare-and-set `UPDATE … WHERE fence = … AND state = 'in_flight'`.
-Anything else (a row exists, a stale fence) falls through to the generic path, which re-decides
-under the row lock, so the shortcut can only ever agree with the decision table.
+and decides in Python (machine.decide), so both backends share one decision table. A round
+trip is what a call costs here, so the three writes on every run's hot path are offered as
+`Ledger`'s one-statement primitives: `_insert_new` (a claim of a key with no row, with its
+event, in one CTE), `_finalize_live` (compare-and-set `UPDATE … WHERE fence = … AND state =
+'in_flight'`) and `_extend_lease` (a heartbeat). Anything else (a row exists, a stale fence)
+takes the generic path, which re-decides under the row lock, so a primitive can only ever
+agree with the decision table (tests/ledger/test_ledger_differential.py holds them to it).
 
 Time is the database's clock (so worker clock skew cannot expire or extend a lease) unless a
 clock was injected. Fences come from a sequence: strictly increasing, never reused, but with
@@ -41,9 +42,9 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from .backend import (
     Clock,
     Ledger,
+    NewClaim,
     redact_url,
     row_problems,
-    validate_claim,
     validate_finalize,
 )
 from .config import LedgerConfig
@@ -53,11 +54,9 @@ from .errors import (
     LedgerSchemaError,
     LedgerUnavailableError,
 )
-from .machine import NEW_KEY
 from .model import (
     ENTRY_COLUMNS,
     TIME_COLUMNS,
-    Claim,
     Entry,
     Event,
     EventKind,
@@ -69,11 +68,8 @@ from .model import (
     corrupt_row,
     decode_result,
     encode_result,
-    validate_fence,
-    validate_key,
-    validate_reason,
 )
-from .queries import Dialect, ReadQueries
+from .queries import Dialect, ReadQueries, decode_event
 
 SCHEMA_VERSION = 4
 """1: the first release. 2: one partial index on in-flight rows instead of three (fewer index
@@ -195,14 +191,15 @@ class _Sql:
                 SELECT key, state, run_id, fence, at, %(detail)s FROM upd
             )
             SELECT run_id, expires_at FROM upd"""
+        # backend.renew_lease in one statement (SET reads the row's old values)
         self.heartbeat = f"""
             UPDATE {self.entries}
-            SET heartbeat_at = t.now,
+            SET claimed_at = least(claimed_at, t.now), heartbeat_at = t.now,
                 lease_expires_at = least(t.now + %(lease_us)s * interval '1 microsecond',
-                                         claimed_at + %(ttl_us)s * interval '1 microsecond')
+                    least(claimed_at, t.now) + %(ttl_us)s * interval '1 microsecond')
             FROM (SELECT coalesce(%(now)s::timestamptz, statement_timestamp()) AS now) AS t
             WHERE key = %(key)s AND fence = %(fence)s AND state = 'in_flight'
-                AND t.now < claimed_at + %(ttl_us)s * interval '1 microsecond'
+                AND t.now < least(claimed_at, t.now) + %(ttl_us)s * interval '1 microsecond'
             RETURNING 1"""
         self.written_by = (
             f"SELECT state, run_id, fence, expires_at, lease_expires_at FROM {self.entries} "
@@ -385,13 +382,7 @@ def _entry(row: tuple[Any, ...] | list[Any]) -> Entry:
 
 
 def _event(row: tuple[Any, ...]) -> Event:
-    try:
-        return Event(
-            id=row[0], key=row[1], kind=row[2], run_id=row[3], fence=row[4], at=_utc(row[5]),
-            detail=row[6],
-        )  # fmt: skip
-    except (ValueError, TypeError) as exc:
-        raise corrupt_row(EVENTS, row[1], exc) from None
+    return decode_event(row, _utc)
 
 
 def _entry_params(entry: Entry) -> dict[str, Any]:
@@ -532,6 +523,8 @@ class PostgresLedger(Ledger):
         self._pool_pid = -1
         self._identity: tuple[Any, ...] | None = None
         self._lost_claims: dict[str, list[str]] = {}
+        self._calls = threading.local()
+        """Per call of this thread: whether a one-statement finalize lost its reply."""
         """Write tokens, by key, of this process's one-statement claims whose outcome was lost."""
         self._ensure_schema()
         _LIVE.add(self)
@@ -798,36 +791,12 @@ class PostgresLedger(Ledger):
 
     # --- the hot path: one round trip each ----------------------------------------------------------
 
-    def claim(
-        self,
-        key: str,
-        run_id: str,
-        *,
-        pipeline: str | None = None,
-        fingerprint: str | None = None,
-        force: bool = False,
-    ) -> Claim:
-        """As `Ledger.claim`; a key with no row is claimed in one statement (one round trip)."""
-        key, run_id, pipeline, fingerprint = validate_claim(
-            key, run_id, pipeline, fingerprint, force=force
-        )
+    def _attempt(self, call: Callable[[], T]) -> T:
+        return self._retrying(call)
 
-        def attempt() -> Claim:
-            claim = self._fast_claim(key, run_id, pipeline, fingerprint)
-            if claim is None:
-                claim = self._recover_lost_claim(key, run_id)
-            if claim is not None:
-                return claim
-            return Ledger.claim(
-                self, key, run_id, pipeline=pipeline, fingerprint=fingerprint, force=force
-            )
-
-        return self._retrying(attempt)
-
-    def _fast_claim(
-        self, key: str, run_id: str, pipeline: str | None, fingerprint: str | None
-    ) -> Claim | None:
-        """Claim a key that has no row in one statement; None if it has one (or just got one).
+    def _insert_new(self, new: NewClaim) -> tuple[int, datetime] | None:
+        """The claim of a key with no row, in one statement (one round trip); None if it has
+        one (or just got one), unless that row is this process's own lost insert.
 
         The write token of an insert whose outcome was lost is remembered: the next claim of
         the key that finds it taken checks whether that insert committed (see
@@ -836,17 +805,18 @@ class PostgresLedger(Ledger):
         token = secrets.token_hex(8)
         params = {
             "now": self._clock_now(),
-            "key": key,
-            "run_id": run_id,
-            "pipeline": pipeline,
-            "fingerprint": fingerprint,
-            "lease_us": self._claim_lease_us,
-            "dedup_on": self.config.dedup_on.value,
+            "key": new.key,
+            "run_id": new.run_id,
+            "pipeline": new.pipeline,
+            "fingerprint": new.fingerprint,
+            "lease_us": _micros(new.lease),
+            "dedup_on": new.dedup_on,
             "token": token,
-            "holder": self._process(),
-            "kind": NEW_KEY.event.value,
-            "detail": NEW_KEY.detail,
+            "holder": new.holder_process,
+            "kind": new.event.value,
+            "detail": new.detail,
         }
+        key = new.key
         with self._connection() as conn:
             try:
                 row = conn.execute(self._sql.fast_claim, params).fetchone()
@@ -864,10 +834,10 @@ class PostgresLedger(Ledger):
                         del self._lost_claims[key]
                 row = (written[2], written[4])
         if row is None:
-            return None
-        return self._new_claim(key, run_id, row[0], row[1])
+            return self._recover_lost_claim(key, new.run_id)
+        return int(row[0]), _utc(row[1])
 
-    def _recover_lost_claim(self, key: str, run_id: str) -> Claim | None:
+    def _recover_lost_claim(self, key: str, run_id: str) -> tuple[int, datetime] | None:
         """The claim an earlier call of this process made but never learned of, if it holds
         the key for `run_id`: its call failed, so no one works on it. Without this the run
         would find its own claim held by "another live attempt" (this very process) and skip.
@@ -884,23 +854,12 @@ class PostgresLedger(Ledger):
                     lambda c, t=token: c.execute(self._sql.written_by, (key, t)).fetchone()
                 )
                 if row is not None and row[0] == State.IN_FLIGHT.value and row[1] == run_id:
-                    return self._new_claim(key, run_id, row[2], row[4])
+                    return int(row[2]), _utc(row[4])
         except LedgerUnavailableError:
             with self._lock:
                 self._lost_claims.setdefault(key, []).extend(tokens)
             raise
         return None
-
-    @staticmethod
-    def _new_claim(key: str, run_id: str, fence: int, lease_expires_at: datetime) -> Claim:
-        return Claim(
-            key=key,
-            run_id=run_id,
-            decision=NEW_KEY.decision,
-            fence=int(fence),
-            lease_expires_at=_utc(lease_expires_at),
-            generation=int(fence),  # a new claim begins a generation (stored NULL)
-        )
 
     def _written_by(self, key: str, token: str, exc: psycopg.Error) -> tuple[Any, ...] | None:
         """After a lost single-statement write: the row if that write committed, else None.
@@ -922,18 +881,10 @@ class PostgresLedger(Ledger):
             ) from None
         return rows[0] if rows else None
 
-    def finalize(
-        self,
-        key: str,
-        fence: int,
-        outcome: Outcome | str,
-        *,
-        result: dict[str, Any] | None = None,
-        reason: str | None = None,
-    ) -> FinalizeResult:
-        """As `Ledger.finalize`; a live claim is finalized in one compare-and-set statement."""
-        key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
-        detail = None if reason is None else validate_reason(reason)
+    def _finalize_live(
+        self, key: str, fence: int, outcome: Outcome, encoded: str | None, detail: str | None
+    ) -> tuple[str, datetime] | None:
+        """The compare-and-set in one statement; a lost reply is settled by its write token."""
         token = secrets.token_hex(8)
         params = {
             "now": self._clock_now(),
@@ -945,40 +896,26 @@ class PostgresLedger(Ledger):
             "token": token,
             "detail": detail,
         }
-        lost_once = False
+        with self._connection() as conn:
+            try:
+                row = conn.execute(self._sql.fast_finalize, params).fetchone()
+            except psycopg.Error as exc:
+                if not _lost(conn, exc):
+                    raise self._error(exc, retry=False) from None
+                self._calls.lost = True
+                written = self._written_by(key, token, exc)
+                if written is None:
+                    raise self._error(exc, retry=True) from None
+                row = (written[1], written[3])
+        return None if row is None else (row[0], _utc(row[1]))
 
-        def attempt() -> FinalizeResult:
-            nonlocal lost_once
-            with self._connection() as conn:
-                try:
-                    row = conn.execute(self._sql.fast_finalize, params).fetchone()
-                except psycopg.Error as exc:
-                    if not _lost(conn, exc):
-                        raise self._error(exc, retry=False) from None
-                    lost_once = True
-                    written = self._written_by(key, token, exc)
-                    if written is None:
-                        raise self._error(exc, retry=True) from None
-                    row = (written[1], written[3])
-            if row is not None:
-                return FinalizeResult(
-                    key=key,
-                    fence=fence,
-                    outcome=outcome,
-                    applied=True,
-                    reason=FinalizeReason.APPLIED,
-                    state=State(outcome.value),
-                    run_id=row[0],
-                    expires_at=_utc(row[1]),
-                )
-            # not a live claim with this fence: the generic path finds out why, under the lock
-            return Ledger.finalize(self, key, fence, outcome, result=result, reason=reason)
-
-        done = self._retrying(attempt)
+    def _attempt_finalize(self, call: Callable[[], FinalizeResult]) -> FinalizeResult:
+        self._calls.lost = False
+        done = self._retrying(call)
         if (
-            lost_once
+            self._calls.lost
             and done.reason == FinalizeReason.ALREADY_FINAL
-            and done.state == State(outcome.value)
+            and done.state == State(done.outcome.value)
         ):
             # Our first attempt may have been the one that applied (its reply was lost); only
             # the holder of `fence` finalizes it, so report it as applied.
@@ -1053,10 +990,8 @@ class PostgresLedger(Ledger):
             "needs the ledger's tables in the same PostgreSQL database as the connection"
         )
 
-    def heartbeat(self, key: str, fence: int) -> bool:
-        """As `Ledger.heartbeat`, in one conditional UPDATE (it writes no event)."""
-        key = validate_key(key)
-        fence = validate_fence(fence)
+    def _extend_lease(self, key: str, fence: int) -> bool:
+        # idempotent: repeating it after a lost reply extends the same lease again
         params = {
             "now": self._clock_now(),
             "key": key,
@@ -1064,28 +999,7 @@ class PostgresLedger(Ledger):
             "lease_us": self._lease_us,
             "ttl_us": self._ttl_us,
         }
-        # idempotent: repeating it after a lost reply extends the same lease again
-        rows = self._read(self._sql.heartbeat, params)
-        return bool(rows)
-
-    def release(
-        self,
-        key: str,
-        *,
-        run_id: str | None = None,
-        fence: int | None = None,
-        reason: str = "released by an operator",
-    ) -> bool:
-        return self._retrying(
-            lambda: Ledger.release(self, key, run_id=run_id, fence=fence, reason=reason)
-        )
-
-    def reset(self, key: str, *, reason: str = "reset by an operator") -> bool:
-        return self._retrying(lambda: Ledger.reset(self, key, reason=reason))
-
-    def keep_for_retry(self, key: str, fence: int) -> bool:
-        # idempotent: repeating it after a lost reply finds the claim already parked
-        return self._retrying(lambda: Ledger.keep_for_retry(self, key, fence))
+        return bool(self._run(lambda c: c.execute(self._sql.heartbeat, params).fetchall()))
 
     # --- reads and housekeeping ---------------------------------------------------------------------
 
@@ -1159,11 +1073,13 @@ class PostgresLedger(Ledger):
         state["_lock"] = None
         state["_pool_obj"] = None
         state["_pool_pid"] = -1
+        state["_calls"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._calls = threading.local()
         _LIVE.add(self)
 
 

@@ -8,16 +8,38 @@ a `Dialect` says which, so the filters and their validation cannot drift apart.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from .errors import InvalidArgumentError
-from .model import ENTRY_COLUMNS, State, validate_key, validate_optional_label
+from .model import (
+    ENTRY_COLUMNS,
+    Event,
+    State,
+    corrupt_row,
+    validate_key,
+    validate_optional_label,
+)
 
 EVENT_COLUMNS = ("id", "key", "kind", "run_id", "fence", "at", "detail")
 _SURROGATES = range(0xD800, 0xE000)
 
 Query = tuple[str, tuple[Any, ...]]
+EVENTS_TABLE = "rocky_ledger_events"
+
+
+def decode_event(row: tuple[Any, ...], parse_time: Callable[[Any], datetime | None]) -> Event:
+    """An `Event` from a row of `EVENT_COLUMNS`, its time read by the store's `parse_time`
+    (`LedgerCorruptError` if the row is damaged)."""
+    try:
+        return Event(
+            id=row[0], key=row[1], kind=row[2], run_id=row[3], fence=row[4],
+            at=parse_time(row[5]), detail=row[6],
+        )  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        raise corrupt_row(EVENTS_TABLE, row[1], exc) from None
 
 
 @dataclass(frozen=True)

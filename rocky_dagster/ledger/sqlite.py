@@ -7,11 +7,11 @@ processes; the busy timeout makes contenders wait instead of failing.
 
 Every commit fsyncs the pages it dirtied, so the layout keeps that number low: entries
 in one key-ordered B-tree (WITHOUT ROWID), one index serving both reconcilers and sweep,
-and no fence counter of its own (fences are event ids, see `next_fence`). The hot path is
-one statement each (plus its event): a claim of a key with no row is an insert-if-absent,
-a finalize of a live claim a compare-and-set UPDATE; anything else falls back, under the
-same write lock, to the decision table. A claim+finalize cycle writes ~10 WAL frames;
-`benchmarks/ledger_bench.py` measures the cost.
+and no fence counter of its own (fences are event ids, see `next_fence`). The two writes of
+every run's hot path are `Ledger`'s one-statement primitives (a claim of a key with no row is
+an insert-if-absent, a finalize of a live claim a compare-and-set UPDATE, each with its event
+and under the write lock); anything else takes `Ledger`'s transaction path (load, decide,
+write what changed). `benchmarks/ledger_bench.py` measures the pages a cycle writes.
 """
 
 from __future__ import annotations
@@ -25,18 +25,12 @@ import time
 import weakref
 from collections.abc import Callable
 from contextlib import suppress
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from .backend import (
-    Clock,
-    Ledger,
-    row_problems,
-    validate_claim,
-    validate_finalize,
-)
+from .backend import Clock, Ledger, NewClaim, row_problems
 from .config import LedgerConfig
 from .errors import (
     LedgerConfigError,
@@ -44,24 +38,18 @@ from .errors import (
     LedgerSchemaError,
     LedgerUnavailableError,
 )
-from .machine import NEW_KEY
 from .model import (
     ENTRY_COLUMNS,
-    Claim,
     Entry,
     Event,
     EventKind,
-    FinalizeReason,
-    FinalizeResult,
     Outcome,
-    State,
     Stats,
     corrupt_row,
     decode_result,
     encode_result,
-    validate_reason,
 )
-from .queries import Dialect, ReadQueries
+from .queries import Dialect, ReadQueries, decode_event
 
 SCHEMA_VERSION = 4
 """1: the first release. 2: one `due` index instead of two partial ones (fewer pages per
@@ -220,13 +208,7 @@ def _entry(row: tuple[Any, ...]) -> Entry:
 
 
 def _event(row: tuple[Any, ...]) -> Event:
-    try:
-        return Event(
-            id=row[0], key=row[1], kind=row[2], run_id=row[3], fence=row[4], at=_dt(row[5]),
-            detail=row[6],
-        )  # fmt: skip
-    except (ValueError, TypeError) as exc:
-        raise corrupt_row(EVENTS, row[1], exc) from None
+    return decode_event(row, _dt)
 
 
 def _decode_entry(row: tuple[Any, ...]) -> Entry:
@@ -714,100 +696,49 @@ class SQLiteLedger(Ledger):
     def now(self) -> datetime:
         return self._now(_utcnow)
 
-    # --- the hot path: one write statement (and its event) each ----------------------------------
+    # --- the one-statement primitives (see `Ledger`): the hot path's two writes -------------
 
-    @functools.cached_property
-    def _claim_lease(self) -> timedelta:
-        return min(self.config.lease, self.config.in_flight_ttl)
-
-    @functools.cached_property
-    def _dedup_on(self) -> str:
-        return self.config.dedup_on.value
-
-    def claim(
-        self,
-        key: str,
-        run_id: str,
-        *,
-        pipeline: str | None = None,
-        fingerprint: str | None = None,
-        force: bool = False,
-    ) -> Claim:
-        """As `Ledger.claim`; a key with no row is claimed by one insert-if-absent.
-
-        The insert and the decision table's fallback run under one write lock, so a key that
-        has a row (the only case the insert does not take) is decided by `decide` as ever.
-        """
+    def _insert_new(self, new: NewClaim) -> tuple[int, datetime] | None:
+        """One insert-if-absent, its fence computed in place (see `next_fence`)."""
         if not FAST_PATH:
-            return super().claim(
-                key, run_id, pipeline=pipeline, fingerprint=fingerprint, force=force
-            )
-        key, run_id, pipeline, fingerprint = validate_claim(
-            key, run_id, pipeline, fingerprint, force=force
-        )
+            return None
         with self.transaction() as tx:
-            lease_expires_at = tx.now + self._claim_lease
-            conn = tx.conn
-            row = conn.execute(
+            lease_expires_at = tx.now + new.lease
+            row = tx.conn.execute(
                 _FAST_CLAIM,
                 (
-                    key,
-                    run_id,
-                    pipeline,
-                    fingerprint,
+                    new.key,
+                    new.run_id,
+                    new.pipeline,
+                    new.fingerprint,
                     tx.now_text,
                     _ts(lease_expires_at),
-                    self._dedup_on,
-                    self._process(),
+                    new.dedup_on,
+                    new.holder_process,
                 ),
             ).fetchone()
             if row is None:
-                return self._claim_locked(tx, key, run_id, pipeline, fingerprint, force)
+                return None
             (fence,) = row
-            tx.log_claim(fence, NEW_KEY.event, key, run_id, NEW_KEY.detail)
-        return Claim(
-            key=key,
-            run_id=run_id,
-            decision=NEW_KEY.decision,
-            fence=fence,
-            lease_expires_at=lease_expires_at,
-            generation=fence,
-        )
+            tx.log_claim(fence, new.event, new.key, new.run_id, new.detail)
+        return fence, lease_expires_at
 
-    def finalize(
-        self,
-        key: str,
-        fence: int,
-        outcome: Outcome | str,
-        *,
-        result: dict[str, Any] | None = None,
-        reason: str | None = None,
-    ) -> FinalizeResult:
-        """As `Ledger.finalize`; a live claim is finalized by one compare-and-set UPDATE."""
+    def _finalize_live(
+        self, key: str, fence: int, outcome: Outcome, encoded: str | None, detail: str | None
+    ) -> tuple[str, datetime] | None:
+        """One compare-and-set UPDATE of the live claim `fence`."""
         if not FAST_PATH:
-            return super().finalize(key, fence, outcome, result=result, reason=reason)
-        key, fence, outcome, encoded = validate_finalize(key, fence, outcome, result)
-        detail = None if reason is None else validate_reason(reason)
+            return None
         with self.transaction() as tx:
             expires_at = tx.now + self.config.retention
             row = tx.conn.execute(
-                _FAST_FINALIZE,
-                (outcome.value, tx.now_text, _ts(expires_at), encoded, key, fence),
+                _FAST_FINALIZE, (outcome.value, tx.now_text, _ts(expires_at), encoded, key, fence)
             ).fetchone()
             if row is None:
-                return self._finalize_locked(tx, key, fence, outcome, encoded, result, detail)
+                return None
             (holder,) = row
             tx.log(EventKind(outcome.value), key, holder, fence, detail)
-        return FinalizeResult(
-            key=key,
-            fence=fence,
-            outcome=outcome,
-            applied=True,
-            reason=FinalizeReason.APPLIED,
-            state=State(outcome.value),
-            run_id=holder,
-            expires_at=expires_at,
-        )
+        return holder, expires_at
 
     _reads = _QUERIES
     _decode_entry = staticmethod(_entry)

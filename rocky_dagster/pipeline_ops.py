@@ -40,7 +40,7 @@ from dagster import (
 from .guard import KeyFn, StepGuard, running_claim
 from .keys import GUARDED_OP_TAG
 from .ops import idempotent_op
-from .resource import IdempotencyLedger
+from .resource import RESOURCE_KEY
 
 if TYPE_CHECKING:
     from .pipelines import (
@@ -63,12 +63,15 @@ def replication_op(
     retry_policy: RetryPolicy | None = None,
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
+    resource_key: str = RESOURCE_KEY,
 ) -> OpDefinition:
     """`pipeline_op` for a replication pipeline: a guarded op copying source tables into the warehouse (`ReplicationPipeline`).
 
     Kept for readability and a type check: same arguments, same op as `pipeline_op`.
     """
-    return _typed("replication", config, name, key_fn, retry_policy, tags, description)
+    return _typed(
+        "replication", config, name, key_fn, retry_policy, tags, description, resource_key
+    )
 
 
 def transformation_op(
@@ -79,12 +82,15 @@ def transformation_op(
     retry_policy: RetryPolicy | None = None,
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
+    resource_key: str = RESOURCE_KEY,
 ) -> OpDefinition:
     """`pipeline_op` for a transformation pipeline: a guarded op building SQL models in dependency order (`TransformationPipeline`).
 
     Kept for readability and a type check: same arguments, same op as `pipeline_op`.
     """
-    return _typed("transformation", config, name, key_fn, retry_policy, tags, description)
+    return _typed(
+        "transformation", config, name, key_fn, retry_policy, tags, description, resource_key
+    )
 
 
 def quality_op(
@@ -95,6 +101,7 @@ def quality_op(
     retry_policy: RetryPolicy | None = None,
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
+    resource_key: str = RESOURCE_KEY,
 ) -> OpDefinition:
     """`pipeline_op` for a quality pipeline: a guarded op evaluating data checks.
 
@@ -102,7 +109,7 @@ def quality_op(
     error-severity check then fails the op, so its claim is finalized failed. For assets, use
     `quality_checks`, which reports each check as an `AssetCheckResult`.
     """
-    return _typed("quality", config, name, key_fn, retry_policy, tags, description)
+    return _typed("quality", config, name, key_fn, retry_policy, tags, description, resource_key)
 
 
 def quality_checks(
@@ -113,6 +120,7 @@ def quality_checks(
     blocking: bool = False,
     key_fn: KeyFn | None = None,
     description: str | None = None,
+    resource_key: str = RESOURCE_KEY,
 ) -> AssetChecksDefinition:
     """The checks of a `QualityPipeline` as Dagster asset checks, guarded by the ledger.
 
@@ -121,6 +129,7 @@ def quality_checks(
     as an `AssetCheckResult` (error / warn severity kept). After reporting, a failed
     error-severity check fails the step, so its claim is finalized failed. A run whose key
     already passed (or is being checked elsewhere) evaluates nothing and says so in its log.
+    `resource_key` names the `IdempotencyLedger` resource (default ``"ledger"``).
     """
     to_key = asset_key_for_table or (lambda table: AssetKey(table))
     specs = [
@@ -143,17 +152,19 @@ def quality_checks(
         description=description or f"quality checks on {config.warehouse}",
         can_subset=True,  # a skipped run yields no evaluations
         op_tags={GUARDED_OP_TAG: "true", "rocky/pipeline": "quality"},
+        required_resource_keys={resource_key},
     )
-    def _checks(context, ledger: IdempotencyLedger) -> Iterator[Any]:
+    def _checks(context) -> Iterator[Any]:
         from .pipelines import QualityChecksFailed
 
         guard = StepGuard(
             context,
-            ledger,
+            getattr(context.resources, resource_key),
             key_fn=key_fn,
             fingerprint=fingerprint,
             pipeline="quality",
             skip_event=True,
+            resource_key=resource_key,
         )
         with guard.lifecycle() as step:
             if not step.should_run:
@@ -164,24 +175,25 @@ def quality_checks(
             except QualityChecksFailed as exc:
                 failed, result = exc, exc.result
             targets = {(spec.asset_key, spec.name) for spec in specs}
-            step.check_not_lost()
+            summary = result.summary()
             for check in result.checks:
                 if check.table and (to_key(check.table), check.name) in targets:
-                    yield _check_result(check, to_key(check.table), step)
-            step.record_summary(result.summary())
+                    yield step.emit(_check_result(check, to_key(check.table)), summary)
+            step.check_not_lost()
+            step.record_summary(summary)
             if failed is not None:
                 raise Failure(description=str(failed), allow_retries=False)
 
     return _checks
 
 
-def _check_result(check: Any, asset_key: AssetKey, guard: StepGuard) -> AssetCheckResult:
+def _check_result(check: Any, asset_key: AssetKey) -> AssetCheckResult:
     return AssetCheckResult(
         asset_key=asset_key,
         check_name=check.name,
         passed=check.passed,
         severity=AssetCheckSeverity.ERROR if check.severity == "error" else AssetCheckSeverity.WARN,
-        metadata={**check.metadata(), **guard.metadata()},
+        metadata=check.metadata(),
         description=check.description,
     )
 
@@ -194,12 +206,13 @@ def snapshot_op(
     retry_policy: RetryPolicy | None = None,
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
+    resource_key: str = RESOURCE_KEY,
 ) -> OpDefinition:
     """`pipeline_op` for a snapshot pipeline: a guarded op recording SCD-2 history of a table (`SnapshotPipeline`).
 
     Kept for readability and a type check: same arguments, same op as `pipeline_op`.
     """
-    return _typed("snapshot", config, name, key_fn, retry_policy, tags, description)
+    return _typed("snapshot", config, name, key_fn, retry_policy, tags, description, resource_key)
 
 
 def load_op(
@@ -210,12 +223,13 @@ def load_op(
     retry_policy: RetryPolicy | None = None,
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
+    resource_key: str = RESOURCE_KEY,
 ) -> OpDefinition:
     """`pipeline_op` for a load pipeline: a guarded op loading CSV / JSON-lines files into tables (`LoadPipeline`).
 
     Kept for readability and a type check: same arguments, same op as `pipeline_op`.
     """
-    return _typed("load", config, name, key_fn, retry_policy, tags, description)
+    return _typed("load", config, name, key_fn, retry_policy, tags, description, resource_key)
 
 
 def pipeline_op(
@@ -226,6 +240,7 @@ def pipeline_op(
     retry_policy: RetryPolicy | None = None,
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
+    resource_key: str = RESOURCE_KEY,
 ) -> OpDefinition:
     """A guarded op running `pipeline` (any of the five pipeline configs) once per key.
 
@@ -243,6 +258,7 @@ def pipeline_op(
         retry_policy: an op retry policy; a retry of the same run re-enters its claim.
         tags: extra op tags.
         description: the op description (default: the pipeline type and warehouse).
+        resource_key: the resource key of the `IdempotencyLedger` (default ``"ledger"``).
 
     Examples:
         .. code-block:: python
@@ -288,6 +304,7 @@ def pipeline_op(
         key_fn=key_fn,
         fingerprint_fn=lambda _context: fingerprint,
         pipeline=pipeline_type,
+        resource_key=resource_key,
     )(run_pipeline)
 
 
@@ -302,6 +319,7 @@ def _typed(
     retry_policy: RetryPolicy | None,
     tags: Mapping[str, str] | None,
     description: str | None,
+    resource_key: str,
 ) -> OpDefinition:
     actual = getattr(type(config), "pipeline_type", None)
     if actual != pipeline_type or not callable(getattr(config, "run", None)):
@@ -317,6 +335,7 @@ def _typed(
         retry_policy=retry_policy,
         tags=tags,
         description=description,
+        resource_key=resource_key,
     )
 
 

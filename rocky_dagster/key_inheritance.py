@@ -137,11 +137,15 @@ def planned_ledger_keys(
         if GUARDED_OP_TAG not in definition.tags:
             continue
         step_key = str(handle)
-        names: list[str | None] = [None]
+        names: list[AssetKey | AssetCheckKey | None] = [None]
         if definition.tags.get(CLAIMS_TAG) == CLAIMS_PER_ASSET:
+            subjects = _compat.node_claim_subjects(job, handle)
+            # an asset step claims its assets (its own checks ride on them); a check-only
+            # step claims each check
+            assets = [k for k in subjects if isinstance(k, AssetKey)]
             names = [
                 name
-                for name in _compat.node_claim_subjects(job, handle)
+                for name in assets or subjects
                 if _selected(name, asset_selection, asset_check_selection)
             ]
         for name in names:

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
     AssetKey,
     AssetSpec,
     DagsterInstance,
@@ -73,6 +75,13 @@ def multi(context) -> Iterator[MaterializeResult]:
         yield MaterializeResult(asset_key=key)
 
 
+@idempotent_asset(check_specs=[AssetCheckSpec("positive", asset="checked")])
+def checked(context) -> MaterializeResult:
+    """An asset step with a check of its own: it claims the asset, not the check."""
+    _maybe_fail()
+    return MaterializeResult(check_results=[AssetCheckResult(passed=True)])
+
+
 PARTS = StaticPartitionsDefinition(["a", "b"])
 
 
@@ -82,13 +91,14 @@ def parted(context) -> None:
 
 
 DEFS = Definitions(
-    assets=[single, prefixed, multi, parted],
+    assets=[single, prefixed, multi, parted, checked],
     jobs=[
         op_job,
         define_asset_job("single_job", [single]),
         define_asset_job("prefixed_job", [AssetKey(["pre", "fix", "x"])]),
         define_asset_job("multi_job", [multi]),
         define_asset_job("parted_job", [parted], partitions_def=PARTS),
+        define_asset_job("checked_job", [checked]),
     ],
     resources={"ledger": IdempotencyLedger()},
 )
@@ -113,6 +123,7 @@ CASES = {
         request={"asset_selection": [AssetKey("m1")]},
         run={"asset_selection": [AssetKey("m1")]},
     ),
+    "asset_with_a_check": Case("checked_job", ["checked"]),
     "partitioned_asset": Case(
         "parted_job", ["a/parted"], request={"partition_key": "a"}, run={"partition_key": "a"}
     ),

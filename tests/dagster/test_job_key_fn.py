@@ -43,8 +43,11 @@ def _location(region: str) -> dg.Definitions:
     assets_job = with_ledger(
         dg.define_asset_job("reports", [report]), key_fn=lambda context: f"{region}-r"
     )
+    hooked = with_ledger(ledger_job(pipeline, name="hooked"), key_fn=lambda c: f"{region}-h")
     return dg.Definitions(
-        assets=[report], jobs=[nightly, assets_job], resources={"ledger": IdempotencyLedger()}
+        assets=[report],
+        jobs=[nightly, assets_job, hooked],
+        resources={"ledger": IdempotencyLedger()},
     )
 
 
@@ -62,7 +65,11 @@ def test_two_jobs_of_one_name_keep_their_own_key_fn(
         assets = defs.resolve_job_def("reports").execute_in_process(instance=instance)
         assert assets.success
         assert ledger.get(f"{region}-r/report").run_id == assets.run_id
-    assert len(ledger.entries()) == 6
+
+        hooked = defs.resolve_job_def("hooked").execute_in_process(instance=instance)
+        assert hooked.success
+        assert ledger.get(f"{region}-h/publish").run_id == hooked.run_id
+    assert len(ledger.entries()) == 10
 
 
 def test_an_op_subset_of_the_job_keeps_its_key_fn(

@@ -19,7 +19,7 @@ op, each also checking that it was given its own pipeline type.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from dagster import (
     AssetCheckResult,
@@ -55,61 +55,45 @@ if TYPE_CHECKING:
 AFTER = "after"
 
 
+class PipelineOpOptions(TypedDict, total=False):
+    """The keyword arguments of `pipeline_op` (see there), taken by the typed forms too."""
+
+    name: str | None
+    key_fn: KeyFn | None
+    retry_policy: RetryPolicy | None
+    tags: Mapping[str, str] | None
+    description: str | None
+    resource_key: str
+
+
 def replication_op(
-    config: ReplicationPipeline,
-    *,
-    name: str | None = None,
-    key_fn: KeyFn | None = None,
-    retry_policy: RetryPolicy | None = None,
-    tags: Mapping[str, str] | None = None,
-    description: str | None = None,
-    resource_key: str = RESOURCE_KEY,
+    config: ReplicationPipeline, **options: Unpack[PipelineOpOptions]
 ) -> OpDefinition:
     """`pipeline_op` for a replication pipeline: a guarded op copying source tables into the warehouse (`ReplicationPipeline`).
 
     Kept for readability and a type check: same arguments, same op as `pipeline_op`.
     """
-    return _typed(
-        "replication", config, name, key_fn, retry_policy, tags, description, resource_key
-    )
+    return _typed("replication", config, options)
 
 
 def transformation_op(
-    config: TransformationPipeline,
-    *,
-    name: str | None = None,
-    key_fn: KeyFn | None = None,
-    retry_policy: RetryPolicy | None = None,
-    tags: Mapping[str, str] | None = None,
-    description: str | None = None,
-    resource_key: str = RESOURCE_KEY,
+    config: TransformationPipeline, **options: Unpack[PipelineOpOptions]
 ) -> OpDefinition:
     """`pipeline_op` for a transformation pipeline: a guarded op building SQL models in dependency order (`TransformationPipeline`).
 
     Kept for readability and a type check: same arguments, same op as `pipeline_op`.
     """
-    return _typed(
-        "transformation", config, name, key_fn, retry_policy, tags, description, resource_key
-    )
+    return _typed("transformation", config, options)
 
 
-def quality_op(
-    config: QualityPipeline,
-    *,
-    name: str | None = None,
-    key_fn: KeyFn | None = None,
-    retry_policy: RetryPolicy | None = None,
-    tags: Mapping[str, str] | None = None,
-    description: str | None = None,
-    resource_key: str = RESOURCE_KEY,
-) -> OpDefinition:
+def quality_op(config: QualityPipeline, **options: Unpack[PipelineOpOptions]) -> OpDefinition:
     """`pipeline_op` for a quality pipeline: a guarded op evaluating data checks.
 
     Every check is reported (output metadata, one log line per failed check); a failed
     error-severity check then fails the op, so its claim is finalized failed. For assets, use
     `quality_checks`, which reports each check as an `AssetCheckResult`.
     """
-    return _typed("quality", config, name, key_fn, retry_policy, tags, description, resource_key)
+    return _typed("quality", config, options)
 
 
 def quality_checks(
@@ -198,38 +182,20 @@ def _check_result(check: Any, asset_key: AssetKey) -> AssetCheckResult:
     )
 
 
-def snapshot_op(
-    config: SnapshotPipeline,
-    *,
-    name: str | None = None,
-    key_fn: KeyFn | None = None,
-    retry_policy: RetryPolicy | None = None,
-    tags: Mapping[str, str] | None = None,
-    description: str | None = None,
-    resource_key: str = RESOURCE_KEY,
-) -> OpDefinition:
+def snapshot_op(config: SnapshotPipeline, **options: Unpack[PipelineOpOptions]) -> OpDefinition:
     """`pipeline_op` for a snapshot pipeline: a guarded op recording SCD-2 history of a table (`SnapshotPipeline`).
 
     Kept for readability and a type check: same arguments, same op as `pipeline_op`.
     """
-    return _typed("snapshot", config, name, key_fn, retry_policy, tags, description, resource_key)
+    return _typed("snapshot", config, options)
 
 
-def load_op(
-    config: LoadPipeline,
-    *,
-    name: str | None = None,
-    key_fn: KeyFn | None = None,
-    retry_policy: RetryPolicy | None = None,
-    tags: Mapping[str, str] | None = None,
-    description: str | None = None,
-    resource_key: str = RESOURCE_KEY,
-) -> OpDefinition:
+def load_op(config: LoadPipeline, **options: Unpack[PipelineOpOptions]) -> OpDefinition:
     """`pipeline_op` for a load pipeline: a guarded op loading CSV / JSON-lines files into tables (`LoadPipeline`).
 
     Kept for readability and a type check: same arguments, same op as `pipeline_op`.
     """
-    return _typed("load", config, name, key_fn, retry_policy, tags, description, resource_key)
+    return _typed("load", config, options)
 
 
 def pipeline_op(
@@ -311,16 +277,7 @@ def pipeline_op(
 PIPELINE_TYPES = ("replication", "transformation", "quality", "snapshot", "load")
 
 
-def _typed(
-    pipeline_type: str,
-    config: Any,
-    name: str | None,
-    key_fn: KeyFn | None,
-    retry_policy: RetryPolicy | None,
-    tags: Mapping[str, str] | None,
-    description: str | None,
-    resource_key: str,
-) -> OpDefinition:
+def _typed(pipeline_type: str, config: Any, options: PipelineOpOptions) -> OpDefinition:
     actual = getattr(type(config), "pipeline_type", None)
     if actual != pipeline_type or not callable(getattr(config, "run", None)):
         raise TypeError(
@@ -328,15 +285,7 @@ def _typed(
             f"{type(config).__name__}"
             + (f" (a {actual} pipeline: use {actual}_op or pipeline_op)" if actual else "")
         )
-    return pipeline_op(
-        config,
-        name=name,
-        key_fn=key_fn,
-        retry_policy=retry_policy,
-        tags=tags,
-        description=description,
-        resource_key=resource_key,
-    )
+    return pipeline_op(config, **options)
 
 
 def _run_quality(context: Any, config: Any) -> Iterator[Any]:

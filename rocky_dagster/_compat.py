@@ -35,9 +35,14 @@ __all__ = [
     "UnresolvedAssetJobDefinition",
     "add_run_tags",
     "asset_job_with_hooks",
+    "carry_job_key_fn",
     "copy_record",
     "event_list_hook",
     "event_metadata",
+    "job_key_fn",
+    "job_nodes",
+    "keyed_hook",
+    "node_claim_subjects",
     "optional_out",
     "report_engine_event",
     "run_worker_process",
@@ -189,3 +194,67 @@ def run_worker_process(run_id: str) -> Any | None:
             run = getattr(arg, "dagster_run", None)
             return parent if getattr(run, "run_id", None) == run_id else None
     return None
+
+
+# --- a job's key_fn, carried by the job definition itself -------------------------------------
+#
+# Dagster has no public slot for a Python object on a job: tags and metadata must serialize.
+# `ledger_job` owns the graph it builds, so the key_fn rides on that graph object (every copy of
+# the job — resources bound, hooks added, `execute_in_process` — keeps its graph); `with_ledger`
+# attaches the ledger hook anyway, so there it rides on that hook's function (asset jobs have no
+# graph until Definitions resolve them). A subset job is reached from its parent, through the
+# selection data (not public) Dagster keeps for the run's lineage.
+
+_KEY_FN_ATTR = "rocky_dagster_key_fn"
+
+
+def carry_job_key_fn(graph: Any, key_fn: Any) -> None:
+    """Make `graph` (a graph `ledger_job` built or copied for one job) carry the job's key_fn."""
+    setattr(graph, _KEY_FN_ATTR, key_fn)
+
+
+class _KeyedHookFn:
+    """A hook function that also carries a job's key_fn (see `keyed_hook`)."""
+
+    def __init__(self, fn: Any, key_fn: Any) -> None:
+        self.fn = fn
+        setattr(self, _KEY_FN_ATTR, key_fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+def keyed_hook(hook: Any, key_fn: Any) -> Any:
+    """`hook` (a `HookDefinition`, a NamedTuple) whose function carries `key_fn`."""
+    return hook._replace(hook_fn=_KeyedHookFn(hook.hook_fn, key_fn))
+
+
+def job_key_fn(job_def: Any) -> Any | None:
+    """The key_fn carried by `job_def`, its hooks, or the job it is a subset of; else None."""
+    job = job_def
+    while job is not None:
+        carried = getattr(job.graph, _KEY_FN_ATTR, None)
+        for hook in job.hook_defs:
+            carried = carried or getattr(hook.hook_fn, _KEY_FN_ATTR, None)
+        if carried is not None:
+            return carried
+        selection = job.op_selection_data or job.asset_selection_data
+        job = selection.parent_job_def if selection is not None else None
+    return None
+
+
+def job_nodes(job: Any) -> list[tuple[Any, Any]]:
+    """(handle, op definition) of every op of `job`, nested graphs included."""
+    return [
+        (handle, job.graph.get_node(handle).definition)
+        for handle in job.graph.iterate_node_handles()
+    ]
+
+
+def node_claim_subjects(job: Any, handle: Any) -> list[Any]:
+    """The asset and check keys the op at `handle` materializes in `job` (the job's asset layer
+    is not public; it is where Dagster keeps which assets each op produces)."""
+    return sorted(
+        job.asset_layer.get_selected_entity_keys_for_node(handle),
+        key=lambda k: k.to_user_string(),
+    )

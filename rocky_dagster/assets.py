@@ -13,19 +13,12 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, overload
 
-from dagster import (
-    AssetKey,
-    AssetObservation,
-    AssetsDefinition,
-    MaterializeResult,
-    Output,
-    asset,
-)
+from dagster import AssetsDefinition, MaterializeResult, Output, asset
 
 from .guard import KeyFn, StepGuard
-from .keys import GUARDED_OP_TAG
+from .key_inheritance import CLAIMS_PER_ASSET
+from .keys import CLAIMS_TAG, GUARDED_OP_TAG
 from .ops import FingerprintFn, guarded_signature, present_as
-from .presentation import decision_message
 from .resource import RESOURCE_KEY
 
 
@@ -39,6 +32,7 @@ def idempotent_asset(
     *,
     key_fn: KeyFn | None = None,
     fingerprint_fn: FingerprintFn | None = None,
+    resource_key: str = RESOURCE_KEY,
     **asset_kwargs: Any,
 ) -> Callable[[Callable[..., Any]], AssetsDefinition]: ...
 
@@ -48,6 +42,7 @@ def idempotent_asset(
     *,
     key_fn: KeyFn | None = None,
     fingerprint_fn: FingerprintFn | None = None,
+    resource_key: str = RESOURCE_KEY,
     **asset_kwargs: Any,
 ) -> AssetsDefinition | Callable[[Callable[..., Any]], AssetsDefinition]:
     """``@asset`` guarded by the idempotency ledger (resource ``ledger``).
@@ -61,6 +56,8 @@ def idempotent_asset(
         key_fn: ``key_fn(context) -> str | None``, the asset's own base key (None: defer to the
             run tags, then the partition).
         fingerprint_fn: ``fingerprint_fn(context) -> str | None`` for the mismatch check.
+        resource_key: the resource key of the `IdempotencyLedger` (default ``"ledger"``); a
+            body parameter of that name receives it too.
     """
     if "output_required" in asset_kwargs:
         raise TypeError("idempotent_asset sets output_required=False itself; do not pass it")
@@ -68,10 +65,10 @@ def idempotent_asset(
     def decorate(body: Callable[..., Any]) -> AssetsDefinition:
         if inspect.iscoroutinefunction(body) or inspect.isasyncgenfunction(body):
             raise TypeError(f"idempotent_asset {body.__name__!r}: async bodies are not supported")
-        signature, takes_context, passes_ledger = guarded_signature(body, True)
+        signature, takes_context, passes_ledger = guarded_signature(body, True, resource_key)
 
         def guarded(context: Any, **kwargs: Any) -> Iterator[Any]:
-            resource = kwargs[RESOURCE_KEY] if passes_ledger else kwargs.pop(RESOURCE_KEY)
+            resource = kwargs[resource_key] if passes_ledger else kwargs.pop(resource_key)
             asset_key = context.asset_key
             guard = StepGuard(
                 context,
@@ -79,34 +76,27 @@ def idempotent_asset(
                 key_fn=key_fn,
                 fingerprint=fingerprint_fn(context) if fingerprint_fn else None,
                 pipeline=asset_key.to_user_string(),
-                asset_key=asset_key.to_user_string(),
+                asset_keys=[asset_key],
+                resource_key=resource_key,
             )
             with guard.lifecycle() as step:
                 if not step.should_run:
-                    context.log_event(_skipped_observation(asset_key, step))
+                    step.observe_skips(context, downstream=False)
                     return
                 result = body(context, **kwargs) if takes_context else body(**kwargs)
                 yield from _emit(context, result, step)
 
         present_as(guarded, body, signature)
-        op_tags = {**(asset_kwargs.pop("op_tags", None) or {}), GUARDED_OP_TAG: "true"}
+        op_tags = {
+            **(asset_kwargs.pop("op_tags", None) or {}),
+            GUARDED_OP_TAG: "true",
+            CLAIMS_TAG: CLAIMS_PER_ASSET,
+        }
         return asset(output_required=False, op_tags=op_tags, **asset_kwargs)(guarded)
 
     if fn is not None:
         return decorate(fn)
     return decorate
-
-
-def _skipped_observation(asset_key: AssetKey, guard: StepGuard) -> AssetObservation:
-    """A skipped asset materializes nothing; this observation is its decision line and metadata."""
-    claim = guard.claim_result
-    assert claim is not None
-    return AssetObservation(
-        asset_key=asset_key,
-        partition=guard.resolved.partition if guard.resolved else None,
-        description=decision_message(claim, guard.run_id),
-        metadata=guard.metadata(),
-    )
 
 
 def _emit(context: Any, result: Any, guard: StepGuard) -> Iterator[Any]:
@@ -117,23 +107,15 @@ def _emit(context: Any, result: Any, guard: StepGuard) -> Iterator[Any]:
         "partition": guard.resolved.partition if guard.resolved else None,
     }
 
-    def note(event: Any) -> None:
+    def emit(event: Any) -> Any:
         summary.update(_scalars(getattr(event, "metadata", None)))
-        guard.check_not_lost()
-        guard.record_summary(summary)
-        context.add_output_metadata(guard.metadata())
+        return guard.emit(event, dict(summary))
 
     if inspect.isgenerator(result):
         for event in result:
-            if isinstance(event, (Output, MaterializeResult)):
-                note(event)
-            yield event
+            yield emit(event) if isinstance(event, (Output, MaterializeResult)) else event
         return
-    note(result)
-    if isinstance(result, (Output, MaterializeResult)):
-        yield result
-    else:
-        yield Output(result)
+    yield emit(result if isinstance(result, (Output, MaterializeResult)) else Output(result))
 
 
 def _scalars(metadata: Any) -> dict[str, Any]:

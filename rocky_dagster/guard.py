@@ -24,8 +24,11 @@ its run worker is gone or the instance marked the run finished, it interrupts th
 step releases its claims ("stopped: ..."); when a heartbeat finds a claim lost, it interrupts the
 body and the step fails "lost its claim".
 
-A step holds one `KeyClaim` per ledger key, each with one explicit `ClaimState`. Ops and
-single assets hold one; a multi-asset guard holds one per selected asset.
+A step holds one `KeyClaim` per ledger key, each with one explicit `ClaimState`: an op or a
+single asset holds one (N = 1), a multi-asset step one per selected asset, a pipeline's checks
+one per check. Every guarded path emits what its body produced through `StepGuard.emit`
+(record the summary, check the claim is not lost, attach the claim's metadata), and the body
+reaches its own guard through its context (`step_guard`, `proceeding_asset_keys`).
 """
 
 from __future__ import annotations
@@ -38,12 +41,26 @@ from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any
 
-from dagster import DagsterExecutionInterruptedError, Failure
+from dagster import (
+    AssetCheckResult,
+    AssetKey,
+    AssetObservation,
+    DagsterExecutionInterruptedError,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    Output,
+)
 
 from . import _compat
 from .heartbeat import Heartbeat, StepWatch, Stop
-from .key_inheritance import KeyFn, register_job_key_fn, resolve_step_key, tags_with_inherited_key
-from .keys import KEY_TAG, KeySource, ResolvedKey, is_forced
+from .key_inheritance import (
+    KeyFn,
+    job_key_fn,
+    resolve_claim_key,
+    tags_with_inherited_key,
+)
+from .keys import KEY_TAG, KeySource, ResolvedKey, is_forced, resolve_key
 from .ledger import (
     Claim,
     Decision,
@@ -56,6 +73,7 @@ from .ledger import (
 )
 from .ledger.model import encode_result
 from .presentation import (
+    DECISION_KEY,
     FAILED,
     RUN_TAGS,
     UNGUARDED,
@@ -66,7 +84,7 @@ from .presentation import (
     unguarded_message,
 )
 from .reconcile import FINISHED_STATUSES, reconcile_key
-from .resource import IdempotencyLedger
+from .resource import RESOURCE_KEY, IdempotencyLedger
 
 __all__ = [
     "UNGUARDED",
@@ -74,9 +92,12 @@ __all__ = [
     "KeyClaim",
     "KeyFn",
     "StepGuard",
-    "register_job_key_fn",
+    "proceeding_asset_keys",
     "replay_value",
+    "running_claim",
+    "step_guard",
     "take_active",
+    "with_claim_metadata",
 ]
 
 
@@ -111,20 +132,49 @@ _ACTIVE: dict[tuple[str, str], StepGuard] = {}
 _ACTIVE_LOCK = threading.Lock()
 
 
+def step_guard(context: Any) -> StepGuard | None:
+    """The guard of the step `context` runs in (None: not a guarded step of this process).
+
+    Registered for the step (run id + step key) from its claim until every claim is settled, so
+    its body, its helpers and the ledger hook reach it through the context they are given."""
+    op_ctx = getattr(context, "op_execution_context", context)
+    with _ACTIVE_LOCK:
+        return _ACTIVE.get((op_ctx.run_id, _compat.step_key(op_ctx)))
+
+
 def running_claim(context: Any) -> Claim | None:
     """The claim the running step holds and works under (None: unguarded or not running).
 
     A pipeline hands it to ``run(claim=...)``, so its warehouse writes commit together with
     the claim's effect marker (exactly once per key generation, even against a zombie)."""
-    op_ctx = getattr(context, "op_execution_context", context)
-    with _ACTIVE_LOCK:
-        guard = _ACTIVE.get((op_ctx.run_id, _compat.step_key(op_ctx)))
+    guard = step_guard(context)
     if guard is None:
         return None
     running = [c.claim for c in guard.claims if c.state == ClaimState.RUNNING and c.claim]
     if len(running) != 1 or getattr(running[0], "generation", None) is None:
         return None  # several claims (see pipeline_assets.effect_claim), or no generation
     return running[0]
+
+
+def proceeding_asset_keys(context: Any) -> frozenset[AssetKey]:
+    """The selected assets this run must produce: those whose ledger key proceeded (or that
+    have no key). Call it in the body of an `idempotent_multi_asset`.
+
+    Examples:
+        .. code-block:: python
+
+            @idempotent_multi_asset(specs=[AssetSpec("a"), AssetSpec("b")], can_subset=True)
+            def both(context):
+                for key in proceeding_asset_keys(context):
+                    yield MaterializeResult(asset_key=key, metadata={"rows": build(key)})
+    """
+    guard = step_guard(context)
+    if guard is None:
+        raise RuntimeError(
+            "proceeding_asset_keys(context) is for the body of an idempotent_multi_asset (or a "
+            "pipeline_assets step) while it runs"
+        )
+    return frozenset(guard.proceeding_keys())
 
 
 def take_active(run_id: str, step_key: str) -> StepGuard | None:
@@ -136,9 +186,10 @@ def take_active(run_id: str, step_key: str) -> StepGuard | None:
 class KeyClaim:
     """One ledger key's claim within a step, from the claim to its one settling write."""
 
-    def __init__(self, resolved: ResolvedKey, *, asset_key: str | None = None) -> None:
+    def __init__(self, resolved: ResolvedKey, *, asset: AssetKey | None = None) -> None:
         self.resolved = resolved
-        self.asset_key = asset_key
+        self.asset = asset
+        self.asset_key = asset.to_user_string() if asset is not None else None
         self.state = ClaimState.NEW if resolved.guarded else ClaimState.UNGUARDED
         self.claim: Claim | None = None
         self.reaped_run_id: str | None = None
@@ -178,19 +229,29 @@ class StepGuard:
         key_fn: KeyFn | None = None,
         fingerprint: str | None = None,
         pipeline: str | None = None,
-        asset_key: str | None = None,
-        asset_keys: Sequence[str] | None = None,
+        asset_keys: Sequence[AssetKey | str] | None = None,
+        key_fn_subjects: Mapping[AssetKey, AssetKey] | None = None,
         skip_event: bool = False,
+        resource_key: str = RESOURCE_KEY,
+        input_state: Callable[[], str | None] | None = None,
+        key_by_inputs: bool = True,
     ) -> None:
-        """`asset_key`: the single asset the step materializes (its partition may key it).
-        `asset_keys`: a multi-asset's selected assets, one claim each, keyed
-        ``<base>/<asset key>``. `skip_event`: the step yields nothing when it skips (an
-        asset-check op), so every skip is reported as a step engine event with its metadata."""
+        """`asset_keys`: the assets the step materializes, one claim each, keyed
+        ``<base>/<asset key>`` (a single asset is one; None: one claim for the step, keyed
+        ``<base>/<step key>``). `key_fn`: ``key_fn(context)`` or ``key_fn(context, asset_key)``.
+        `key_fn_subjects`: the asset a claim's `key_fn` is asked about, when the claim is not
+        an asset's own (an asset check's claim asks about the asset it checks). `skip_event`:
+        the step yields nothing when it skips (an asset-check op), so every skip is reported as
+        a step engine event with its metadata. `resource_key`: where the ledger was bound (for
+        the error naming it). `key_by_inputs`: an asset with no other key is keyed by what it
+        reads (its upstream versions and `input_state()`, the state of what it reads from
+        outside Dagster; see `asset_inputs_key`); False: it runs unguarded."""
         if not isinstance(resource, IdempotencyLedger):
             raise Failure(
                 description=(
-                    f"resource 'ledger' is a {type(resource).__name__}, not an IdempotencyLedger: "
-                    "bind resources={'ledger': IdempotencyLedger(...)} in Definitions or the job"
+                    f"resource '{resource_key}' is a {type(resource).__name__}, not an "
+                    f"IdempotencyLedger: bind resources={{'{resource_key}': IdempotencyLedger(...)}} "
+                    "in Definitions or the job"
                 ),
                 allow_retries=False,
             )
@@ -200,13 +261,18 @@ class StepGuard:
         self.key_fn = key_fn
         self.fingerprint = fingerprint
         self.pipeline = pipeline
-        self.asset_key = asset_key
-        self.asset_keys = list(asset_keys) if asset_keys else None
+        self.asset_keys: list[AssetKey] | None = (
+            None if asset_keys is None else [_asset_key(k) for k in asset_keys]
+        )
+        self.key_fn_subjects = dict(key_fn_subjects or {})
         self.skip_event = skip_event
+        self.input_state = input_state
+        self.key_by_inputs = key_by_inputs
         self.run_id: str = self.op_ctx.run_id
         self.step_key: str = _compat.step_key(self.op_ctx)
         self.ledger: Ledger | None = None
         self.claims: list[KeyClaim] = []
+        self.by_asset: dict[AssetKey, KeyClaim] = {}
         self.watch: StepWatch | None = None
 
     # --- the one lifecycle ---------------------------------------------------------------------
@@ -214,7 +280,12 @@ class StepGuard:
     @contextmanager
     def lifecycle(self) -> Iterator[StepGuard]:
         """Claim on entry; on exit stamp (normal exit: outputs stored) or settle the failure."""
-        self.claim()
+        try:
+            self.claim()
+        except BaseException as exc:
+            self._disarm()
+            self.fail(exc)  # the claims taken before a later key failed to resolve
+            raise
         try:
             yield self
         except BaseException as exc:
@@ -307,30 +378,40 @@ class StepGuard:
     # --- claim -------------------------------------------------------------------------------
 
     def claim(self) -> Claim | None:
-        """Resolve the key(s) and claim; returns the (first) claim, None when unguarded."""
+        """Resolve every key and claim it; returns the first claim, None when unguarded.
+
+        The guard is registered for its step first, so the body (`proceeding_asset_keys`,
+        `running_claim`) and the hooks reach it."""
+        with _ACTIVE_LOCK:
+            _ACTIVE[(self.run_id, self.step_key)] = self
         tags = tags_with_inherited_key(self.op_ctx)
         force = is_forced(tags)
-        units: list[str | None] = list(self.asset_keys) if self.asset_keys else [self.asset_key]
-        for unit in units:
-            resolved = resolve_step_key(
+        key_fn = self.key_fn or job_key_fn(self.op_ctx)
+        unguarded: list[KeyClaim] = []
+        for asset in self.asset_keys if self.asset_keys is not None else [None]:
+            resolved = resolve_claim_key(
                 self.context,
                 self.op_ctx,
-                unit if self.asset_keys else self.step_key,
+                self.step_key,
                 tags,
-                key_fn=self.key_fn,
-                asset_key=unit,
+                key_fn=key_fn,
+                asset=asset,
+                subject=self.key_fn_subjects.get(asset, asset) if asset is not None else None,
+                input_state=self.input_state,
+                key_by_inputs=self.key_by_inputs,
             )
-            held = KeyClaim(resolved, asset_key=unit)
+            held = KeyClaim(resolved, asset=asset)
             self.claims.append(held)
+            if asset is not None:
+                self.by_asset[asset] = held
             if not resolved.guarded:
-                self.op_ctx.log.warning(unguarded_message(self.step_key, asset=unit is not None))
-                RUN_TAGS.note(self.op_ctx, self.run_id, UNGUARDED)
+                unguarded.append(held)
                 continue
             self._claim_key(held, force=force)
             # the base goes on the run (and so on its retries) only when it names the whole
             # run: an op's own key_fn names that op's work, an asset partition that asset's
-            run_wide = resolved.source in (KeySource.TAG, KeySource.RUN_KEY) or (
-                resolved.source == KeySource.KEY_FN and self.key_fn is None
+            run_wide = resolved.source.run_wide and not (
+                resolved.source == KeySource.KEY_FN and self.key_fn is not None
             )
             assert held.claim is not None
             RUN_TAGS.note(
@@ -339,19 +420,36 @@ class StepGuard:
                 held.claim.decision.value,
                 {KEY_TAG: str(resolved.base)} if run_wide else None,
             )
-        return self.primary.claim
+        if unguarded:
+            self.op_ctx.log.warning(self._unguarded_message(unguarded))
+            RUN_TAGS.note(self.op_ctx, self.run_id, UNGUARDED)
+        return self.primary.claim if self.claims else None
+
+    def _unguarded_message(self, unguarded: list[KeyClaim]) -> str:
+        if len(self.claims) == 1:
+            return unguarded_message(self.step_key, asset=unguarded[0].asset is not None)
+        names = ", ".join(str(held.asset_key) for held in unguarded)
+        return (
+            f"rocky_dagster: asset(s) {names} of step '{self.step_key}' have no idempotency key "
+            "(no key_fn, no 'rocky/idempotency_key' or 'dagster/run_key' run tag, no "
+            "partition): they run UNGUARDED, without the ledger"
+        )
 
     @property
     def proceeding(self) -> list[KeyClaim]:
         """The claims whose work must be done (a multi-asset produces only these assets)."""
         return [c for c in self.claims if c.should_run]
 
-    def claim_for(self, asset_key: str) -> KeyClaim:
-        """The claim of one selected asset of a multi-asset step."""
-        for held in self.claims:
-            if held.asset_key == asset_key:
-                return held
-        raise KeyError(f"step '{self.step_key}' holds no claim for asset {asset_key!r}")
+    def proceeding_keys(self) -> list[AssetKey]:
+        """The assets the body must produce (their key proceeded, or they have none)."""
+        return [held.asset for held in self.proceeding if held.asset is not None]
+
+    def claim_for(self, asset_key: AssetKey | str) -> KeyClaim:
+        """The claim of one selected asset (or check) of the step."""
+        held = self.by_asset.get(_asset_key(asset_key))
+        if held is None:
+            raise KeyError(f"step '{self.step_key}' holds no claim for asset {asset_key!r}")
+        return held
 
     def _claim_key(self, held: KeyClaim, *, force: bool) -> None:
         key = held.key
@@ -399,8 +497,6 @@ class StepGuard:
                 self.watch.start()
             held.heartbeat = Heartbeat(self.ledger, key, claim.fence, interval, self.watch)
             held.heartbeat.start()
-            with _ACTIVE_LOCK:
-                _ACTIVE[(self.run_id, self.step_key)] = self
         else:
             held.state = ClaimState.SKIPPED
         self._log_decision(held)
@@ -506,6 +602,115 @@ class StepGuard:
         target = held or self.primary
         target.summary = summary
         target.body_done = True
+
+    def emit(self, event: Any, summary: dict[str, Any] | None, held: KeyClaim | None = None) -> Any:
+        """What every guarded path does with one produced output (an `Output`, a
+        `MaterializeResult`, an `AssetCheckResult`): record the summary its claim keeps, make
+        sure the claim was not lost meanwhile (before Dagster stores it), and return the event
+        carrying the claim's metadata."""
+        self.record_summary(summary, held)
+        self.check_not_lost()
+        return with_claim_metadata(event, self.metadata(held))
+
+    # --- assets ---------------------------------------------------------------------------------
+
+    def observe_skips(self, context: Any, *, downstream: bool = True) -> None:
+        """One observation per skipped asset: its decision and the run behind it.
+
+        With `downstream`, the assets downstream of a skip in this run hear why too: Dagster
+        does not start a step whose upstream asset yielded nothing, so this step says it for
+        them (when the run's key names them too), or warns that one of them still has work.
+        """
+        skipped = [held for held in self.claims if not held.should_run and held.asset]
+        for held in skipped:
+            assert held.claim is not None and held.asset is not None
+            context.log_event(
+                AssetObservation(
+                    asset_key=held.asset,
+                    partition=held.resolved.partition,
+                    description=decision_message(held.claim, self.run_id)
+                    or f"rocky_dagster: materialization skipped ({held.decision})",
+                    metadata=self.metadata(held),
+                )
+            )
+        if downstream and skipped:
+            self._observe_downstream(context, [h.asset for h in skipped if h.asset is not None])
+
+    def _observe_downstream(self, context: Any, skipped: list[AssetKey]) -> None:
+        base = next((h.resolved for h in self.claims if h.resolved.source.run_wide), None)
+        if base is None or self.ledger is None or base.source == KeySource.KEY_FN:
+            return  # no run-wide key: the downstream steps' own keys are unknown here
+        try:
+            selection = _compat.run_asset_selection(context)
+            seen, todo = set(self.by_asset), list(skipped)
+            while todo:
+                for child in _compat.asset_children(context, todo.pop()):
+                    if child in seen or child not in selection:
+                        continue
+                    seen.add(child)
+                    todo.append(child)
+                    self._observe_for(context, child, base, skipped)
+        except Exception as exc:  # people's information only: never fail the step over it
+            self.op_ctx.log.warning(f"rocky_dagster: could not report downstream skips: {exc}")
+
+    def _observe_for(
+        self, context: Any, child: AssetKey, base: ResolvedKey, upstream: list[AssetKey]
+    ) -> None:
+        assert self.ledger is not None
+        name = child.to_user_string()
+        key = resolve_key(
+            {KEY_TAG: str(base.base)}, name, partition=base.partition, asset_key=name
+        ).ledger_key
+        entry = self.ledger.get(str(key))
+        names = ", ".join(k.to_user_string() for k in upstream)
+        if entry is not None and entry.state == State.SUCCEEDED:
+            context.log_event(
+                AssetObservation(
+                    asset_key=child,
+                    partition=base.partition,
+                    description=(
+                        f"rocky_dagster: materialization skipped (skipped_completed); its step "
+                        f"does not start because upstream {names} skipped"
+                    ),
+                    metadata={
+                        DECISION_KEY: MetadataValue.text("skipped_completed"),
+                        "rocky/ledger_key": MetadataValue.text(str(key)),
+                        "rocky/prior_run_id": MetadataValue.dagster_run(entry.run_id),
+                    },
+                )
+            )
+        else:
+            self.op_ctx.log.warning(
+                f"rocky_dagster: asset '{name}' is not done under ledger key '{key}', but "
+                f"Dagster will not start its step because upstream {names} was already done and "
+                f"yielded nothing: re-execute this run from failure, or launch '{name}' on its "
+                "own with the same key"
+            )
+
+    def stamp(self, asset_key: AssetKey | str) -> None:
+        """Stamp one asset's claim now (its result is stored), before the step ends."""
+        held = self.claim_for(asset_key)
+        if held.state == ClaimState.RUNNING:
+            self._stamp(held)
+
+    def give_back(self, asset_key: AssetKey | str, why: str) -> None:
+        """Release a proceeding asset's claim the body did not produce: the next run does it."""
+        held = self.claim_for(asset_key)
+        if held.state != ClaimState.RUNNING:
+            return
+        held.stop_heartbeat()
+        claim = held.claim
+        assert claim is not None and claim.fence is not None and self.ledger is not None
+        try:
+            self.ledger.release(claim.key, run_id=self.run_id, fence=claim.fence, reason=why)
+        except LedgerError as exc:
+            held.state = ClaimState.UNSETTLED
+            self.op_ctx.log.warning(
+                f"rocky_dagster: could not release ledger key '{claim.key}' ({exc}), which this "
+                "run did not produce; its lease, or the run-status sensor, settles it"
+            )
+            return
+        held.state = ClaimState.RELEASED
 
     # --- settling ------------------------------------------------------------------------------
 
@@ -700,6 +905,36 @@ class StepGuard:
         if held.claim is not None and held.claim.decision == Decision.SKIPPED_COMPLETED:
             meta.update(replayed_metadata(held.claim.result))
         return meta
+
+
+def _asset_key(value: AssetKey | str) -> AssetKey:
+    return value if isinstance(value, AssetKey) else AssetKey.from_user_string(value)
+
+
+def with_claim_metadata(event: Any, meta: Mapping[str, Any]) -> Any:
+    """`event` (an `Output`, a `MaterializeResult` or an `AssetCheckResult`) with `meta` added
+    to its own metadata."""
+    if isinstance(event, Output):
+        return event.with_metadata({**event.metadata, **meta})
+    if isinstance(event, MaterializeResult):
+        return MaterializeResult(
+            asset_key=event.asset_key,
+            metadata={**(event.metadata or {}), **meta},
+            check_results=event.check_results,
+            data_version=event.data_version,
+            tags=event.tags,
+            value=event.value,
+        )
+    if isinstance(event, AssetCheckResult):
+        return AssetCheckResult(
+            asset_key=event.asset_key,
+            check_name=event.check_name,
+            passed=event.passed,
+            severity=event.severity,
+            metadata={**(event.metadata or {}), **meta},
+            description=event.description,
+        )
+    raise TypeError(f"rocky_dagster: cannot attach claim metadata to a {type(event).__name__}")
 
 
 def _interrupt(exc: BaseException | None) -> bool:

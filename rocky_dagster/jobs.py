@@ -21,9 +21,14 @@ from typing import Any, TypeVar, overload
 
 from dagster import AssetsDefinition, GraphDefinition, HookDefinition, JobDefinition, job
 
-from ._compat import UnresolvedAssetJobDefinition, asset_job_with_hooks
-from .guard import KeyFn, register_job_key_fn
+from ._compat import (
+    UnresolvedAssetJobDefinition,
+    asset_job_with_hooks,
+    carry_job_key_fn,
+    keyed_hook,
+)
 from .hooks import ledger_hooks
+from .key_inheritance import KeyFn
 from .resource import RESOURCE_KEY, IdempotencyLedger
 
 T = TypeVar("T", JobDefinition, UnresolvedAssetJobDefinition, AssetsDefinition)
@@ -40,6 +45,7 @@ def ledger_job(
     name: str | None = None,
     key_fn: KeyFn | None = None,
     ledger: Any = None,
+    resource_key: str = RESOURCE_KEY,
     hooks: AbstractSet[HookDefinition] | None = None,
     **job_kwargs: Any,
 ) -> Callable[[Callable[..., Any] | GraphDefinition], JobDefinition]: ...
@@ -51,6 +57,7 @@ def ledger_job(
     name: str | None = None,
     key_fn: KeyFn | None = None,
     ledger: Any = None,
+    resource_key: str = RESOURCE_KEY,
     hooks: AbstractSet[HookDefinition] | None = None,
     **job_kwargs: Any,
 ) -> JobDefinition | Callable[[Callable[..., Any] | GraphDefinition], JobDefinition]:
@@ -58,9 +65,12 @@ def ledger_job(
 
     Args:
         key_fn: ``key_fn(context) -> str | None`` giving every guarded step of the job its base
-            key (an op's own key_fn still wins).
-        ledger: bind this `IdempotencyLedger` as the job's ``ledger`` resource; leave None to take
+            key (an op's own key_fn still wins). It travels with the job definition, so two
+            jobs of one name (two code locations or Definitions) keep their own.
+        ledger: bind this `IdempotencyLedger` as the job's ledger resource; leave None to take
             the one from ``Definitions(resources=...)``.
+        resource_key: the key `ledger` is bound under (default ``"ledger"``; the steps' own
+            ``resource_key`` must name the same).
         hooks: hooks to attach; ``hooks=ledger_hooks`` adds the ledger's backstop hook (see the
             module doc: off by default, since the step and the run-status sensors settle
             every claim without it).
@@ -81,9 +91,11 @@ def ledger_job(
                     "ledger_job: ledger must be an IdempotencyLedger (or "
                     f"IdempotencyLedger.configure_at_launch()), got {type(ledger).__name__}"
                 )
-            resource_defs[RESOURCE_KEY] = ledger
+            resource_defs[resource_key] = ledger
         all_hooks = set(hooks or ())
         if isinstance(target, GraphDefinition):
+            if key_fn is not None:
+                target = target.copy()  # the key_fn rides on this job's own graph
             built = target.to_job(
                 name=name, hooks=all_hooks, resource_defs=resource_defs or None, **job_kwargs
             )
@@ -92,7 +104,7 @@ def ledger_job(
                 name=name, hooks=all_hooks, resource_defs=resource_defs or None, **job_kwargs
             )(target)
         if key_fn is not None:
-            register_job_key_fn(built.name, key_fn)
+            carry_job_key_fn(built.graph, key_fn)
         return built
 
     if fn is not None:
@@ -116,14 +128,18 @@ def with_ledger(target: Any, *, key_fn: KeyFn | None = None) -> Any:
     """Attach the ledger's backstop hook to a job, an asset job (``define_asset_job``) or assets.
 
     Hooks on assets also fire under ``materialize()`` and the UI's implicit asset job. `key_fn`
-    (jobs only) gives the job's guarded steps a base key, as in `ledger_job`.
+    (jobs only) gives the job's guarded steps a base key, as in `ledger_job`; it rides on the
+    hook attached here, so it travels with the job.
     """
+    if key_fn is not None and isinstance(target, AssetsDefinition):
+        raise TypeError("with_ledger: key_fn applies to jobs; pass it to idempotent_asset")
+    hooks = set(ledger_hooks) if key_fn is None else {keyed_hook(h, key_fn) for h in ledger_hooks}
     if isinstance(target, JobDefinition):
-        hooked: Any = target.with_hooks(set(ledger_hooks))
+        hooked: Any = target.with_hooks(hooks)
     elif isinstance(target, UnresolvedAssetJobDefinition):
-        hooked = asset_job_with_hooks(target, ledger_hooks)
+        hooked = asset_job_with_hooks(target, hooks)
     elif isinstance(target, AssetsDefinition):
-        hooked = target.with_hooks(set(ledger_hooks))
+        hooked = target.with_hooks(hooks)
     elif isinstance(target, (list, tuple)):  # after the Dagster types: records are tuples
         return [with_ledger(t, key_fn=key_fn) for t in target]
     else:
@@ -131,8 +147,4 @@ def with_ledger(target: Any, *, key_fn: KeyFn | None = None) -> Any:
             "with_ledger takes a JobDefinition, an asset job from define_asset_job, an "
             f"AssetsDefinition, or a list of them; got {type(target).__name__}"
         )
-    if key_fn is not None:
-        if isinstance(target, AssetsDefinition):
-            raise TypeError("with_ledger: key_fn applies to jobs; pass it to idempotent_asset")
-        register_job_key_fn(hooked.name, key_fn)
     return hooked

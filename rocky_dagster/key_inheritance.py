@@ -4,31 +4,62 @@
 those off a running step: the step's own `key_fn` or its job's (`ledger_job(key_fn=...)`), the
 run's tags — or, for a re-execution that did not copy them, its parent's — and the partition;
 for a guarded asset whose launch carries no key, what the asset reads (`asset_inputs_key`).
+`planned_ledger_keys` derives, with the same `resolve_key`, the keys a job's steps will claim
+for a run request (what a sensor asks the ledger about before it requests the run).
+
+A job's `key_fn` travels with the job definition (see `_compat.job_key_fn`), so two jobs of one
+name (two code locations, two Definitions) never share one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from dagster import AssetKey, Failure
+from dagster import AssetCheckKey, AssetKey, Failure
 
-from .keys import KEY_TAG, RUN_KEY_TAG, ResolvedKey, resolve_key
+from . import _compat
+from .keys import CLAIMS_TAG, GUARDED_OP_TAG, KEY_TAG, RUN_KEY_TAG, ResolvedKey, resolve_key
 from .ledger import InvalidArgumentError
 
-KeyFn = Callable[[Any], "str | None"]
-"""``key_fn(context) -> key | None``: a user's own base key for the run (None: no opinion)."""
+KeyFn = Callable[..., "str | None"]
+"""``key_fn(context) -> key | None``: a user's own base key for the run (None: no opinion); an
+asset's may also take the asset key, ``key_fn(context, asset_key)``."""
 
-_JOB_KEY_FNS: dict[str, KeyFn] = {}
-
-
-def register_job_key_fn(job_name: str, key_fn: KeyFn) -> None:
-    """Give every guarded step of job `job_name` a base key from `key_fn` (see `ledger_job`)."""
-    _JOB_KEY_FNS[job_name] = key_fn
+CLAIMS_PER_ASSET = "asset"
+"""`CLAIMS_TAG` value: the op claims ``<base>/<asset key>`` per selected asset (or check)."""
 
 
-def job_key_fn(job_name: str) -> KeyFn | None:
-    return _JOB_KEY_FNS.get(job_name)
+def job_key_fn(op_ctx: Any) -> KeyFn | None:
+    """The `key_fn` the running step's job carries (`ledger_job` / `with_ledger`), or None."""
+    return _compat.job_key_fn(op_ctx.job_def)
+
+
+def check_claim_asset(key: AssetCheckKey) -> AssetKey:
+    """The name an asset check's claim is kept under: ``<asset key>:<check name>``."""
+    return AssetKey([*key.asset_key.path[:-1], f"{key.asset_key.path[-1]}:{key.name}"])
+
+
+def call_key_fn(key_fn: KeyFn, context: Any, subject: AssetKey | None, what: str) -> str | None:
+    """``key_fn(context, asset_key)`` when it takes two arguments and there is an asset, else
+    ``key_fn(context)``; a result that is not a str (or None) fails the step, naming `what`."""
+    takes_asset = False
+    if subject is not None:
+        try:
+            takes_asset = len(inspect.signature(key_fn).parameters) >= 2
+        except (TypeError, ValueError):
+            takes_asset = False
+    value = key_fn(context, subject) if takes_asset else key_fn(context)
+    if value is not None and not isinstance(value, str):
+        raise Failure(
+            description=(
+                f"rocky_dagster: key_fn of {what} returned {type(value).__name__}; it must "
+                "return a str key or None"
+            ),
+            allow_retries=False,
+        )
+    return value
 
 
 def tags_with_inherited_key(op_ctx: Any) -> dict[str, str]:
@@ -61,43 +92,39 @@ def partition_of(op_ctx: Any) -> str | None:
     return None
 
 
-def resolve_step_key(
+def resolve_claim_key(
     context: Any,
     op_ctx: Any,
     step_key: str,
     tags: Mapping[str, str],
     *,
     key_fn: KeyFn | None,
-    asset_key: str | None,
+    asset: AssetKey | None,
+    subject: AssetKey | None = None,
+    input_state: Callable[[], str | None] | None = None,
+    key_by_inputs: bool = True,
 ) -> ResolvedKey:
-    """The step's base and ledger key; a bad key or key_fn result fails the step (no retries).
-    A guarded asset with no other key is keyed by what it reads (`asset_inputs_key`)."""
-    key_fn = key_fn or _JOB_KEY_FNS.get(op_ctx.job_name)
-    user_key = None
-    if key_fn is not None:
-        user_key = key_fn(context)
-        if user_key is not None and not isinstance(user_key, str):
-            raise Failure(
-                description=(
-                    f"rocky_dagster: key_fn of step '{step_key}' returned "
-                    f"{type(user_key).__name__}; it must return a str key or None"
-                ),
-                allow_retries=False,
-            )
+    """One claim's base and ledger key: ``<base>/<step key>`` for an op, ``<base>/<asset key>``
+    for an asset (partition folded in); a bad key or key_fn result fails the step (no retries).
+    A guarded asset with no other key is keyed by what it reads (`asset_inputs_key`).
+    """
+    name = asset.to_user_string() if asset is not None else None
+    what = f"asset '{name}'" if name is not None else f"step '{step_key}'"
+    user_key = call_key_fn(key_fn, context, subject, what) if key_fn is not None else None
     try:
         return resolve_key(
             tags,
             step_key,
             user_key=user_key,
             partition=partition_of(op_ctx),
-            asset_key=asset_key,
+            asset_key=name,
             inputs_key=None
-            if asset_key is None
-            else asset_inputs_key(context, AssetKey.from_user_string(asset_key)),
+            if asset is None or not key_by_inputs
+            else asset_inputs_key(context, subject or asset, input_state),
         )
     except InvalidArgumentError as exc:
         raise Failure(
-            description=f"rocky_dagster: bad idempotency key for '{step_key}': {exc}",
+            description=f"rocky_dagster: bad idempotency key for {what}: {exc}",
             allow_retries=False,
         ) from exc
 
@@ -113,3 +140,58 @@ def asset_inputs_key(
     return lambda: inputs_key(
         context, subject, input_state=input_state() if input_state is not None else None
     )
+
+
+def planned_ledger_keys(
+    job: Any,
+    base: str,
+    *,
+    partition: str | None = None,
+    asset_selection: Sequence[AssetKey] | None = None,
+    asset_check_selection: Sequence[AssetCheckKey] | None = None,
+) -> dict[str, str]:
+    """The ledger keys the guarded steps of `job` claim in a run keyed `base`, each with the
+    step that claims it: what `resolve_claim_key` gives them under the ``rocky/idempotency_key``
+    tag (an op: ``<base>/<step key>``; an asset step: ``<base>/<asset key>`` for each asset
+    of the request's selection; partition folded in). A step's own `key_fn` is not known
+    before the run, so those steps are asked about under the run's key."""
+    tags = {KEY_TAG: base}
+    planned: dict[str, str] = {}
+    for handle, definition in _compat.job_nodes(job):
+        if GUARDED_OP_TAG not in definition.tags:
+            continue
+        step_key = str(handle)
+        names: list[AssetKey | AssetCheckKey | None] = [None]
+        if definition.tags.get(CLAIMS_TAG) == CLAIMS_PER_ASSET:
+            subjects = _compat.node_claim_subjects(job, handle)
+            # an asset step claims its assets (its own checks ride on them); a check-only
+            # step claims each check
+            assets = [k for k in subjects if isinstance(k, AssetKey)]
+            names = [
+                name
+                for name in assets or subjects
+                if _selected(name, asset_selection, asset_check_selection)
+            ]
+        for name in names:
+            subject = None
+            if isinstance(name, AssetCheckKey):
+                subject = check_claim_asset(name).to_user_string()
+            elif isinstance(name, AssetKey):
+                subject = name.to_user_string()
+            key = resolve_key(tags, step_key, partition=partition, asset_key=subject).ledger_key
+            if key is not None:
+                planned[key] = step_key
+    return planned
+
+
+def _selected(
+    key: Any,
+    assets: Sequence[AssetKey] | None,
+    checks: Sequence[AssetCheckKey] | None,
+) -> bool:
+    """Whether a run of this selection executes `key` (an asset or an asset check)."""
+    if isinstance(key, AssetCheckKey):
+        if checks is not None:
+            return key in checks
+        return assets is None or key.asset_key in assets
+    return assets is None or key in assets

@@ -44,6 +44,10 @@ decision is in its output metadata. Filter the runs list on it (``rocky/outcome=
 GUARDED_OP_TAG = "rocky/guarded"
 """Op-definition tag marking a guarded op, so sensors can find the steps of a job that claim."""
 
+CLAIMS_TAG = "rocky/claims"
+"""Op-definition tag of a guarded op that claims per asset (value ``asset``): its keys are
+``<base>/<asset key>``, one per selected asset or check, not ``<base>/<step key>``."""
+
 RUN_KEY_TAG = "dagster/run_key"
 PARTITION_TAG = "dagster/partition"
 

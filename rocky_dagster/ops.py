@@ -68,6 +68,7 @@ def idempotent_op(
     key_fn: KeyFn | None = None,
     fingerprint_fn: FingerprintFn | None = None,
     pipeline: str | None = None,
+    resource_key: str = RESOURCE_KEY,
 ) -> Callable[[Callable[..., Any]], OpDefinition]: ...
 
 
@@ -87,6 +88,7 @@ def idempotent_op(
     key_fn: KeyFn | None = None,
     fingerprint_fn: FingerprintFn | None = None,
     pipeline: str | None = None,
+    resource_key: str = RESOURCE_KEY,
 ) -> OpDefinition | Callable[[Callable[..., Any]], OpDefinition]:
     """Decorate a function into an op guarded by the idempotency ledger (resource ``ledger``).
 
@@ -101,6 +103,8 @@ def idempotent_op(
         fingerprint_fn: ``fingerprint_fn(context) -> str | None``, a hash of the work's
             parameters; a key recorded with another fingerprint fails the step (policy 'error').
         pipeline: label stored with the claim (default: the op name).
+        resource_key: the resource key of the `IdempotencyLedger` (default ``"ledger"``); a
+            body parameter of that name receives it too.
 
     Outputs are made optional (``is_required=False``) so that a `skipped_in_flight` step can
     yield nothing and skip its downstream steps.
@@ -117,10 +121,11 @@ def idempotent_op(
             fingerprint_fn=fingerprint_fn,
             pipeline=pipeline or op_name,
             inject_resource=required_resource_keys is None,
+            resource_key=resource_key,
         )
         resource_keys = None
         if required_resource_keys is not None:
-            resource_keys = {*required_resource_keys, RESOURCE_KEY}
+            resource_keys = {*required_resource_keys, resource_key}
         return op(
             name=op_name,
             description=description,
@@ -165,19 +170,27 @@ def _wrap_op_body(
     fingerprint_fn: FingerprintFn | None,
     pipeline: str,
     inject_resource: bool,
+    resource_key: str,
 ) -> Callable[..., Iterator[Any]]:
     if inspect.iscoroutinefunction(body) or inspect.isasyncgenfunction(body):
         raise TypeError(f"idempotent_op {op_name!r}: async bodies are not supported")
-    signature, takes_context, passes_ledger = guarded_signature(body, inject_resource)
+    signature, takes_context, passes_ledger = guarded_signature(body, inject_resource, resource_key)
     output_names = list(outs)
 
     def guarded(context: Any, **kwargs: Any) -> Iterator[Any]:
-        resource = kwargs[RESOURCE_KEY] if inject_resource else context.resources.ledger
+        resource = (
+            kwargs[resource_key] if inject_resource else getattr(context.resources, resource_key)
+        )
         if not passes_ledger:
-            kwargs.pop(RESOURCE_KEY, None)
+            kwargs.pop(resource_key, None)
         fingerprint = fingerprint_fn(context) if fingerprint_fn else None
         guard = StepGuard(
-            context, resource, key_fn=key_fn, fingerprint=fingerprint, pipeline=pipeline
+            context,
+            resource,
+            key_fn=key_fn,
+            fingerprint=fingerprint,
+            pipeline=pipeline,
+            resource_key=resource_key,
         )
         with guard.lifecycle() as step:
             if not step.should_run:
@@ -191,12 +204,13 @@ def _wrap_op_body(
 
 
 def guarded_signature(
-    body: Callable[..., Any], inject_resource: bool
+    body: Callable[..., Any], inject_resource: bool, resource_key: str = RESOURCE_KEY
 ) -> tuple[inspect.Signature, bool, bool]:
     """The signature Dagster should see: a context first, the body's own parameters (with their
-    annotations resolved where the body was defined), and a typed ``ledger`` resource.
+    annotations resolved where the body was defined), and the typed ledger resource, a
+    parameter named `resource_key`.
 
-    Returns (signature, whether the body takes the context, whether it takes ``ledger``).
+    Returns (signature, whether the body takes the context, whether it takes the ledger).
     """
     sig = inspect.signature(body)
     try:
@@ -207,11 +221,11 @@ def guarded_signature(
     takes_context = bool(params) and params[0].name in _CONTEXT_NAMES
     rest = params[1:] if takes_context else params
     resolved = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in rest]
-    passes_ledger = any(p.name == RESOURCE_KEY for p in resolved)
+    passes_ledger = any(p.name == resource_key for p in resolved)
     if inject_resource and not passes_ledger:
         resolved.append(
             inspect.Parameter(
-                RESOURCE_KEY, inspect.Parameter.KEYWORD_ONLY, annotation=IdempotencyLedger
+                resource_key, inspect.Parameter.KEYWORD_ONLY, annotation=IdempotencyLedger
             )
         )
     context_param = (
@@ -249,43 +263,33 @@ def _emit(result: Any, output_names: list[str], guard: StepGuard) -> Iterator[An
             if isinstance(event, DynamicOutput):
                 raise Failure(description="idempotent_op bodies cannot yield DynamicOutput")
             if isinstance(event, Output):
-                guard.check_not_lost()
                 values[event.output_name] = event.value
-                yield event.with_metadata({**event.metadata, **guard.metadata()})
+                yield guard.emit(event, _summary(values, output_names))
             else:
                 yield event
         guard.record_summary(_summary(values, output_names))
         return
     if len(output_names) == 1:
-        name = output_names[0]
-        if isinstance(result, Output):
-            values[result.output_name] = result.value
-            outputs = [result]
-        else:
-            values[name] = result
-            outputs = [Output(result, name)]
+        results = (result,)
+    elif not isinstance(result, tuple) or len(result) != len(output_names):
+        raise Failure(
+            description=(
+                f"op with outputs {output_names} must return a tuple of {len(output_names)} "
+                f"values in that order, got {type(result).__name__}"
+            ),
+            allow_retries=False,
+        )
     else:
-        if not isinstance(result, tuple) or len(result) != len(output_names):
-            raise Failure(
-                description=(
-                    f"op with outputs {output_names} must return a tuple of {len(output_names)} "
-                    f"values in that order, got {type(result).__name__}"
-                ),
-                allow_retries=False,
-            )
-        outputs = []
-        for out_name, value in zip(output_names, result, strict=True):
-            if isinstance(value, Output):
-                values[out_name] = value.value
-                outputs.append(value)
-            else:
-                values[out_name] = value
-                outputs.append(Output(value, out_name))
-    guard.record_summary(_summary(values, output_names))
-    guard.check_not_lost()
-    meta = guard.metadata()
+        results = result
+    outputs = [
+        value if isinstance(value, Output) else Output(value, out_name)
+        for out_name, value in zip(output_names, results, strict=True)
+    ]
     for output in outputs:
-        yield output.with_metadata({**output.metadata, **meta})
+        values[output.output_name] = output.value
+    summary = _summary(values, output_names)
+    for output in outputs:
+        yield guard.emit(output, summary)
 
 
 def _summary(values: Mapping[str, Any], output_names: list[str]) -> dict[str, Any] | None:

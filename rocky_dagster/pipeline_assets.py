@@ -28,10 +28,12 @@ from dagster import (
     multi_asset_check,
 )
 
+from .guard import StepGuard
 from .input_versions import pipeline_input_state
-from .keys import GUARDED_OP_TAG
+from .key_inheritance import CLAIMS_PER_ASSET, check_claim_asset
+from .keys import CLAIMS_TAG, GUARDED_OP_TAG
 from .ledger import Claim
-from .multi_asset import AssetKeyFn, AssetsGuard
+from .multi_asset import AssetKeyFn
 from .pipeline_specs import PipelinePlan, TableAsset, TableCheck, plan_pipeline
 from .pipelines import (
     PipelineConfig,
@@ -41,7 +43,7 @@ from .pipelines import (
     ReplicationPipeline,
     TransformationPipeline,
 )
-from .resource import IdempotencyLedger
+from .resource import RESOURCE_KEY
 
 
 def pipeline_assets(
@@ -53,6 +55,7 @@ def pipeline_assets(
     partitions_def: Any = None,
     automation_condition: Any = None,
     key_fn: AssetKeyFn | None = None,
+    resource_key: str = RESOURCE_KEY,
     key_by_inputs: bool = True,
 ) -> list[AssetsDefinition]:
     """The pipeline's tables as one guarded, subsettable multi-asset, in a list; a quality
@@ -69,6 +72,7 @@ def pipeline_assets(
         automation_condition: a declarative automation condition for every asset.
         key_fn: ``key_fn(context, asset_key) -> str | None`` (or ``key_fn(context)``), e.g.
             `input_versions_key`; default: the run's tags, then the partition.
+        resource_key: the resource key of the `IdempotencyLedger` (default ``"ledger"``).
         key_by_inputs: a launch with no key (a Materialize click, ``dg launch``) keys each
             asset by what it reads: its upstream assets' data versions and the pipeline's
             input files (drops, source database, models), so unchanged inputs skip. False: such
@@ -105,6 +109,7 @@ def pipeline_assets(
                 [c for c in plan.checks if c.table == table],
                 op_name if len(tables) == 1 else f"{op_name}__{table}",
                 key_fn,
+                resource_key,
                 key_by_inputs,
             )
             for table in tables
@@ -119,40 +124,40 @@ def pipeline_assets(
         name=op_name,
         can_subset=True,
         partitions_def=partitions_def,
-        op_tags={GUARDED_OP_TAG: "true", "rocky/pipeline": pipeline.pipeline_type},
+        op_tags={
+            GUARDED_OP_TAG: "true",
+            CLAIMS_TAG: CLAIMS_PER_ASSET,
+            "rocky/pipeline": pipeline.pipeline_type,
+        },
         description=f"{pipeline.pipeline_type} pipeline on {pipeline.warehouse}",
+        required_resource_keys={resource_key},
     )
-    def _assets(context, ledger: IdempotencyLedger) -> Iterator[Any]:
-        selected = [a.key for a in plan.assets if a.key in context.selected_asset_keys]
-        guard = AssetsGuard(
+    def _assets(context) -> Iterator[Any]:
+        guard = StepGuard(
             context,
-            ledger,
-            asset_keys=selected,
+            getattr(context.resources, resource_key),
+            asset_keys=[a.key for a in plan.assets if a.key in context.selected_asset_keys],
             key_fn=key_fn,
             fingerprint=fingerprint,
             pipeline=pipeline.pipeline_type,
+            resource_key=resource_key,
             input_state=lambda: pipeline_input_state(pipeline),
             key_by_inputs=key_by_inputs,
         )
-        try:
-            with guard.lifecycle():
-                guard.observe_skips(context)
-                proceeding = [tables[key] for key in guard.proceeding_keys()]
-                if not proceeding:
-                    return
-                claims = [guard.by_asset[asset.key].claim for asset in proceeding]
-                result = narrow(pipeline, proceeding, plan).run(claim=effect_claim(op_name, claims))
-                for asset in proceeding:
-                    stats = result.table(asset.table)
-                    held = guard.by_asset[asset.key]
-                    guard.record_summary(table_summary(asset, stats), held)
-                    guard.check_not_lost()
-                    yield MaterializeResult(
-                        asset_key=asset.key,
-                        metadata={**guard.metadata(held), **table_metadata(asset, stats)},
-                    )
-        finally:
-            guard.forget()
+        with guard.lifecycle():
+            guard.observe_skips(context)
+            proceeding = [tables[key] for key in guard.proceeding_keys()]
+            if not proceeding:
+                return
+            claims = [guard.claim_for(asset.key).claim for asset in proceeding]
+            result = narrow(pipeline, proceeding, plan).run(claim=effect_claim(op_name, claims))
+            for asset in proceeding:
+                stats = result.table(asset.table)
+                yield guard.emit(
+                    MaterializeResult(asset_key=asset.key, metadata=table_metadata(asset, stats)),
+                    table_summary(asset, stats),
+                    guard.claim_for(asset.key),
+                )
 
     return [_assets]
 
@@ -224,6 +229,7 @@ def _quality_checks(
     checks: list[TableCheck],
     op_name: str,
     key_fn: AssetKeyFn | None,
+    resource_key: str,
     key_by_inputs: bool = True,
 ) -> AssetChecksDefinition:
     """Some of a quality pipeline's checks as guarded asset checks, one ledger key per check.
@@ -236,83 +242,77 @@ def _quality_checks(
     pipeline = plan.pipeline
     assert isinstance(pipeline, QualityPipeline)
     by_key = {AssetCheckKey(check.asset, check.name): check for check in checks}
-    claim_keys = {key: _check_asset_key(key) for key in by_key}
+    claim_keys = {key: check_claim_asset(key) for key in by_key}
     fingerprint = pipeline.fingerprint()
 
     @multi_asset_check(
         specs=[spec for spec in plan.check_specs() if spec.key in by_key],
         name=op_name,
         can_subset=True,
-        op_tags={GUARDED_OP_TAG: "true", "rocky/pipeline": "quality"},
+        op_tags={GUARDED_OP_TAG: "true", CLAIMS_TAG: CLAIMS_PER_ASSET, "rocky/pipeline": "quality"},
         description=f"quality checks on {pipeline.warehouse}",
+        required_resource_keys={resource_key},
     )
-    def _checks(context, ledger: IdempotencyLedger) -> Iterator[Any]:
+    def _checks(context) -> Iterator[Any]:
         selected = [k for k in by_key if k in context.selected_asset_check_keys]
-        guard = AssetsGuard(
+        guard = StepGuard(
             context,
-            ledger,
+            getattr(context.resources, resource_key),
             asset_keys=[claim_keys[k] for k in selected],
             key_fn=key_fn,
             fingerprint=fingerprint,
             pipeline="quality",
             key_fn_subjects={claim_keys[k]: k.asset_key for k in selected},
+            resource_key=resource_key,
             key_by_inputs=key_by_inputs,
         )
-        try:
-            with guard.lifecycle():
-                proceeding = set(guard.proceeding_keys())
-                for key in selected:
-                    held = guard.by_asset[claim_keys[key]]
-                    if claim_keys[key] not in proceeding and held.claim is not None:
-                        replay = _replayed_check(by_key[key], held.claim, guard.metadata(held))
-                        if replay is not None:
-                            yield replay
-                todo = [by_key[k] for k in selected if claim_keys[k] in proceeding]
-                if not todo:
-                    return
-                wanted = {(c.table, c.name) for c in todo}
-                narrowed = pipeline.model_copy(
-                    update={"checks": [c for c in pipeline.checks if (c.target, c.name) in wanted]}
-                )
-                failed: QualityChecksFailed | None = None
-                try:
-                    claims = [
-                        guard.by_asset[claim_keys[AssetCheckKey(c.asset, c.name)]].claim
-                        for c in todo
-                    ]
-                    result: PipelineResult = narrowed.run(claim=effect_claim(op_name, claims))
-                except QualityChecksFailed as exc:
-                    failed, result = exc, exc.result
-                outcomes = {(c.table, c.name): c for c in result.checks}
-                for check in todo:
-                    outcome = outcomes.get((check.table, check.name))
-                    if outcome is None:
-                        continue
-                    claim_key = claim_keys[AssetCheckKey(check.asset, check.name)]
-                    held = guard.by_asset[claim_key]
-                    guard.record_summary(_check_summary(outcome), held)
-                    guard.check_not_lost()
-                    yield AssetCheckResult(
+        with guard.lifecycle():
+            proceeding = set(guard.proceeding_keys())
+            for key in selected:
+                held = guard.claim_for(claim_keys[key])
+                if claim_keys[key] not in proceeding and held.claim is not None:
+                    replay = _replayed_check(by_key[key], held.claim, guard.metadata(held))
+                    if replay is not None:
+                        yield replay
+            todo = [by_key[k] for k in selected if claim_keys[k] in proceeding]
+            if not todo:
+                return
+            wanted = {(c.table, c.name) for c in todo}
+            narrowed = pipeline.model_copy(
+                update={"checks": [c for c in pipeline.checks if (c.target, c.name) in wanted]}
+            )
+            failed: QualityChecksFailed | None = None
+            try:
+                claims = [
+                    guard.claim_for(claim_keys[AssetCheckKey(c.asset, c.name)]).claim for c in todo
+                ]
+                result: PipelineResult = narrowed.run(claim=effect_claim(op_name, claims))
+            except QualityChecksFailed as exc:
+                failed, result = exc, exc.result
+            outcomes = {(c.table, c.name): c for c in result.checks}
+            for check in todo:
+                outcome = outcomes.get((check.table, check.name))
+                if outcome is None:
+                    continue
+                claim_key = claim_keys[AssetCheckKey(check.asset, check.name)]
+                yield guard.emit(
+                    AssetCheckResult(
                         asset_key=check.asset,
                         check_name=check.name,
                         passed=outcome.passed,
                         severity=_severity(outcome.severity),
-                        metadata={**outcome.metadata(), **guard.metadata(held)},
+                        metadata=outcome.metadata(),
                         description=outcome.description,
-                    )
-                    if outcome.passed or outcome.severity != "error":
-                        guard.stamp(claim_key)
-                if failed is not None:
-                    raise Failure(description=str(failed), allow_retries=False)
-        finally:
-            guard.forget()
+                    ),
+                    _check_summary(outcome),
+                    guard.claim_for(claim_key),
+                )
+                if outcome.passed or outcome.severity != "error":
+                    guard.stamp(claim_key)
+            if failed is not None:
+                raise Failure(description=str(failed), allow_retries=False)
 
     return _checks
-
-
-def _check_asset_key(key: AssetCheckKey) -> AssetKey:
-    """The name a check's claim is kept under: ``<asset key>:<check name>``."""
-    return AssetKey([*key.asset_key.path[:-1], f"{key.asset_key.path[-1]}:{key.name}"])
 
 
 def _severity(severity: str) -> AssetCheckSeverity:

@@ -19,7 +19,7 @@ op, each also checking that it was given its own pipeline type.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from dagster import (
     AssetCheckResult,
@@ -40,7 +40,7 @@ from dagster import (
 from .guard import KeyFn, StepGuard, running_claim
 from .keys import GUARDED_OP_TAG
 from .ops import idempotent_op
-from .resource import IdempotencyLedger
+from .resource import RESOURCE_KEY
 
 if TYPE_CHECKING:
     from .pipelines import (
@@ -55,54 +55,45 @@ if TYPE_CHECKING:
 AFTER = "after"
 
 
+class PipelineOpOptions(TypedDict, total=False):
+    """The keyword arguments of `pipeline_op` (see there), taken by the typed forms too."""
+
+    name: str | None
+    key_fn: KeyFn | None
+    retry_policy: RetryPolicy | None
+    tags: Mapping[str, str] | None
+    description: str | None
+    resource_key: str
+
+
 def replication_op(
-    config: ReplicationPipeline,
-    *,
-    name: str | None = None,
-    key_fn: KeyFn | None = None,
-    retry_policy: RetryPolicy | None = None,
-    tags: Mapping[str, str] | None = None,
-    description: str | None = None,
+    config: ReplicationPipeline, **options: Unpack[PipelineOpOptions]
 ) -> OpDefinition:
     """`pipeline_op` for a replication pipeline: a guarded op copying source tables into the warehouse (`ReplicationPipeline`).
 
     Kept for readability and a type check: same arguments, same op as `pipeline_op`.
     """
-    return _typed("replication", config, name, key_fn, retry_policy, tags, description)
+    return _typed("replication", config, options)
 
 
 def transformation_op(
-    config: TransformationPipeline,
-    *,
-    name: str | None = None,
-    key_fn: KeyFn | None = None,
-    retry_policy: RetryPolicy | None = None,
-    tags: Mapping[str, str] | None = None,
-    description: str | None = None,
+    config: TransformationPipeline, **options: Unpack[PipelineOpOptions]
 ) -> OpDefinition:
     """`pipeline_op` for a transformation pipeline: a guarded op building SQL models in dependency order (`TransformationPipeline`).
 
     Kept for readability and a type check: same arguments, same op as `pipeline_op`.
     """
-    return _typed("transformation", config, name, key_fn, retry_policy, tags, description)
+    return _typed("transformation", config, options)
 
 
-def quality_op(
-    config: QualityPipeline,
-    *,
-    name: str | None = None,
-    key_fn: KeyFn | None = None,
-    retry_policy: RetryPolicy | None = None,
-    tags: Mapping[str, str] | None = None,
-    description: str | None = None,
-) -> OpDefinition:
+def quality_op(config: QualityPipeline, **options: Unpack[PipelineOpOptions]) -> OpDefinition:
     """`pipeline_op` for a quality pipeline: a guarded op evaluating data checks.
 
     Every check is reported (output metadata, one log line per failed check); a failed
     error-severity check then fails the op, so its claim is finalized failed. For assets, use
     `quality_checks`, which reports each check as an `AssetCheckResult`.
     """
-    return _typed("quality", config, name, key_fn, retry_policy, tags, description)
+    return _typed("quality", config, options)
 
 
 def quality_checks(
@@ -113,6 +104,7 @@ def quality_checks(
     blocking: bool = False,
     key_fn: KeyFn | None = None,
     description: str | None = None,
+    resource_key: str = RESOURCE_KEY,
 ) -> AssetChecksDefinition:
     """The checks of a `QualityPipeline` as Dagster asset checks, guarded by the ledger.
 
@@ -121,6 +113,7 @@ def quality_checks(
     as an `AssetCheckResult` (error / warn severity kept). After reporting, a failed
     error-severity check fails the step, so its claim is finalized failed. A run whose key
     already passed (or is being checked elsewhere) evaluates nothing and says so in its log.
+    `resource_key` names the `IdempotencyLedger` resource (default ``"ledger"``).
     """
     to_key = asset_key_for_table or (lambda table: AssetKey(table))
     specs = [
@@ -143,17 +136,19 @@ def quality_checks(
         description=description or f"quality checks on {config.warehouse}",
         can_subset=True,  # a skipped run yields no evaluations
         op_tags={GUARDED_OP_TAG: "true", "rocky/pipeline": "quality"},
+        required_resource_keys={resource_key},
     )
-    def _checks(context, ledger: IdempotencyLedger) -> Iterator[Any]:
+    def _checks(context) -> Iterator[Any]:
         from .pipelines import QualityChecksFailed
 
         guard = StepGuard(
             context,
-            ledger,
+            getattr(context.resources, resource_key),
             key_fn=key_fn,
             fingerprint=fingerprint,
             pipeline="quality",
             skip_event=True,
+            resource_key=resource_key,
         )
         with guard.lifecycle() as step:
             if not step.should_run:
@@ -164,58 +159,43 @@ def quality_checks(
             except QualityChecksFailed as exc:
                 failed, result = exc, exc.result
             targets = {(spec.asset_key, spec.name) for spec in specs}
-            step.check_not_lost()
+            summary = result.summary()
             for check in result.checks:
                 if check.table and (to_key(check.table), check.name) in targets:
-                    yield _check_result(check, to_key(check.table), step)
-            step.record_summary(result.summary())
+                    yield step.emit(_check_result(check, to_key(check.table)), summary)
+            step.check_not_lost()
+            step.record_summary(summary)
             if failed is not None:
                 raise Failure(description=str(failed), allow_retries=False)
 
     return _checks
 
 
-def _check_result(check: Any, asset_key: AssetKey, guard: StepGuard) -> AssetCheckResult:
+def _check_result(check: Any, asset_key: AssetKey) -> AssetCheckResult:
     return AssetCheckResult(
         asset_key=asset_key,
         check_name=check.name,
         passed=check.passed,
         severity=AssetCheckSeverity.ERROR if check.severity == "error" else AssetCheckSeverity.WARN,
-        metadata={**check.metadata(), **guard.metadata()},
+        metadata=check.metadata(),
         description=check.description,
     )
 
 
-def snapshot_op(
-    config: SnapshotPipeline,
-    *,
-    name: str | None = None,
-    key_fn: KeyFn | None = None,
-    retry_policy: RetryPolicy | None = None,
-    tags: Mapping[str, str] | None = None,
-    description: str | None = None,
-) -> OpDefinition:
+def snapshot_op(config: SnapshotPipeline, **options: Unpack[PipelineOpOptions]) -> OpDefinition:
     """`pipeline_op` for a snapshot pipeline: a guarded op recording SCD-2 history of a table (`SnapshotPipeline`).
 
     Kept for readability and a type check: same arguments, same op as `pipeline_op`.
     """
-    return _typed("snapshot", config, name, key_fn, retry_policy, tags, description)
+    return _typed("snapshot", config, options)
 
 
-def load_op(
-    config: LoadPipeline,
-    *,
-    name: str | None = None,
-    key_fn: KeyFn | None = None,
-    retry_policy: RetryPolicy | None = None,
-    tags: Mapping[str, str] | None = None,
-    description: str | None = None,
-) -> OpDefinition:
+def load_op(config: LoadPipeline, **options: Unpack[PipelineOpOptions]) -> OpDefinition:
     """`pipeline_op` for a load pipeline: a guarded op loading CSV / JSON-lines files into tables (`LoadPipeline`).
 
     Kept for readability and a type check: same arguments, same op as `pipeline_op`.
     """
-    return _typed("load", config, name, key_fn, retry_policy, tags, description)
+    return _typed("load", config, options)
 
 
 def pipeline_op(
@@ -226,6 +206,7 @@ def pipeline_op(
     retry_policy: RetryPolicy | None = None,
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
+    resource_key: str = RESOURCE_KEY,
 ) -> OpDefinition:
     """A guarded op running `pipeline` (any of the five pipeline configs) once per key.
 
@@ -243,6 +224,7 @@ def pipeline_op(
         retry_policy: an op retry policy; a retry of the same run re-enters its claim.
         tags: extra op tags.
         description: the op description (default: the pipeline type and warehouse).
+        resource_key: the resource key of the `IdempotencyLedger` (default ``"ledger"``).
 
     Examples:
         .. code-block:: python
@@ -288,21 +270,14 @@ def pipeline_op(
         key_fn=key_fn,
         fingerprint_fn=lambda _context: fingerprint,
         pipeline=pipeline_type,
+        resource_key=resource_key,
     )(run_pipeline)
 
 
 PIPELINE_TYPES = ("replication", "transformation", "quality", "snapshot", "load")
 
 
-def _typed(
-    pipeline_type: str,
-    config: Any,
-    name: str | None,
-    key_fn: KeyFn | None,
-    retry_policy: RetryPolicy | None,
-    tags: Mapping[str, str] | None,
-    description: str | None,
-) -> OpDefinition:
+def _typed(pipeline_type: str, config: Any, options: PipelineOpOptions) -> OpDefinition:
     actual = getattr(type(config), "pipeline_type", None)
     if actual != pipeline_type or not callable(getattr(config, "run", None)):
         raise TypeError(
@@ -310,14 +285,7 @@ def _typed(
             f"{type(config).__name__}"
             + (f" (a {actual} pipeline: use {actual}_op or pipeline_op)" if actual else "")
         )
-    return pipeline_op(
-        config,
-        name=name,
-        key_fn=key_fn,
-        retry_policy=retry_policy,
-        tags=tags,
-        description=description,
-    )
+    return pipeline_op(config, **options)
 
 
 def _run_quality(context: Any, config: Any) -> Iterator[Any]:

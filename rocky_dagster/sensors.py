@@ -2,11 +2,14 @@
 
 `ledger_run_status_sensors` settles what hooks cannot see (a cancel, a killed process, a lost
 stamp); `guard_run_requests` keeps a sensor or schedule from launching runs whose work is done
-or under way.
+or under way. It asks the ledger (`Ledger.peek`: the claim decision, with no write) about the
+keys the target job's steps would claim, derived as the steps derive them
+(`key_inheritance.planned_ledger_keys`), so it restates no rule of its own.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,20 +28,13 @@ from dagster import (
     run_status_sensor,
 )
 
-from .backoff import RequestBackoff as RetryBackoff
-from .keys import (
-    GUARDED_OP_TAG,
-    KEY_TAG,
-    PARTITION_TAG,
-    attempt_run_key,
-    ledger_key,
-    schedule_key,
-)
-from .ledger import Entry, EventKind, Ledger, LedgerError, State
-from .ledger.machine import dedups
+from .backoff import RequestBackoff
+from .key_inheritance import planned_ledger_keys
+from .keys import KEY_TAG, PARTITION_TAG, attempt_run_key, schedule_key
+from .ledger import Claim, Decision, EventKind, Ledger, LedgerError
 from .presentation import settle_outcome_tag
 from .reconcile import FINISHED_STATUSES, reconcile_run
-from .resource import IdempotencyLedger
+from .resource import RESOURCE_KEY, IdempotencyLedger
 
 # --- run-status sensors --------------------------------------------------------------------------
 
@@ -49,12 +45,15 @@ def ledger_run_status_sensors(
     minimum_interval_seconds: int = 10,
     default_status: DefaultSensorStatus = DefaultSensorStatus.RUNNING,
     monitor_all_code_locations: bool = True,
+    resource_key: str = RESOURCE_KEY,
 ) -> list[RunStatusSensorDefinition]:
     """Three sensors settling the claims of finished runs (docs/contract.md, "Dead holders").
 
     FAILURE → the run's claims are finalized failed; CANCELED → released; SUCCESS → claims still
     in flight are stamped succeeded. Each also settles the run's ``rocky/outcome`` tag from its
-    own steps' decisions, so a re-execution never keeps the summary it copied from its parent. They take the ``ledger`` resource from Definitions, start
+    own steps' decisions, so a re-execution never keeps the summary it copied from its parent.
+    They take the ledger resource from Definitions (under `resource_key`, default
+    ``"ledger"``), start
     RUNNING and watch every code location (CLI and in-process runs have none, and would be
     invisible otherwise). A ledger outage is logged, never raised: Dagster would move the cursor
     past the run anyway (run-status sensors are at-most-once), and the lease then settles it.
@@ -76,6 +75,7 @@ def ledger_run_status_sensors(
                 minimum_interval_seconds=minimum_interval_seconds,
                 default_status=default_status,
                 monitor_all_code_locations=monitor_all_code_locations,
+                resource_key=resource_key,
             )
         )
     return sensors
@@ -89,16 +89,10 @@ def _status_sensor(
     minimum_interval_seconds: int,
     default_status: DefaultSensorStatus,
     monitor_all_code_locations: bool,
+    resource_key: str,
 ) -> RunStatusSensorDefinition:
-    @run_status_sensor(
-        run_status=status,
-        name=name,
-        description=description,
-        minimum_interval_seconds=minimum_interval_seconds,
-        default_status=default_status,
-        monitor_all_code_locations=monitor_all_code_locations,
-    )
-    def _sensor(context: RunStatusSensorContext, ledger: IdempotencyLedger) -> None:
+    def _sensor(context: RunStatusSensorContext, **resources: Any) -> None:
+        ledger: IdempotencyLedger = resources[resource_key]
         run_id = context.dagster_run.run_id
         try:
             done = reconcile_run(
@@ -121,14 +115,39 @@ def _status_sensor(
             context.log.warning(f"rocky_dagster: could not settle run {run_id}'s tags: {exc}")
         return None
 
-    return _sensor
+    # Dagster hands a sensor the resources its parameters name: one named `resource_key`
+    # (1.13 reads the signature, 1.12 the annotations)
+    _sensor.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(
+                "context",
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=RunStatusSensorContext,
+            ),
+            inspect.Parameter(
+                resource_key, inspect.Parameter.KEYWORD_ONLY, annotation=IdempotencyLedger
+            ),
+        ]
+    )
+    _sensor.__annotations__ = {
+        "context": RunStatusSensorContext,
+        resource_key: IdempotencyLedger,
+    }
+    return run_status_sensor(
+        run_status=status,
+        name=name,
+        description=description,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=default_status,
+        monitor_all_code_locations=monitor_all_code_locations,
+    )(_sensor)
 
 
 # --- guarding run requests -----------------------------------------------------------------------
 
 RequestKeyFn = Callable[[RunRequest], "str | None"]
 
-DEFAULT_BACKOFF = RetryBackoff()
+DEFAULT_BACKOFF = RequestBackoff()
 """`guard_run_requests`' default: 1, 2, 4 … 32 minutes after a key's failures, then hourly."""
 
 
@@ -136,7 +155,7 @@ DEFAULT_BACKOFF = RetryBackoff()
 class _Verdict:
     request: RunRequest
     key: str | None
-    steps: tuple[str, ...] = ()
+    ledger_keys: tuple[str, ...] = ()
     reason: str | None = None  # set when the request is dropped
 
 
@@ -144,11 +163,12 @@ def guard_run_requests(
     context: Any,
     requests: RunRequest | Sequence[RunRequest],
     *,
-    ledger: IdempotencyLedger | Ledger,
+    ledger: IdempotencyLedger | Ledger | None = None,
     job: Any = None,
     key_fn: RequestKeyFn | None = None,
     schedule_name: str | None = None,
-    backoff: RetryBackoff | None = DEFAULT_BACKOFF,
+    backoff: RequestBackoff | None = DEFAULT_BACKOFF,
+    resource_key: str = RESOURCE_KEY,
 ) -> list[RunRequest] | SkipReason:
     """Drop the requests whose work is done or under way; key and re-key the rest.
 
@@ -157,9 +177,11 @@ def guard_run_requests(
 
     A request's key is ``key_fn(request)``, else its ``rocky/idempotency_key`` tag, else its
     ``run_key``, else (in a schedule) ``<schedule name>@<scheduled execution time>``; a request
-    with no key passes unchanged. The ledger is asked about each guarded step of the target
-    `job` (ops built with `idempotent_op` and friends): a request is dropped when any of them
-    is in flight in a live run, or when all of them already succeeded.
+    with no key passes unchanged. The ledger is asked (with no write) what each guarded step of
+    the target `job` would decide under that key: ops claim ``<key>/<step key>``, asset steps
+    ``<key>/<asset key>`` for each asset (or check) the request selects, with the request's
+    partition folded in, exactly as the steps derive them. A request is dropped when any of
+    those keys is in flight in a live run, or when all of them are already done.
 
     A request let through gets the ``rocky/idempotency_key`` tag (the ledger key stays fixed)
     and, when the key has run before, the run_key ``<key>#<n>`` (n = that key's finished runs).
@@ -176,28 +198,32 @@ def guard_run_requests(
     A success resets the count.
 
     Args:
-        ledger: the `IdempotencyLedger` resource (take it as a typed sensor parameter).
+        ledger: the `IdempotencyLedger` (or an open `Ledger`); default: the sensor's resource
+            named `resource_key`.
         job: the job(s) the requests target, to know their guarded steps: a JobDefinition, or
             an asset job from ``define_asset_job`` (resolved through the sensor's repository).
         key_fn: ``key_fn(request) -> str | None``, overriding the tag / run_key rule.
         schedule_name: the schedule's name in its natural key (default: the one Dagster gives
             the context, else the job's name).
-        backoff: a `RetryBackoff`, or None to re-request a failed key on every tick. The
-            default, ``RetryBackoff(base_seconds=60, factor=2.0, max_seconds=3600)``, retries a
+        backoff: a `RequestBackoff`, or None to re-request a failed key on every tick. The
+            default, ``RequestBackoff(base_seconds=60, factor=2.0, max_seconds=3600)``, retries a
             transient fault within a minute, then waits 2, 4 … 32 minutes, then hourly: a key
             that fails for good costs one run an hour instead of one per tick (120 an hour at
             Dagster's 30-second default interval), and a fix is picked up within the hour. Pass
             a smaller policy for inputs that must catch up faster.
+        resource_key: the resource key of the `IdempotencyLedger` when `ledger` is not given
+            (default ``"ledger"``; the sensor must require it, e.g.
+            ``@sensor(required_resource_keys={"warehouse_ledger"})``).
     """
-    if backoff is not None and not isinstance(backoff, RetryBackoff):
+    if backoff is not None and not isinstance(backoff, RequestBackoff):
         raise TypeError(
-            "guard_run_requests: backoff must be a RetryBackoff or None, got "
-            f"{type(backoff).__name__}; e.g. backoff=RetryBackoff(base_seconds=60)"
+            "guard_run_requests: backoff must be a RequestBackoff or None, got "
+            f"{type(backoff).__name__}; e.g. backoff=RequestBackoff(base_seconds=60)"
         )
     batch = [requests] if isinstance(requests, RunRequest) else list(requests)
     if not batch:
         return SkipReason("no run requests")
-    store = ledger.open() if isinstance(ledger, IdempotencyLedger) else ledger
+    store = _store(context, ledger, resource_key)
     # `type(...) in`: Dagster's asset job definitions are tuples (records) themselves
     jobs = list(job) if type(job) in (list, tuple) else [job] if job is not None else []
     scheduled = isinstance(context, ScheduleEvaluationContext)
@@ -210,11 +236,17 @@ def guard_run_requests(
             if key is None:
                 verdicts.append(_Verdict(request, None))
                 continue
-            steps = _guarded_steps(target)
-            reason = _blocked(context, store, key, steps, request.partition_key)
+            planned = planned_ledger_keys(
+                target,
+                key,
+                partition=_request_partition(request),
+                asset_selection=request.asset_selection,
+                asset_check_selection=request.asset_check_keys,
+            )
+            reason = _blocked(context, store, key, planned)
             if reason is None and backoff is not None:
-                reason = _backing_off(context, store, key, steps, request.partition_key, backoff)
-            verdicts.append(_Verdict(request, key, tuple(steps), reason))
+                reason = _backing_off(context, store, key, planned, request, backoff)
+            verdicts.append(_Verdict(request, key, tuple(planned), reason))
     except LedgerError as exc:
         return SkipReason(f"rocky_dagster: the ledger is unavailable, no run requested: {exc}")
 
@@ -230,12 +262,34 @@ def guard_run_requests(
             tags={**verdict.request.tags, KEY_TAG: verdict.key},
         )
         if not scheduled or request.run_key is not None:
-            attempt = _generation(context, store, verdict.key, verdict.steps, request)
+            attempt = _generation(context, store, verdict.key, verdict.ledger_keys)
             request = request.with_replaced_attrs(run_key=attempt_run_key(verdict.key, attempt))
         allowed.append(request)
     if not allowed:
         return SkipReason("; ".join(str(v.reason) for v in verdicts))
     return allowed
+
+
+def _store(context: Any, ledger: IdempotencyLedger | Ledger | None, resource_key: str) -> Ledger:
+    if ledger is None:
+        resources = getattr(context, "resources", None)
+        ledger = getattr(resources, resource_key, None) if resources is not None else None
+        if ledger is None:
+            raise TypeError(
+                f"guard_run_requests: no ledger given and the context has no resource "
+                f"'{resource_key}'; pass ledger=<the IdempotencyLedger resource> or require it "
+                f"on the sensor (required_resource_keys={{'{resource_key}'}})"
+            )
+    return ledger.open() if isinstance(ledger, IdempotencyLedger) else ledger
+
+
+def _request_partition(request: RunRequest) -> str | None:
+    """The partition the request's run works on, as its steps fold it into their keys."""
+    if request.partition_key:
+        return request.partition_key
+    start = request.tags.get("dagster/asset_partition_range_start")
+    end = request.tags.get("dagster/asset_partition_range_end")
+    return f"{start}...{end}" if start and end else None
 
 
 def _request_key(
@@ -274,41 +328,23 @@ def _target_job(context: Any, request: RunRequest, jobs: list[Any]) -> JobDefini
     )
 
 
-def _guarded_steps(job: JobDefinition) -> list[str]:
-    """Step keys of the job's guarded ops (nested graphs included)."""
-    steps = []
-    for handle in job.graph.iterate_node_handles():
-        node = job.graph.get_node(handle)
-        if node.definition.tags.get(GUARDED_OP_TAG) == "true":
-            steps.append(str(handle))
-    return steps
-
-
-def _blocked(
-    context: Any, store: Ledger, key: str, steps: list[str], partition: str | None
-) -> str | None:
-    """Why a request for `key` must not launch, or None."""
-    if not steps:
-        return None
-    now = store.now()
-    done: list[Entry] = []
-    for step in steps:
-        entry = store.get(ledger_key(key, step, partition))
-        if entry is None:
-            continue
-        if entry.state == State.IN_FLIGHT:
-            if entry.lease_expires_at <= now or _holder_finished(context, entry.run_id):
+def _blocked(context: Any, store: Ledger, key: str, planned: dict[str, str]) -> str | None:
+    """Why a request for `key` must not launch, or None: what a claim of each planned ledger
+    key would decide now (`Ledger.peek`)."""
+    done: list[Claim] = []
+    for ledger_key, step in planned.items():
+        claim = store.peek(ledger_key)
+        if claim.decision == Decision.SKIPPED_IN_FLIGHT:
+            holder = str(claim.held_by_run_id)
+            if _holder_finished(context, holder):
                 continue  # a dead holder: the new run reaps it on the spot
-            return (
-                f"key {key!r} is in flight in run {entry.run_id} (step {step}, lease until "
-                f"{entry.lease_expires_at.isoformat()})"
-            )
-        if dedups(entry) and not entry.is_expired(now):
-            done.append(entry)
-    if len(done) == len(steps):
-        runs = sorted({e.run_id for e in done})
-        verb = "succeeded" if all(e.state == State.SUCCEEDED for e in done) else "completed"
-        return f"key {key!r} already {verb} in run {', '.join(runs)}"
+            lease = claim.lease_expires_at.isoformat() if claim.lease_expires_at else "?"
+            return f"key {key!r} is in flight in run {holder} (step {step}, lease until {lease})"
+        if claim.decision == Decision.SKIPPED_COMPLETED:
+            done.append(claim)
+    if planned and len(done) == len(planned):
+        runs = sorted({str(c.prior_run_id) for c in done})
+        return f"key {key!r} already completed in run {', '.join(runs)}"
     return None
 
 
@@ -316,17 +352,17 @@ def _backing_off(
     context: Any,
     store: Ledger,
     key: str,
-    steps: list[str],
-    partition: str | None,
-    policy: RetryBackoff,
+    planned: dict[str, str],
+    request: RunRequest,
+    policy: RequestBackoff,
 ) -> str | None:
     """Why a request for `key` must wait for its backoff to pass, or None."""
     instance = _instance(context)
     limit = policy.failures_that_matter + 1  # enough to know the wait, and to say "at least"
     if instance is not None:
-        failures, last_end = _failed_runs_in_a_row(instance, key, partition, limit)
+        failures, last_end = _failed_runs_in_a_row(instance, key, request.partition_key, limit)
     else:
-        failures, last_end = _failed_claims_in_a_row(store, key, steps, partition)
+        failures, last_end = _failed_claims_in_a_row(store, planned)
     if not failures or last_end is None:
         return None
     wait = policy.delay(failures)
@@ -384,14 +420,14 @@ def _ended_at(record: Any) -> datetime:
 
 
 def _failed_claims_in_a_row(
-    store: Ledger, key: str, steps: Sequence[str], partition: str | None
+    store: Ledger, ledger_keys: Sequence[str]
 ) -> tuple[int, datetime | None]:
     """Without an instance: the runs whose claims of the key's steps ended ``failed`` or
     ``released`` since the last run that only succeeded, and when the last of those ended."""
     failed: dict[str, datetime] = {}  # run id -> its last failure
     succeeded: dict[str, datetime] = {}
-    for step in steps:
-        for event in store.history(ledger_key(key, step, partition)):
+    for ledger_key in ledger_keys:
+        for event in store.history(ledger_key):
             if event.run_id is None:
                 continue
             if event.kind in (EventKind.FAILED, EventKind.RELEASED):
@@ -421,9 +457,7 @@ def _holder_finished(context: Any, run_id: str) -> bool:
     return run is not None and run.status in FINISHED_STATUSES
 
 
-def _generation(
-    context: Any, store: Ledger, key: str, steps: Sequence[str], request: RunRequest
-) -> int:
+def _generation(context: Any, store: Ledger, key: str, ledger_keys: Sequence[str]) -> int:
     """How many runs of `key` have finished: the generation number of the next request.
 
     Counted on the instance (runs tagged with the key), which also sees runs that failed before
@@ -435,8 +469,8 @@ def _generation(
             RunsFilter(tags={KEY_TAG: key}, statuses=list(FINISHED_STATUSES))
         )
     runs: set[str] = set()
-    for step in steps:
-        for event in store.history(ledger_key(key, step, request.partition_key)):
+    for ledger_key in ledger_keys:
+        for event in store.history(ledger_key):
             if event.kind in (EventKind.CLAIMED, EventKind.ADOPTED, EventKind.FORCED):
                 runs.add(str(event.run_id))
     return len(runs)

@@ -93,9 +93,7 @@ def main(target: str) -> int:
         chosen = released[0]
     elif target == "paired":
         chosen = next(
-            v
-            for v in released
-            if all(companion_version(p, v) in found[p] for p in COMPANIONS)
+            v for v in released if all(companion_version(p, v) in found[p] for p in COMPANIONS)
         )
     else:
         print(f"echo 'scripts/dagster_matrix.py: unknown target {target}' >&2")

@@ -100,7 +100,9 @@ def shared_ledger_defs(
             resource = _RESOURCES[identity] = settings.resource()
     return dg.Definitions(
         resources={resource_key: resource},
-        sensors=ledger_run_status_sensors(minimum_interval_seconds=sensor_interval_seconds)
+        sensors=ledger_run_status_sensors(
+            minimum_interval_seconds=sensor_interval_seconds, resource_key=resource_key
+        )
         if sensors
         else None,
     )
@@ -136,7 +138,12 @@ class IdempotencyLedgerComponent(dg.Component, LedgerSettings):
 
     resource_key: str = Field(
         default=RESOURCE_KEY,
-        description="Resource key the ledger is bound to; guarded steps ask for 'ledger'.",
+        description=(
+            "Resource key the ledger is bound to (and the run-status sensors read). Guarded "
+            "steps must name the same key: resource_key= on the decorators, or the "
+            "PipelinesComponent's resource_key."
+        ),
+        examples=["ledger", "warehouse_ledger"],
     )
     sensors: bool = Field(
         default=True,

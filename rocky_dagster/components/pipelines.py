@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..keys import KEY_TAG
 from ..pipelines import PipelineConfig, PipelineConfigError, PipelineError, pipeline_from_dict
 from ..pipelines.registry import PIPELINE_TYPES
+from ..resource import RESOURCE_KEY
 from .ledger import LedgerSettings, shared_ledger_defs
 
 PATH_FIELDS = ("warehouse", "source", "models_dir", "directory")
@@ -221,8 +222,8 @@ class PipelinesComponent(dg.Component, dg.Resolvable, dg.Model):
     ledger: LedgerSettings | None = Field(
         default_factory=LedgerSettings,
         description=(
-            "The ledger resource the pipelines ask (IdempotencyLedger fields). null: the "
-            "project binds its own `ledger` resource."
+            "The ledger resource the pipelines ask (IdempotencyLedger fields), bound under "
+            "resource_key. null: the project binds its own (e.g. an IdempotencyLedgerComponent)."
         ),
     )
     ledger_sensors: bool = Field(
@@ -231,6 +232,14 @@ class PipelinesComponent(dg.Component, dg.Resolvable, dg.Model):
             "Add the run-status sensors that settle claims of failed, canceled and crashed "
             "runs; one set per project, so turn it off where another component adds them."
         ),
+    )
+    resource_key: str = Field(
+        default=RESOURCE_KEY,
+        description=(
+            "Resource key of the ledger the pipelines ask (and `ledger:` is bound to); name "
+            "the IdempotencyLedgerComponent's resource_key here when it brings the ledger."
+        ),
+        examples=["ledger", "warehouse_ledger"],
     )
     key_fn: Literal["inputs", "run", "input_versions"] = Field(
         default="inputs",
@@ -267,6 +276,7 @@ class PipelinesComponent(dg.Component, dg.Resolvable, dg.Model):
                     automation_condition=options.automation_condition,
                     key_fn=key_fn,
                     key_by_inputs=self.key_fn != "run",
+                    resource_key=self.resource_key,
                 )
             except (ValueError, PipelineError) as exc:
                 raise PipelineConfigError(
@@ -290,11 +300,17 @@ class PipelinesComponent(dg.Component, dg.Resolvable, dg.Model):
         ]
         parts.append(dg.Definitions(schedules=schedules or None, sensors=sensors or None))
         if self.ledger is not None:
-            parts.append(shared_ledger_defs(self.ledger, sensors=self.ledger_sensors))
+            parts.append(
+                shared_ledger_defs(
+                    self.ledger, resource_key=self.resource_key, sensors=self.ledger_sensors
+                )
+            )
         elif self.ledger_sensors:
             from ..sensors import ledger_run_status_sensors
 
-            parts.append(dg.Definitions(sensors=ledger_run_status_sensors()))
+            parts.append(
+                dg.Definitions(sensors=ledger_run_status_sensors(resource_key=self.resource_key))
+            )
         return dg.Definitions.merge(*parts)
 
 

@@ -289,3 +289,30 @@ def test_without_an_instance_a_key_in_flight_is_skipped_not_an_error(
 
     skip = _guard_at(ledger_url, datetime.now(UTC), build_sensor_context())
     assert f"in flight in run {live.run_id}" in skip.skip_message
+
+
+def test_a_canceled_run_of_the_key_counts_as_a_failure_for_the_backoff(
+    instance: DagsterInstance, ledger: Ledger, ledger_url: str
+) -> None:
+    """Canceled before it claimed anything (the ledger knows nothing of it): the instance's
+    run record alone makes the key wait, as a failed run would."""
+    context = build_sensor_context(instance=instance, sensor_name=SENSOR_NAME)
+    run = instance.create_run_for_job(
+        job_def=work_job,
+        tags={KEY_TAG: KEY, RUN_KEY_TAG: KEY},
+        run_config=fail_config("work", False),
+    )
+    instance.report_run_canceling(run)
+    instance.report_run_canceled(run)
+    record = instance.get_run_record_by_id(run.run_id)
+    assert record.dagster_run.status.value == "CANCELED"
+    assert ledger.get(f"{KEY}/work") is None
+    now = datetime.now(UTC)
+
+    skip = _guard_at(ledger_url, now, context)
+
+    assert isinstance(skip, SkipReason)
+    assert skip.skip_message.startswith(f"key {KEY!r} failed once; next retry after ")
+    assert skip.skip_message.endswith("(backoff 60 s)")
+    [request] = _guard_at(ledger_url, now + timedelta(seconds=61), context)
+    assert request.run_key == f"{KEY}#1"

@@ -22,6 +22,7 @@ from dagster import (
     asset,
 )
 
+from .backfills import backfill_replay
 from .guard import KeyFn, StepGuard
 from .keys import GUARDED_OP_TAG
 from .ops import FingerprintFn, guarded_signature, present_as
@@ -84,6 +85,12 @@ def idempotent_asset(
             with guard.lifecycle() as step:
                 if not step.should_run:
                     context.log_event(_skipped_observation(asset_key, step))
+                    partition = step.resolved.partition if step.resolved else None
+                    replay = backfill_replay(
+                        context, asset_key, partition, step.decision, step.metadata()
+                    )
+                    if replay is not None:
+                        yield replay
                     return
                 result = body(context, **kwargs) if takes_context else body(**kwargs)
                 yield from _emit(context, result, step)

@@ -31,6 +31,7 @@ from dagster import (
 )
 
 from . import _compat
+from .backfills import backfill_replay
 from .guard import KeyClaim, StepGuard
 from .key_inheritance import job_key_fn, partition_of, tags_with_inherited_key
 from .keys import GUARDED_OP_TAG, KEY_TAG, KeySource, is_forced, resolve_key
@@ -165,6 +166,18 @@ class AssetsGuard(StepGuard):
                 )
             )
         self._observe_downstream(context, partition)
+
+    def backfill_replays(self, context: Any) -> Iterator[MaterializeResult]:
+        """In a backfill run, a materialization per skipped asset whose key is done, so the
+        backfill counts it (see `backfills`); nothing elsewhere."""
+        partition = partition_of(self.op_ctx)
+        for asset_key in self.skipped_keys():
+            held = self.by_asset[asset_key]
+            replay = backfill_replay(
+                context, asset_key, partition, held.decision, self.metadata(held)
+            )
+            if replay is not None:
+                yield replay
 
     def _observe_downstream(self, context: Any, partition: str | None) -> None:
         skipped = self.skipped_keys()
@@ -358,6 +371,7 @@ def idempotent_multi_asset(
             try:
                 with guard.lifecycle():
                     guard.observe_skips(context)
+                    yield from guard.backfill_replays(context)
                     proceeding = frozenset(guard.proceeding_keys())
                     if not proceeding:
                         return

@@ -128,6 +128,7 @@ def pipeline_assets(
         try:
             with guard.lifecycle():
                 guard.observe_skips(context)
+                yield from guard.backfill_replays(context)
                 proceeding = [tables[key] for key in guard.proceeding_keys()]
                 if not proceeding:
                     return

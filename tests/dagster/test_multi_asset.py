@@ -186,3 +186,36 @@ def test_proceeding_asset_keys_leaves_out_the_assets_whose_key_is_done(
     assert third.success
     assert len(_worked(work_dir)) == 3
     assert all(ledger.get(f"k6/{n}").state == State.SUCCEEDED for n in ("orders", "payments"))
+
+
+def test_a_skip_in_a_backfill_run_replays_the_materialization_so_the_backfill_counts_it(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    """Dagster's backfill counts a partition done only when a run of the backfill materializes
+    it: a skip there reports the recorded materialization again (same data version, no work);
+    a skip in any other run materializes nothing."""
+
+    def run(tags: dict[str, str]):
+        result = materialize(
+            [daily_shop],
+            instance=instance,
+            partition_key="2026-11-03",
+            tags=tags,
+            resources={"ledger": IdempotencyLedger()},
+        )
+        assert result.success
+        return result
+
+    first = run({})
+    run({})  # a plain skip: nothing
+    assert _materialized(instance, "orders") == 1
+    replay = run({"dagster/backfill": "bf1"})
+
+    assert len(_worked(work_dir)) == 2  # orders and customers, once, by the first run
+    records = instance.fetch_materializations(AssetKey("orders"), limit=10).records
+    assert [r.run_id for r in records] == [replay.run_id, first.run_id]
+    newest, original = (r.asset_materialization for r in records)
+    assert newest.metadata["rocky/backfill_replay"].value is True
+    assert newest.metadata["rocky/decision"].value == "skipped_completed"
+    assert newest.metadata["rocky/prior_run_id"].value == first.run_id
+    assert newest.tags["dagster/data_version"] == original.tags["dagster/data_version"]

@@ -106,12 +106,14 @@ def shown(record: EventLogRecord) -> dict[str, str]:
 
 def replays(records: list[EventLogRecord]) -> list[EventLogRecord]:
     """The materializations a skipped step reported in a backfill run (no work done)."""
-    return [
-        r
-        for r in records
-        if r.asset_materialization is not None
-        and metadata_text(r.asset_materialization.metadata.get("rocky/backfill_replay")) == "True"
-    ]
+    replayed = []
+    for record in records:
+        flag = record.asset_materialization and record.asset_materialization.metadata.get(
+            "rocky/backfill_replay"
+        )
+        if flag is not None and getattr(flag, "value", None) is True:
+            replayed.append(record)
+    return replayed
 
 
 def launch_assets(

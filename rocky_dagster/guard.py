@@ -53,6 +53,7 @@ from dagster import (
 )
 
 from . import _compat
+from .backfills import backfill_replay
 from .heartbeat import Heartbeat, StepWatch, Stop
 from .key_inheritance import (
     KeyFn,
@@ -635,6 +636,18 @@ class StepGuard:
             )
         if downstream and skipped:
             self._observe_downstream(context, [h.asset for h in skipped if h.asset is not None])
+
+    def backfill_replays(self, context: Any) -> Iterator[MaterializeResult]:
+        """In a backfill run, a materialization per skipped asset whose key is done, so the
+        backfill counts it (see `backfills`); nothing elsewhere."""
+        for held in self.claims:
+            if held.should_run or held.asset is None or held.claim is None:
+                continue
+            replay = backfill_replay(
+                context, held.asset, held.resolved.partition, held.decision, self.metadata(held)
+            )
+            if replay is not None:
+                yield replay
 
     def _observe_downstream(self, context: Any, skipped: list[AssetKey]) -> None:
         base = next((h.resolved for h in self.claims if h.resolved.source.run_wide), None)

@@ -104,6 +104,18 @@ def shown(record: EventLogRecord) -> dict[str, str]:
     return {k: metadata_text(v) for k, v in observation.metadata.items() if k.startswith("rocky/")}
 
 
+def replays(records: list[EventLogRecord]) -> list[EventLogRecord]:
+    """The materializations a skipped step reported in a backfill run (no work done)."""
+    replayed = []
+    for record in records:
+        flag = record.asset_materialization and record.asset_materialization.metadata.get(
+            "rocky/backfill_replay"
+        )
+        if flag is not None and getattr(flag, "value", None) is True:
+            replayed.append(record)
+    return replayed
+
+
 def launch_assets(
     server: DaemonServer,
     assets: Iterable[str],
@@ -138,17 +150,21 @@ def launch_assets(
     return str(result["run"]["runId"])
 
 
-def launch_backfill(server: DaemonServer, assets: list[str], partitions: list[str]) -> str:
-    """What the UI's "Materialize selected partitions" sends for several assets."""
-    data = server.graphql(
-        LAUNCH_BACKFILL,
-        {
-            "p": {
-                "assetSelection": [{"path": AssetKey.from_user_string(a).path} for a in assets],
-                "partitionNames": partitions,
-            }
-        },
-    )
+def launch_backfill(
+    server: DaemonServer,
+    assets: list[str],
+    partitions: list[str],
+    tags: dict[str, str] | None = None,
+) -> str:
+    """What the UI's "Materialize selected partitions" sends for several assets (with tags:
+    what the launch dialog's tags add to every run of the backfill)."""
+    params: dict[str, Any] = {
+        "assetSelection": [{"path": AssetKey.from_user_string(a).path} for a in assets],
+        "partitionNames": partitions,
+    }
+    if tags:
+        params["tags"] = [{"key": k, "value": v} for k, v in tags.items()]
+    data = server.graphql(LAUNCH_BACKFILL, {"p": params})
     result = data["launchPartitionBackfill"]
     assert result["__typename"] == "LaunchBackfillSuccess", result
     return str(result["backfillId"])
@@ -339,11 +355,12 @@ def test_multi_asset_backfill_of_two_partitions_twice_materializes_each_once(
     over two days, then the same backfill again.
 
     The first backfill materializes each (report, day) once, from the run of its day, and
-    writes its file; the second materializes nothing: each of its runs logs one observation per
-    report naming the run that materialized it, and no file is rewritten.
+    writes its file; the second does no work: each of its runs logs one observation per report
+    naming the run that materialized it, reports the recorded materialization again (a replay,
+    so the backfill counts the partition as done) and rewrites no file.
 
-    Without the ledger: the second backfill would add four more materializations (eight in
-    all), log no observations and rewrite the four report files.
+    Without the ledger: the second backfill would do all the work again (no replays, no
+    observations) and rewrite the four report files.
     """
     reports = ["daily_revenue_report", "daily_status_report"]
     days = ["2026-11-02", "2026-11-03"]
@@ -364,7 +381,8 @@ def test_multi_asset_backfill_of_two_partitions_twice_materializes_each_once(
     again = {tag_map(r)["dagster/partition"]: r["runId"] for r in second}
     assert sorted(again) == days
     for report in reports:
-        assert len(materializations(instance, report, days)) == 2  # no new materialization
+        done = materializations(instance, report, days)
+        assert len(done) == 4 and sorted(r.run_id for r in replays(done)) == sorted(again.values())
         seen = observations(instance, report, days)
         assert sorted((o.partition_key, o.run_id) for o in seen) == sorted(again.items())
         for observation in seen:
@@ -377,6 +395,65 @@ def test_multi_asset_backfill_of_two_partitions_twice_materializes_each_once(
             assert claimants(ledger, f"{report}/{day}") == [by_day[day]]
     for pair, path in files.items():
         assert path.stat().st_mtime_ns == written[pair], pair
+
+
+def settled_backfill(instance: DagsterInstance, backfill_id: str) -> Any:
+    """The backfill once the daemon has settled it (any status but REQUESTED / FAILING)."""
+
+    def settled() -> Any:
+        backfill = instance.get_backfill(backfill_id)
+        status = backfill.status.value if backfill is not None else None
+        return backfill if status not in (None, "REQUESTED", "FAILING") else None
+
+    return wait_for(settled, f"backfill {backfill_id} to be settled", RUN_TIMEOUT, 1.0)
+
+
+def failed_partitions(backfill: Any) -> list[str]:
+    """The (asset, partition) pairs the backfill marked failed, as the UI counts them."""
+    subset = backfill.asset_backfill_data.failed_and_downstream_subset
+    return sorted(
+        f"{p.asset_key.to_user_string()}@{p.partition_key}"
+        for p in subset.iterate_asset_partitions()
+    )
+
+
+def test_multi_asset_backfill_twice_with_one_key_completes_with_no_partition_failed(
+    dagster_dev: DaemonServer, ledger: Ledger, instance: DagsterInstance
+) -> None:
+    """Path 3b: the same backfill of `daily_shop_reports` twice, both carrying one key tag.
+
+    The second backfill's runs skip every (report, day) and each reports a replay of the
+    recorded materialization, so Dagster counts the partition as done: the backfill completes
+    successfully and marks no partition failed. Yielding nothing (a plain skip) left the
+    backfill in progress forever on Dagster 1.12.22 and has it mark the partitions failed on
+    1.13.22+ (Dagster issue #34219).
+
+    Without the ledger: the second backfill would do every partition's work again.
+    """
+    reports = ["daily_revenue_report", "daily_status_report"]
+    days = ["2026-11-05", "2026-11-06"]
+    tags = {KEY_TAG: "backfill-3b"}
+
+    first_id = launch_backfill(dagster_dev, reports, days, tags)
+    first = dagster_dev.wait_for_backfill_runs(first_id, 2)
+    assert {r["status"] for r in first} == {"SUCCESS"}
+    done = settled_backfill(instance, first_id)
+    assert (done.status.value, failed_partitions(done)) == ("COMPLETED_SUCCESS", [])
+    by_day = {tag_map(r)["dagster/partition"]: r["runId"] for r in first}
+
+    second_id = launch_backfill(dagster_dev, reports, days, tags)
+    second = dagster_dev.wait_for_backfill_runs(second_id, 2)
+    assert {r["status"] for r in second} == {"SUCCESS"}
+    again = {tag_map(r)["dagster/partition"]: r["runId"] for r in second}
+    for report in reports:
+        done = materializations(instance, report, days)  # every partition skipped: replays
+        assert len(done) == 4 and sorted(r.run_id for r in replays(done)) == sorted(again.values())
+        for observation in observations(instance, report, days):
+            assert shown(observation)["rocky/decision"] == SKIPPED
+            assert shown(observation)["rocky/prior_run_id"] == by_day[observation.partition_key]
+    settled = settled_backfill(instance, second_id)
+    assert failed_partitions(settled) == []
+    assert settled.status.value == "COMPLETED_SUCCESS"
 
 
 # --- 4. the defs.yaml warehouse launched twice with one key --------------------------------------

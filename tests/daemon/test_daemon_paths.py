@@ -603,13 +603,13 @@ def test_asset_backfill_twice_materializes_each_partition_once(
     """Row: partitioned asset backfill over 3 partitions, then the same backfill again.
 
     Two asset backfills (as the UI launches them) of `daily_order_report` over the same three
-    days. The first materializes each partition once and writes its report; the second
-    materializes nothing: each of its runs logs an observation with the decision
-    `skipped_completed` naming the run that materialized that day, and no report file is
-    rewritten.
+    days. The first materializes each partition once and writes its report; the second does
+    no work: each of its runs logs an observation with the decision `skipped_completed` naming
+    the run that materialized that day, reports that materialization again (a replay, so the
+    backfill counts the day as done) and rewrites no report file.
 
-    Without the ledger: the second backfill would add three more materializations (six in all),
-    log no observations and rewrite the three report files.
+    Without the ledger: the second backfill would do the work again (no replays, no
+    observations) and rewrite the three report files.
     """
     asset = AssetKey("daily_order_report")
     days = ["2026-11-07", "2026-11-08", "2026-11-09"]
@@ -633,13 +633,20 @@ def test_asset_backfill_twice_materializes_each_partition_once(
         dagster_dev.launch_asset_backfill("daily_order_report", days), 3
     )
     assert {r["status"] for r in second} == {"SUCCESS"}
-    assert len(materializations()) == 3  # no new materialization
+    replayed = [m for m in materializations() if m.run_id not in by_day.values()]
+    assert len(replayed) == 3  # one replay per day, from the second backfill's runs
+    for record in replayed:
+        meta = record.asset_materialization.metadata
+        assert meta["rocky/backfill_replay"].value is True
+        assert meta["rocky/decision"].value == "skipped_completed"
     observed = {}
     for run in second:
         day = dagster_dev.tags(run["runId"])["dagster/partition"]
-        shown = only(step_decisions(instance, run["runId"], "daily_order_report"))
-        assert shown["rocky/decision"] == "skipped_completed"
-        assert shown["rocky/prior_run_id"] == by_day[day]
+        shown = step_decisions(instance, run["runId"], "daily_order_report")
+        assert len(shown) == 2  # the observation and the replayed output say the same
+        for decision in shown:
+            assert decision["rocky/decision"] == "skipped_completed"
+            assert decision["rocky/prior_run_id"] == by_day[day]
         observed[day] = run["runId"]
     assert sorted(observed) == days
     observations = instance.fetch_observations(scope, limit=100).records

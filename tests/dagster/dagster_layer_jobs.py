@@ -400,8 +400,8 @@ def ledger_path() -> Path:
 class LedgerGoesReadOnly(IOManager):
     """Stores nothing; marks the ledger file read-only, as an operator or a full disk would.
 
-    The ledger refuses a read-only file even for root (it checks the mode at most once a second,
-    so the body below outlasts that interval before its output is stored).
+    The ledger refuses a read-only file even for root: every write checks the file's mode, so
+    the step's stamp, right after its output is stored, is refused.
     """
 
     def handle_output(self, context, obj) -> None:
@@ -434,7 +434,6 @@ def ledger_back_when_stamp_fails(init_context):
 @idempotent_op
 def slow_stamp(context) -> dict[str, Any]:
     did_work("slow_stamp", context.run_id)
-    time.sleep(1.2)  # past the ledger's once-a-second writability check (not a race: a floor)
     return {"rows": 3}
 
 

@@ -103,3 +103,22 @@ def test_with_ledger_hooks_an_asset_job_and_the_sensor_guard_resolves_it(
     request = RunRequest(run_key="drop-4", partition_key="2024-06-04")
     skip = guard_run_requests(context, [request], ledger=IdempotencyLedger(), job=asset_job)
     assert isinstance(skip, SkipReason) and result.run_id in skip.skip_message
+
+
+def test_a_skip_in_a_backfill_run_replays_the_materialization(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    """A backfill counts a partition done only when it materializes it: there a skip
+    re-reports the recorded materialization (no work, same data version)."""
+    first = _materialize(instance, "2024-06-05")
+    replay = _materialize(instance, "2024-06-05", tags={"dagster/backfill": "bf2"})
+
+    assert first.success and replay.success
+    assert [run for _, run in work_log(work_dir)] == [first.run_id]
+    records = instance.fetch_materializations(AssetKey("daily_orders"), limit=10).records
+    assert [r.run_id for r in records] == [replay.run_id, first.run_id]
+    newest, original = (r.asset_materialization for r in records)
+    assert newest.partition == "2024-06-05"
+    assert newest.metadata["rocky/backfill_replay"].value is True
+    assert newest.metadata["rocky/prior_run_id"].value == first.run_id
+    assert newest.tags["dagster/data_version"] == original.tags["dagster/data_version"]

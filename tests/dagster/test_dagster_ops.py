@@ -16,6 +16,7 @@ from dagster import (
 )
 from dagster_layer_jobs import (
     fail_config,
+    first,
     flaky_once,
     two_step_job,
     work_job,
@@ -23,6 +24,8 @@ from dagster_layer_jobs import (
 )
 
 from rocky_dagster import IdempotencyLedger, ledger_job
+from rocky_dagster.hooks import ledger_hooks
+from rocky_dagster.jobs import ledger_job as build_ledger_job
 from rocky_dagster.keys import KEY_TAG, OUTCOME_TAG, RUN_KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, State
 from rocky_dagster.presentation import step_decisions
@@ -253,3 +256,32 @@ def test_run_retry_with_parent_tags_proceeds_after_failure_skips_after_success(
     assert third.success
     assert step_decisions(instance, third.run_id)["work"] == "skipped_completed"
     assert [run for _, run in work_log(work_dir)] == [parent.run_id, retry.run_id]
+
+
+def _hook_events(result) -> list[str]:
+    return [e.event_type_value for e in result.all_events if e.event_type_value.startswith("HOOK_")]
+
+
+def test_ledger_job_attaches_no_hooks_unless_asked(instance: DagsterInstance, ledger: Ledger):
+    """Off by default: the step and the run-status sensors settle every claim without a hook."""
+
+    @build_ledger_job(executor_def=in_process_executor)
+    def plain() -> None:
+        first()
+
+    @build_ledger_job(executor_def=in_process_executor, hooks=ledger_hooks)
+    def hooked() -> None:
+        first()
+
+    ran = plain.execute_in_process(
+        instance=instance, tags={KEY_TAG: "plain"}, resources={"ledger": IdempotencyLedger()}
+    )
+    asked = hooked.execute_in_process(
+        instance=instance, tags={KEY_TAG: "hooked"}, resources={"ledger": IdempotencyLedger()}
+    )
+
+    assert ran.success and asked.success
+    assert _hook_events(ran) == []
+    assert plain.hook_defs == set()
+    assert _hook_events(asked) != []  # the same step with the hook asked for does report it
+    assert ledger.get("plain/first").state == State.SUCCEEDED  # settled by the step itself

@@ -310,3 +310,30 @@ def test_under_dedup_on_any_a_failed_key_is_done_but_a_released_one_is_requested
         ledger_url, now, context, RunRequest(run_key="released-key"), backoff=None
     )
     assert request.tags[KEY_TAG] == "released-key"
+
+
+def test_a_canceled_run_of_the_key_counts_as_a_failure_for_the_backoff(
+    instance: DagsterInstance, ledger: Ledger, ledger_url: str
+) -> None:
+    """Canceled before it claimed anything (the ledger knows nothing of it): the instance's
+    run record alone makes the key wait, as a failed run would."""
+    context = build_sensor_context(instance=instance, sensor_name=SENSOR_NAME)
+    run = instance.create_run_for_job(
+        job_def=work_job,
+        tags={KEY_TAG: KEY, RUN_KEY_TAG: KEY},
+        run_config=fail_config("work", False),
+    )
+    instance.report_run_canceling(run)
+    instance.report_run_canceled(run)
+    record = instance.get_run_record_by_id(run.run_id)
+    assert record.dagster_run.status.value == "CANCELED"
+    assert ledger.get(f"{KEY}/work") is None
+    now = datetime.now(UTC)
+
+    skip = _guard_at(ledger_url, now, context)
+
+    assert isinstance(skip, SkipReason)
+    assert skip.skip_message.startswith(f"key {KEY!r} failed once; next retry after ")
+    assert skip.skip_message.endswith("(backoff 60 s)")
+    [request] = _guard_at(ledger_url, now + timedelta(seconds=61), context)
+    assert request.run_key == f"{KEY}#1"

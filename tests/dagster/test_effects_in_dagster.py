@@ -4,8 +4,8 @@ its claim's effect marker, and an adopter never applies again what a zombie alre
 from __future__ import annotations
 
 import sqlite3
-import time
 from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dagster import DagsterInstance, job
@@ -17,11 +17,13 @@ from rocky_dagster.pipeline_ops import load_op
 from rocky_dagster.pipelines import EFFECTS, LoadPipeline
 
 
-def _pipeline(tmp_path: Path) -> LoadPipeline:
+def _pipeline(tmp_path: Path, *, reload: bool = False) -> LoadPipeline:
     drops = tmp_path / "drops"
     drops.mkdir(exist_ok=True)
     (drops / "p.csv").write_text("id,amount\n1,2.5\n2,4.0\n")
-    return LoadPipeline(warehouse=str(tmp_path / "wh.db"), directory=str(drops), table="payments")
+    return LoadPipeline(
+        warehouse=str(tmp_path / "wh.db"), directory=str(drops), table="payments", reload=reload
+    )
 
 
 def _job(pipeline: LoadPipeline, ledger_url: str):
@@ -60,21 +62,30 @@ def test_a_pipeline_op_commits_its_claims_effect_marker(
 def test_an_adopter_stamps_what_a_zombie_committed_without_applying_it_again(
     instance: DagsterInstance, ledger: Ledger, ledger_url: str, tmp_path: Path
 ) -> None:
-    pipeline = _pipeline(tmp_path)
-    # a holder that committed its warehouse writes, then died before stamping the ledger
-    with open_ledger(ledger_url, {"lease_seconds": 0.2}) as short:
-        zombie = short.claim("z/load", "zombie-run", fingerprint=pipeline.fingerprint())
+    # reload=True: the loader's own record of loaded files does not stop a second load, so
+    # only the effect marker can
+    pipeline = _pipeline(tmp_path, reload=True)
+    # a holder that committed its warehouse writes, then died before stamping the ledger; it
+    # claimed an hour ago (its ledger's clock), so its lease has run out by now
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    with open_ledger(ledger_url, clock=lambda: an_hour_ago) as earlier:
+        zombie = earlier.claim("z/load", "zombie-run", fingerprint=pipeline.fingerprint())
         assert zombie.decision == Decision.PROCEED
         committed = pipeline.run(claim=zombie)
     assert _rows(pipeline.warehouse) == 2
-    time.sleep(0.5)  # its lease runs out (not a timing assertion: it only has to be past)
+    assert _markers(pipeline.warehouse) == [
+        ("z/load", zombie.generation, zombie.fence, "zombie-run")
+    ]
 
     result = _job(pipeline, ledger_url).execute_in_process(instance=instance, tags={KEY_TAG: "z"})
     assert result.success
+    assert _rows(pipeline.warehouse) == 2  # not loaded twice, though reload=True would
     entry = ledger.get("z/load")
     assert entry is not None and entry.state == State.SUCCEEDED
     assert entry.run_id == result.run_id and entry.generation == zombie.generation
     assert entry.result == committed.summary()  # the zombie's recorded work, stamped once
-    assert _rows(pipeline.warehouse) == 2  # not loaded twice
+    assert _markers(pipeline.warehouse) == [  # the zombie's marker, stamped, not rewritten
+        ("z/load", zombie.generation, zombie.fence, "zombie-run")
+    ]
     [output] = [e for e in result.all_events if e.is_successful_output and e.step_key == "load"]
     assert output.event_specific_data.metadata["rocky/already_applied"].value is True

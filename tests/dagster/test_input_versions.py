@@ -127,3 +127,31 @@ def test_partitions_are_keyed_by_their_own_upstream_partition(
     b = run("2026-11-02", daily_summary)
     worked = [run_id for name, run_id in work_log(work_dir) if name == "daily_summary"]
     assert worked == [a, b]
+
+
+@asset
+def payments() -> None:
+    """A second upstream, sorted after `orders`."""
+    return None
+
+
+@idempotent_asset(key_fn=input_versions_key, deps=[orders, payments])
+def ledger_view(context) -> None:
+    did_work("ledger_view", context.run.run_id)
+
+
+def test_a_change_in_any_upstream_reruns_not_only_the_first(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    VERSIONS["orders"] = None
+    _run(instance, orders, payments)
+    first = _run(instance, ledger_view)
+    _run(instance, ledger_view)  # both inputs unchanged: skipped
+
+    _run(instance, payments)  # only the later-sorted upstream changed
+    second = _run(instance, ledger_view)
+    _run(instance, orders)  # only the first one changed
+    third = _run(instance, ledger_view)
+
+    worked = [run_id for name, run_id in work_log(work_dir) if name == "ledger_view"]
+    assert worked == [first, second, third]

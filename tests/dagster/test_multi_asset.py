@@ -19,10 +19,10 @@ from dagster_layer_jobs import did_work, work_log
 from rocky_dagster import (
     IdempotencyLedger,
     idempotent_multi_asset,
-    proceeding_asset_keys,
 )
 from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, State
+from rocky_dagster.multi_asset import proceeding_asset_keys
 
 SPECS = [AssetSpec("orders"), AssetSpec("customers"), AssetSpec("payments")]
 
@@ -157,3 +157,65 @@ def test_each_asset_partition_materializes_once_without_any_key(
         assert result.success
     assert sorted(name for name, _ in _worked(work_dir)) == ["customers", "orders"]
     assert ledger.get(f"orders/{partition}").state == State.SUCCEEDED
+
+
+@idempotent_multi_asset(specs=SPECS, can_subset=True, name="by_proceeding")
+def by_proceeding(context):
+    """Produces exactly what `proceeding_asset_keys` names (not what the context selects)."""
+    for key in sorted(proceeding_asset_keys(context), key=lambda k: k.to_user_string()):
+        did_work(key.to_user_string(), context.run.run_id)
+        yield MaterializeResult(asset_key=key)
+
+
+def test_proceeding_asset_keys_leaves_out_the_assets_whose_key_is_done(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    assert _run(instance, [by_proceeding], "k6", selection=[AssetKey("orders")]).success
+    assert [name for name, _ in _worked(work_dir)] == ["orders"]
+
+    again = _run(instance, [by_proceeding], "k6")  # orders is done under k6; the others are not
+
+    assert again.success
+    assert [name for name, _ in _worked(work_dir)] == ["orders", "customers", "payments"]
+    assert {n: _materialized(instance, n) for n in ("orders", "customers", "payments")} == {
+        "orders": 1,
+        "customers": 1,
+        "payments": 1,
+    }
+    third = _run(instance, [by_proceeding], "k6")  # everything done: nothing produced, success
+    assert third.success
+    assert len(_worked(work_dir)) == 3
+    assert all(ledger.get(f"k6/{n}").state == State.SUCCEEDED for n in ("orders", "payments"))
+
+
+def test_a_skip_in_a_backfill_run_replays_the_materialization_so_the_backfill_counts_it(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    """Dagster's backfill counts a partition done only when a run of the backfill materializes
+    it: a skip there reports the recorded materialization again (same data version, no work);
+    a skip in any other run materializes nothing."""
+
+    def run(tags: dict[str, str]):
+        result = materialize(
+            [daily_shop],
+            instance=instance,
+            partition_key="2026-11-03",
+            tags=tags,
+            resources={"ledger": IdempotencyLedger()},
+        )
+        assert result.success
+        return result
+
+    first = run({})
+    run({})  # a plain skip: nothing
+    assert _materialized(instance, "orders") == 1
+    replay = run({"dagster/backfill": "bf1"})
+
+    assert len(_worked(work_dir)) == 2  # orders and customers, once, by the first run
+    records = instance.fetch_materializations(AssetKey("orders"), limit=10).records
+    assert [r.run_id for r in records] == [replay.run_id, first.run_id]
+    newest, original = (r.asset_materialization for r in records)
+    assert newest.metadata["rocky/backfill_replay"].value is True
+    assert newest.metadata["rocky/decision"].value == "skipped_completed"
+    assert newest.metadata["rocky/prior_run_id"].value == first.run_id
+    assert newest.tags["dagster/data_version"] == original.tags["dagster/data_version"]

@@ -13,7 +13,7 @@ import yaml
 from dagster.components.testing import create_defs_folder_sandbox
 
 from rocky_dagster import IdempotencyLedger, PipelinesComponent
-from rocky_dagster.keys import KEY_TAG
+from rocky_dagster.keys import FORCE_TAG, KEY_TAG
 from rocky_dagster.ledger import Ledger, State
 
 TYPE = "rocky_dagster.PipelinesComponent"
@@ -150,3 +150,34 @@ def test_a_bad_pipeline_entry_fails_at_load_naming_entry_and_field(entry: dict, 
         error = error.__cause__ or error.__context__
     text = "\n".join(chain)
     assert "pipelines[0]" in text and field in text, text
+
+
+def _materializations(instance: dg.DagsterInstance, name: str) -> int:
+    return len(instance.fetch_materializations(dg.AssetKey(name), limit=10).records)
+
+
+def test_key_fn_input_versions_skips_a_relaunch_until_its_inputs_change(
+    instance: dg.DagsterInstance, ledger: Ledger
+) -> None:
+    with _load({"pipelines": PIPELINES[:2], "key_fn": "input_versions"}) as (path, defs):
+        repository = defs.get_repository_def()
+        replicate, models = repository.get_job("replicate_job"), repository.get_job("models_job")
+        assert replicate.execute_in_process(instance=instance, tags={KEY_TAG: "d1"}).success
+
+        # no key on the run: the key is totals' code version and raw_orders' latest version
+        assert models.execute_in_process(instance=instance).success
+        assert models.execute_in_process(instance=instance).success  # inputs unchanged: skip
+        assert _materializations(instance, "totals") == 1
+        [entry] = [e for e in ledger.entries() if e.key.endswith("/totals")]
+        assert entry.key.startswith("inputs:") and entry.state == State.SUCCEEDED
+
+        with closing(sqlite3.connect(path / "shop.db")) as conn:  # new source data
+            conn.execute("INSERT INTO orders VALUES (4, 'grace', 1.5)")
+            conn.commit()
+        # raw_orders' own input (the external shop/orders) did not change: force its rerun
+        assert replicate.execute_in_process(instance=instance, tags={FORCE_TAG: "force"}).success
+        assert _materializations(instance, "raw_orders") == 2
+        assert models.execute_in_process(instance=instance).success  # raw_orders changed: runs
+        assert _materializations(instance, "totals") == 2
+        assert models.execute_in_process(instance=instance).success
+        assert _materializations(instance, "totals") == 2

@@ -11,13 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from ledger_helpers import LEASE, FakeClock
 
-from rocky_dagster.ledger import Decision, Ledger, Outcome
+from rocky_dagster.ledger import Decision, Ledger, Outcome, process
 
 WORKER = Path(__file__).with_name("ledger_holder_worker.py")
 
@@ -130,3 +131,64 @@ def test_a_holder_on_another_machine_is_skipped_until_its_lease_ends(
     adopted = ledger.claim("k", "run-1")
     assert adopted.decision == Decision.ADOPTED_STALE
     assert adopted.generation == first.generation
+
+
+def _proc_state(pid: int) -> str | None:
+    """The process state letter from /proc/<pid>/stat (field 3); None once it is reaped."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        return None
+    return text[text.rindex(")") + 2 :].split()[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_re_entry_proceeds_while_the_killed_holder_is_an_unreaped_zombie(
+    ledger: Ledger, holder: subprocess.Popen[str], clock: FakeClock
+):
+    """A killed process stays in the process table (state Z) until its parent waits for it;
+    its pid still answers, but it runs nothing, so the run's next attempt may re-enter."""
+    before = ledger.get("k")
+    holder.send_signal(signal.SIGKILL)  # killed, and not waited for: the fixture reaps it later
+    for _ in range(2000):  # bounded poll: the kernel makes it a zombie promptly
+        if _proc_state(holder.pid) == "Z":
+            break
+        time.sleep(0.005)
+    assert _proc_state(holder.pid) == "Z", "the holder did not become a zombie"
+    clock.advance(seconds=5)
+
+    again = ledger.claim("k", "run-1")
+
+    assert _proc_state(holder.pid) == "Z"  # still unreaped while the claim was decided
+    assert again.decision == Decision.PROCEED
+    assert again.fence > before.fence and again.generation == before.generation
+    assert "gone" in ledger.history("k")[-1].detail
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_re_entry_proceeds_when_the_holders_pid_now_names_another_process(
+    ledger: Ledger, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+):
+    """A recorded holder whose pid is running again but with another start time is a new
+    process that reused the pid: the holder is gone. With its own start time it is alive."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        identity = process._identify(live.pid)
+        assert identity.startswith("proc:"), identity
+        head, start = identity.rsplit("/", 1)
+
+        monkeypatch.setattr(ledger, "_process", lambda: identity, raising=False)
+        ledger.claim("alive", "run-1")
+        monkeypatch.setattr(ledger, "_process", lambda: f"{head}/{int(start) + 1}", raising=False)
+        first = ledger.claim("reused", "run-1")
+        monkeypatch.undo()
+        clock.advance(seconds=5)
+
+        assert ledger.claim("alive", "run-1").decision == Decision.SKIPPED_IN_FLIGHT
+        again = ledger.claim("reused", "run-1")
+        assert again.decision == Decision.PROCEED
+        assert again.fence > first.fence and again.generation == first.generation
+        assert "gone" in ledger.history("reused")[-1].detail
+    finally:
+        live.kill()
+        live.wait()

@@ -258,11 +258,23 @@ def run_worker(config: dict[str, Any], holder: Holder) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def start_worker(config: dict[str, Any], holder: Holder) -> subprocess.Popen[str]:
-    spec = {"config": config, "claim": holder.__dict__}
+def start_worker(
+    config: dict[str, Any], holder: Holder, barrier: Path | None = None
+) -> subprocess.Popen[str]:
+    spec = {"config": config, "claim": holder.__dict__, "barrier": barrier and str(barrier)}
     return subprocess.Popen(
         [sys.executable, str(WORKER), json.dumps(spec)], stdout=subprocess.PIPE, text=True
     )
+
+
+def wait_for_file(path: Path, *workers: subprocess.Popen[str], timeout: float = 120) -> None:
+    """Poll (bounded) until a worker touches `path`; fail at once if a worker exits first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        for worker in workers:
+            assert worker.poll() is None, f"a worker exited before {path.name} appeared"
+        assert time.monotonic() < deadline, f"{path.name} did not appear within {timeout} s"
+        time.sleep(0.005)
 
 
 def finish(process: subprocess.Popen[str]) -> dict[str, Any]:
@@ -323,14 +335,31 @@ def _holds_write_lock(warehouse: str) -> bool:
 def test_processes_adopter_starting_while_the_zombie_writes_waits_and_applies_nothing(
     tmp_path: Path,
 ) -> None:
-    """The adopter is started only once the zombie is seen inside its write transaction; the
-    warehouse's write lock orders them, so the adopter finds the zombie's marker."""
+    """The zombie holds its write transaction open (rows written, marker not yet committed)
+    until the adopter has entered its own: the warehouse's write lock orders them, so the
+    adopter finds the zombie's marker."""
     warehouse, config = big_load(tmp_path)
-    zombie = start_worker(config, claim(7, 7, "zombie"))
-    while zombie.poll() is None and not _holds_write_lock(warehouse):
-        time.sleep(0.002)
-    adopter = start_worker(config, claim(7, 8, "adopter"))
-    zombie_out, adopter_out = finish(zombie), finish(adopter)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    zombie = start_worker(config, claim(7, 7, "zombie"), barrier)
+    adopter = None
+    try:
+        wait_for_file(barrier / "zombie.holding", zombie)
+        assert _holds_write_lock(warehouse)
+        adopter = start_worker(config, claim(7, 8, "adopter"), barrier)
+        wait_for_file(barrier / "adopter.entering", zombie, adopter)
+        # the overlap: the adopter is inside its run while the zombie still holds the lock
+        assert _holds_write_lock(warehouse) and zombie.poll() is None
+        assert not (barrier / "zombie.release").exists()
+        (barrier / "zombie.release").touch()
+        zombie_out, adopter_out = finish(zombie), finish(adopter)
+    finally:
+        (barrier / "zombie.release").touch()
+        for worker in (zombie, adopter):
+            if worker is not None and worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    assert not (barrier / "adopter.holding").exists()  # it never reached a commit of its own
     assert zombie_out["ok"] and not zombie_out["already_applied"]
     assert adopter_out == {"ok": True, "already_applied": True, "summary": zombie_out["summary"]}
     assert query(warehouse, "SELECT count(*) FROM t") == [(200_000,)]

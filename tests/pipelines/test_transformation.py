@@ -350,3 +350,14 @@ def test_a_view_broken_before_the_run_does_not_block_it(tmp_path: Path, warehous
     )
     with pytest.raises(ViewValidationError, match="view 'v'"):
         TransformationPipeline(warehouse=warehouse, models_dir=str(models)).run()
+
+
+def test_independent_models_run_in_name_order(tmp_path: Path, warehouse: str) -> None:
+    """Ties are broken by name, not by where the files are: `b.sql` is found before
+    `later/a.sql`, yet `a` runs first."""
+    models = write_models(tmp_path / "m", {"b.sql": "SELECT 2 AS x"})
+    write_models(models / "later", {"a.sql": "SELECT 1 AS x"})
+    pipeline = TransformationPipeline(warehouse=warehouse, models_dir=str(models))
+
+    assert [m.name for m in pipeline.models()] == ["a", "b"]
+    assert pipeline.run().details["order"] == ["a", "b"]

@@ -36,10 +36,11 @@ SIGNALS_ENV = "ROCKY_ENGINES_SIGNALS"
 PAUSE_TAG = "test/pause"
 SCHEMA = "engines"
 TABLE = f"{SCHEMA}.effects"
-LEASE_SECONDS = 3.0
-"""Short, so that "after the lease ran out" is a few seconds away (heartbeat every 0.75 s)."""
-LONG_LEASE_SECONDS = 12.0
-"""For the PID-namespace case: long enough that the re-delivery surely comes while it lives."""
+LEASE_SECONDS = 30.0
+"""Long enough that a re-delivery or a relaunch surely comes while a dead holder's lease lives
+(on a loaded CI machine); waits for the lease to run out are bounded by it."""
+SHORT_LEASE_SECONDS = 3.0
+"""For "after the lease ran out": a few seconds away (heartbeat every 0.75 s)."""
 GO_TIMEOUT_SECONDS = 300.0
 
 CREATE_WAREHOUSE = (
@@ -126,8 +127,8 @@ def guarded_celery_job() -> None:
     guarded_effect()
 
 
-@ledger_job(executor_def=celery_executor, ledger=_ledger(LONG_LEASE_SECONDS))
-def guarded_celery_long_lease_job() -> None:
+@ledger_job(executor_def=celery_executor, ledger=_ledger(SHORT_LEASE_SECONDS))
+def guarded_celery_short_lease_job() -> None:
     guarded_effect()
 
 
@@ -136,11 +137,9 @@ def guarded_dask_job() -> None:
     guarded_effect()
 
 
-
-
 JOBS = {
     "plain_celery_job": plain_celery_job,
     "guarded_celery_job": guarded_celery_job,
-    "guarded_celery_long_lease_job": guarded_celery_long_lease_job,
+    "guarded_celery_short_lease_job": guarded_celery_short_lease_job,
     "guarded_dask_job": guarded_dask_job,
 }

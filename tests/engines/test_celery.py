@@ -10,6 +10,8 @@ once, whatever is killed, canceled or re-delivered, and when.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -21,9 +23,10 @@ import pytest
 from conftest import Deployment, Launched, new_key
 from dagster import DagsterRunStatus
 
-from rocky_dagster.ledger import EventKind, State
+from rocky_dagster.ledger import Decision, EventKind, State
 
 GUARDED = "guarded_celery_job"
+GUARDED_SHORT = "guarded_celery_short_lease_job"
 PLAIN = "plain_celery_job"
 
 
@@ -73,6 +76,23 @@ class Workers:
         assert len(pool) == 1, pool
         return pool[0]
 
+    def redeliver_unacked(self, run_id: str) -> None:
+        """Put the run's unacknowledged step messages back on their queue, as the Redis
+        transport does for a dead worker's messages once `visibility_timeout` has passed
+        (kombu's own `restore_by_tag`), now rather than in an hour."""
+        from dagster_celery.executor import CeleryExecutor
+        from dagster_celery.make_app import make_app
+
+        config = self.deployment.run_config["execution"]["config"]
+        app = make_app(CeleryExecutor.for_cli(**config).app_args())
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            unacked = channel.client.hgetall(channel.unacked_key)
+            tags = [tag for tag, payload in unacked.items() if run_id in _message_body(payload)]
+            assert tags, f"no unacknowledged message of run {run_id}"
+            for tag in tags:
+                channel.qos.restore_by_tag(tag)
+
     def holding(self, pid: int) -> str:
         """Which worker's tree the process belongs to."""
         for name, worker in self.workers.items():
@@ -80,6 +100,15 @@ class Workers:
             if os.getpgid(pid) == worker.proc.pid:
                 return name
         raise LookupError(f"pid {pid} belongs to no worker")
+
+
+def _message_body(payload: bytes) -> str:
+    """The body of a message as kombu's Redis transport keeps it unacknowledged."""
+    message = json.loads(payload)[0]
+    body = message["body"]
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body).decode()
+    return str(body)
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +178,12 @@ def test_guarded_step_killed_after_its_commit_writes_once(
     entry = deployment.entry(f"{key}/guarded_effect")
     assert entry is not None and entry.state == State.SUCCEEDED and entry.run_id == run_id
     assert entry.result == {"rows": 1}
-    kinds = [e.kind for e in deployment.history(f"{key}/guarded_effect")]
-    # the re-delivered attempt re-entered its own run's claim (the killed process is gone)
-    assert kinds == [EventKind.CLAIMED, EventKind.CLAIMED, EventKind.SUCCEEDED], kinds
+    history = deployment.history(f"{key}/guarded_effect")
+    # the re-delivered attempt re-entered its own run's claim (the killed process is gone, its
+    # lease still alive), continuing its generation: it found the committed marker
+    assert [e.kind for e in history] == [EventKind.CLAIMED, EventKind.CLAIMED, EventKind.SUCCEEDED]
+    assert history[1].detail is not None and "re-entrant claim by the same run" in history[1].detail
+    assert entry.generation == history[0].fence
     assert deployment.decisions(run_id) == {"guarded_effect": "proceed"}
     assert deployment.reached_end(run_id)
 
@@ -193,5 +225,178 @@ def test_four_runs_of_one_key_at_once_do_the_work_once(
     assert deployment.decisions(holder) == {"guarded_effect": "proceed"}
     entry = deployment.entry(ledger_key)
     assert entry is not None and entry.state == State.SUCCEEDED and entry.run_id == holder
-    # the work was spread: the skips ran on both workers while the holder's step waited
-    assert Path(deployment.root).exists()
+
+
+# --- 4. a whole worker killed, then the key launched again ------------------------------------
+
+
+def _kill_worker_of(workers: Workers, pid: int) -> None:
+    """SIGKILL the worker (its CLI, celery's main process, its pool child) holding `pid`: the
+    step's message stays unacknowledged in Redis (re-delivered only after the visibility
+    timeout, an hour by default), so nothing runs the step again by itself."""
+    workers.workers[workers.holding(pid)].kill_all()
+
+
+def _end_run(deployment: Deployment, launched: Launched, how: str) -> None:
+    """The run worker waits forever for the dead step; stop it and end the run in the instance
+    the way a deployment does: run monitoring marks it FAILURE, an operator's terminate marks
+    it CANCELED; "lost" leaves it STARTED (its host is gone and nobody knows)."""
+    launched.proc.kill()
+    launched.proc.communicate(timeout=60)
+    assert launched.run_id is not None
+    run = deployment.instance.get_run_by_id(launched.run_id)
+    assert run is not None
+    if how == "failed":
+        deployment.instance.report_run_failed(run, "its celery worker died (the test)")
+    elif how == "canceled":
+        deployment.instance.report_run_canceled(run, "terminated by an operator (the test)")
+
+
+@pytest.mark.parametrize(
+    ("pause", "ended", "lease"),
+    [
+        pytest.param("before", "failed", "alive", id="before-the-write"),
+        pytest.param("after", "failed", "alive", id="after-the-commit-lease-alive-run-failed"),
+        pytest.param("after", "canceled", "alive", id="after-the-commit-lease-alive-run-canceled"),
+        pytest.param("after", "lost", "ran-out", id="after-the-commit-lease-ran-out"),
+    ],
+)
+def test_worker_killed_then_key_launched_again_writes_once(
+    deployment: Deployment, two_workers: Workers, pause: str, ended: str, lease: str
+) -> None:
+    key = new_key(f"killed-{pause}")
+    ledger_key = f"{key}/guarded_effect"
+    job = GUARDED if lease == "alive" else GUARDED_SHORT
+    first = deployment.launch(job, key, **{engines_jobs.PAUSE_TAG: pause})
+    first_id = deployment.run_of(first).run_id
+    pid, _ = deployment.paused(first_id, pause)
+    assert len(deployment.effects(key)) == (1 if pause == "after" else 0)
+    _kill_worker_of(two_workers, pid)
+    _end_run(deployment, first, ended)
+    if lease == "ran-out":
+        with deployment.ledger() as ledger:
+            engines_cluster.wait_for(
+                lambda: ledger.peek(ledger_key).decision == Decision.ADOPTED_STALE,
+                "the dead claim's lease to run out",
+                120,
+            )
+    two_workers.ensure(("w1", "w2"))
+
+    second = deployment.launch(job, key)
+    second_id = _assert_success(deployment, second)
+    effects = [r for r, _ in deployment.effects(key)]
+    assert effects == [first_id if pause == "after" else second_id], effects
+    entry = deployment.entry(ledger_key)
+    assert entry is not None and entry.state == State.SUCCEEDED and entry.run_id == second_id
+    history = deployment.history(ledger_key)
+    if lease == "alive":  # the second run settled the dead claim on the spot (no adoption)
+        settled = EventKind.FAILED if ended == "failed" else EventKind.RELEASED
+        assert any(
+            e.kind == settled and e.detail and f"reaped by run {second_id}" in e.detail
+            for e in history
+        ), history
+        assert EventKind.ADOPTED not in [e.kind for e in history]
+    else:
+        assert [e.kind for e in history][-2:] == [EventKind.ADOPTED, EventKind.SUCCEEDED]
+    assert deployment.decisions(second_id) == {
+        "guarded_effect": "adopted_stale" if lease == "ran-out" else "proceed"
+    }
+
+
+# --- 5. a run canceled from the instance while its step runs on a worker -----------------------
+
+
+def test_run_canceled_in_the_instance_stops_the_body_and_frees_the_key(
+    deployment: Deployment, two_workers: Workers
+) -> None:
+    key = new_key("canceled")
+    ledger_key = f"{key}/guarded_effect"
+    first = deployment.launch(GUARDED, key, **{engines_jobs.PAUSE_TAG: "before"})
+    run = deployment.run_of(first)
+    deployment.paused(run.run_id, "before")
+    deployment.instance.report_run_canceled(run, "canceled from the instance (the test)")
+
+    # the step's run watch sees the run finished in the instance and interrupts the body
+    # (never told to go on): it releases the key and writes nothing
+    released = engines_cluster.wait_for(
+        lambda: [e for e in deployment.history(ledger_key) if e.kind == EventKind.RELEASED],
+        "the canceled run's step to release its key",
+        120,
+    )
+    assert released[0].run_id == run.run_id
+    assert released[0].detail is not None and "CANCELED" in released[0].detail
+    with deployment.ledger() as ledger:  # released: claimable at once
+        assert ledger.peek(ledger_key).decision == Decision.PROCEED
+    first.proc.communicate(timeout=300)  # its run worker gets the step's events and ends
+    assert not deployment.reached_end(run.run_id)
+    assert deployment.effects(key) == []
+
+    second = deployment.launch(GUARDED, key)
+    second_id = _assert_success(deployment, second)
+    assert [r for r, _ in deployment.effects(key)] == [second_id]
+    assert deployment.decisions(second_id) == {"guarded_effect": "proceed"}
+
+
+# --- 6. a worker in a PID namespace of its own -------------------------------------------------
+
+
+def test_claim_of_a_worker_in_another_pid_namespace_waits_for_its_lease(
+    deployment: Deployment, workers: Workers
+) -> None:
+    """The ledger cannot see into another PID namespace (another container): a claim held
+    there is treated as alive until its lease ends, whoever asks; then it is adopted."""
+    workers.ensure(())
+    workers.start("ns", namespace=True)
+    key = new_key("namespace")
+    ledger_key = f"{key}/guarded_effect"
+    first = deployment.launch(GUARDED, key, **{engines_jobs.PAUSE_TAG: "before"})
+    first_id = deployment.run_of(first).run_id
+    ns_pid, ns_inode = deployment.paused(first_id, "before")
+    assert ns_inode != os.stat("/proc/self/ns/pid").st_ino  # it really is another namespace
+    entry = deployment.entry(ledger_key)
+    assert entry is not None and entry.holder_process is not None
+    assert f"/{ns_inode}/{ns_pid}/" in entry.holder_process
+    held_fence = entry.fence
+
+    # the whole namespace dies (the pool child first, then its worker): nothing was written
+    workers.workers["ns"].kill_all()
+    workers.ensure(("w1",))
+
+    # another run, while the lease lives: its holder run is not finished, so no reap; its
+    # lease is alive, so no adoption: it skips, naming the holder
+    second = deployment.launch(GUARDED, key)
+    second_id = _assert_success(deployment, second)
+    assert deployment.decisions(second_id) == {"guarded_effect": "skipped_in_flight"}
+
+    # the broker hands the dead worker's message to the live worker (what Redis does once the
+    # visibility timeout passes): the same run, from another namespace, does not re-enter
+    workers.redeliver_unacked(first_id)
+    first_again = engines_cluster.wait_for(
+        lambda: [
+            e
+            for e in deployment.history(ledger_key)
+            if e.kind == EventKind.SKIPPED_IN_FLIGHT and e.run_id == first_id
+        ],
+        "the re-delivered step to decide",
+        120,
+    )
+    assert first_again[0].detail is not None
+    assert "another live attempt of the same run" in first_again[0].detail
+    entry = deployment.entry(ledger_key)
+    assert entry is not None and entry.state == State.IN_FLIGHT and entry.fence == held_fence
+    assert deployment.effects(key) == []
+    first.proc.kill()
+
+    # once the lease ran out, the next run adopts the claim and does the work, once
+    with deployment.ledger() as ledger:
+        engines_cluster.wait_for(
+            lambda: ledger.peek(ledger_key).decision == Decision.ADOPTED_STALE,
+            "the dead holder's lease to run out",
+            120,
+        )
+    third = deployment.launch(GUARDED, key)
+    third_id = _assert_success(deployment, third)
+    assert deployment.decisions(third_id) == {"guarded_effect": "adopted_stale"}
+    assert [r for r, _ in deployment.effects(key)] == [third_id]
+    entry = deployment.entry(ledger_key)
+    assert entry is not None and entry.state == State.SUCCEEDED and entry.generation == held_fence

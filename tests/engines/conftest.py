@@ -213,9 +213,7 @@ def deployment(
         engines_jobs.LEDGER_URL_ENV: database_url,
         engines_jobs.WAREHOUSE_URL_ENV: database_url,
         engines_jobs.SIGNALS_ENV: str(signals),
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p
-        ),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p),
     }
     saved = {k: os.environ.get(k) for k in ("DAGSTER_HOME", engines_jobs.LEDGER_URL_ENV)}
     os.environ["DAGSTER_HOME"] = str(home)

@@ -220,6 +220,10 @@ class CeleryWorker(Service):
         cmd += ["--", "--concurrency=1", "--pool=prefork", "--without-gossip", "--without-mingle"]
         if self.namespace:
             cmd = ["unshare", "--pid", "--fork", "--mount-proc", *cmd]
+        # `dagster-celery worker start` runs `celery` from PATH: this environment's, as an
+        # activated virtualenv would have it
+        bindir = str(Path(sys.executable).parent)
+        env = {**env, "PATH": os.pathsep.join(p for p in (bindir, env.get("PATH")) if p)}
         self.spawn(cmd, env)
         wait_for(self.ready, f"celery worker {self.name} to be ready", START_TIMEOUT)
         return self

@@ -15,7 +15,6 @@ does not pause again. Files, not sleeps: the test waits for a state, never for a
 Workers and launchers import this module by name: keep it importable from tests/engines.
 """
 
-
 import os
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ SIGNALS_ENV = "ROCKY_ENGINES_SIGNALS"
 PAUSE_TAG = "test/pause"
 SCHEMA = "engines"
 TABLE = f"{SCHEMA}.effects"
-LEASE_SECONDS = 30.0
+LEASE_SECONDS = 45.0
 """Long enough that a re-delivery or a relaunch surely comes while a dead holder's lease lives
 (on a loaded CI machine); waits for the lease to run out are bounded by it."""
 SHORT_LEASE_SECONDS = 3.0

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent))
 
-import engines_jobs  # noqa: E402
-from dagster import DagsterInstance, execute_job, reconstructable  # noqa: E402
+import engines_jobs
+from dagster import DagsterInstance, execute_job, reconstructable
 
 
 def main() -> None:

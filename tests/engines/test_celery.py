@@ -15,7 +15,6 @@ import json
 import os
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import engines_cluster
 import engines_jobs
@@ -112,9 +111,7 @@ def _message_body(payload: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def workers(
-    deployment: Deployment, redis_server: engines_cluster.RedisServer
-) -> Iterator[Workers]:
+def workers(deployment: Deployment, redis_server: engines_cluster.RedisServer) -> Iterator[Workers]:
     pool = Workers(deployment, redis_server)
     try:
         yield pool
@@ -200,9 +197,7 @@ def test_four_runs_of_one_key_at_once_do_the_work_once(
     ]
     run_ids = [deployment.run_of(launched).run_id for launched in launches]
     holder = engines_cluster.wait_for(
-        lambda: next(
-            (r for r in run_ids if (deployment.signals / f"{r}.before").exists()), None
-        ),
+        lambda: next((r for r in run_ids if (deployment.signals / f"{r}.before").exists()), None),
         "one run to hold the key",
     )
     others = [launched for launched in launches if launched.run_id != holder]
@@ -280,9 +275,8 @@ def test_worker_killed_then_key_launched_again_writes_once(
                 "the dead claim's lease to run out",
                 120,
             )
-    two_workers.ensure(("w1", "w2"))
 
-    second = deployment.launch(job, key)
+    second = deployment.launch(job, key)  # on the worker left alive
     second_id = _assert_success(deployment, second)
     effects = [r for r, _ in deployment.effects(key)]
     assert effects == [first_id if pause == "after" else second_id], effects
@@ -357,10 +351,10 @@ def test_claim_of_a_worker_in_another_pid_namespace_waits_for_its_lease(
     assert entry is not None and entry.holder_process is not None
     assert f"/{ns_inode}/{ns_pid}/" in entry.holder_process
     held_fence = entry.fence
+    workers.start("w1")  # a worker in this (the host's) namespace, for what comes next
 
-    # the whole namespace dies (the pool child first, then its worker): nothing was written
+    # the whole namespace dies (its worker and pool child): nothing was written
     workers.workers["ns"].kill_all()
-    workers.ensure(("w1",))
 
     # another run, while the lease lives: its holder run is not finished, so no reap; its
     # lease is alive, so no adoption: it skips, naming the holder

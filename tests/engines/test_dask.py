@@ -104,14 +104,10 @@ def test_dask_four_runs_of_one_key_at_once_do_the_work_once(
     deployment: Deployment, cluster: Cluster
 ) -> None:
     key = new_key("dask-four")
-    launches = [
-        deployment.launch(JOB, key, **{engines_jobs.PAUSE_TAG: "before"}) for _ in range(4)
-    ]
+    launches = [deployment.launch(JOB, key, **{engines_jobs.PAUSE_TAG: "before"}) for _ in range(4)]
     run_ids = [deployment.run_of(launched).run_id for launched in launches]
     holder = engines_cluster.wait_for(
-        lambda: next(
-            (r for r in run_ids if (deployment.signals / f"{r}.before").exists()), None
-        ),
+        lambda: next((r for r in run_ids if (deployment.signals / f"{r}.before").exists()), None),
         "one run to hold the key",
     )
     others = [launched for launched in launches if launched.run_id != holder]

@@ -106,7 +106,7 @@ def run_executor(
         }
         for i in (1, 2):
             worker = engines_cluster.CeleryWorker(f"bench{i}", scratch, config_yaml)
-            services.append(worker.start(env))
+            services.append(worker.start(env, includes=["engines_bench"]))
         run_config["execution"] = {"config": config}
     else:
         run_config["execution"] = {"config": {"max_concurrent": 2}}

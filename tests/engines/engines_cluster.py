@@ -201,7 +201,11 @@ class CeleryWorker(Service):
         self.config_yaml = config_yaml
         self.namespace = namespace
 
-    def start(self, env: dict[str, str], queues: Sequence[str] = ()) -> CeleryWorker:
+    def start(
+        self, env: dict[str, str], queues: Sequence[str] = (), includes: Sequence[str] = ()
+    ) -> CeleryWorker:
+        """`includes`: modules the worker imports before it forks its pool (the job code), so
+        the first step does not pay for the imports."""
         cmd = [
             _tool("dagster-celery"),
             "worker",
@@ -217,6 +221,8 @@ class CeleryWorker(Service):
         ]
         for queue in queues:
             cmd += ["-q", queue]
+        for module in includes:
+            cmd += ["-i", module]
         cmd += ["--", "--concurrency=1", "--pool=prefork", "--without-gossip", "--without-mingle"]
         if self.namespace:
             cmd = ["unshare", "--pid", "--fork", "--mount-proc", *cmd]

@@ -35,7 +35,7 @@ SIGNALS_ENV = "ROCKY_ENGINES_SIGNALS"
 PAUSE_TAG = "test/pause"
 SCHEMA = "engines"
 TABLE = f"{SCHEMA}.effects"
-LEASE_SECONDS = 45.0
+LEASE_SECONDS = 90.0
 """Long enough that a re-delivery or a relaunch surely comes while a dead holder's lease lives
 (on a loaded CI machine); waits for the lease to run out are bounded by it."""
 SHORT_LEASE_SECONDS = 3.0
@@ -136,9 +136,37 @@ def guarded_dask_job() -> None:
     guarded_effect()
 
 
+# dagster-dask names a step's Dask task "<job name>.<step key>", and Dask shares one task among
+# every client that submits the same name: concurrent runs of ONE job on one cluster would get
+# a single step execution (and its events) between them. Concurrent runs of one key therefore
+# come from four jobs (the ledger key is the run's key and the step, whatever the job).
+@ledger_job(executor_def=dask_executor, ledger=_ledger(LEASE_SECONDS))
+def guarded_dask_job_a() -> None:
+    guarded_effect()
+
+
+@ledger_job(executor_def=dask_executor, ledger=_ledger(LEASE_SECONDS))
+def guarded_dask_job_b() -> None:
+    guarded_effect()
+
+
+@ledger_job(executor_def=dask_executor, ledger=_ledger(LEASE_SECONDS))
+def guarded_dask_job_c() -> None:
+    guarded_effect()
+
+
+@ledger_job(executor_def=dask_executor, ledger=_ledger(LEASE_SECONDS))
+def guarded_dask_job_d() -> None:
+    guarded_effect()
+
+
 JOBS = {
     "plain_celery_job": plain_celery_job,
     "guarded_celery_job": guarded_celery_job,
     "guarded_celery_short_lease_job": guarded_celery_short_lease_job,
     "guarded_dask_job": guarded_dask_job,
+    "guarded_dask_job_a": guarded_dask_job_a,
+    "guarded_dask_job_b": guarded_dask_job_b,
+    "guarded_dask_job_c": guarded_dask_job_c,
+    "guarded_dask_job_d": guarded_dask_job_d,
 }

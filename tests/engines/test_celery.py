@@ -49,7 +49,7 @@ class Workers:
             f"{name}-{self._started}", self.root, self.config_yaml, namespace=namespace
         )
         self.workers[name] = worker
-        return worker.start(self.deployment.env)
+        return worker.start(self.deployment.env, includes=["engines_jobs"])
 
     def ensure(self, names: tuple[str, ...] = ("w1", "w2")) -> None:
         """Exactly these workers, alive."""

@@ -104,7 +104,11 @@ def test_dask_four_runs_of_one_key_at_once_do_the_work_once(
     deployment: Deployment, cluster: Cluster
 ) -> None:
     key = new_key("dask-four")
-    launches = [deployment.launch(JOB, key, **{engines_jobs.PAUSE_TAG: "before"}) for _ in range(4)]
+    # four jobs, not four runs of one job: see engines_jobs._dask_twin (a dagster-dask limit)
+    launches = [
+        deployment.launch(f"{JOB}_{twin}", key, **{engines_jobs.PAUSE_TAG: "before"})
+        for twin in "abcd"
+    ]
     run_ids = [deployment.run_of(launched).run_id for launched in launches]
     holder = engines_cluster.wait_for(
         lambda: next((r for r in run_ids if (deployment.signals / f"{r}.before").exists()), None),

@@ -51,7 +51,7 @@ from dagster import (
 )
 
 from rocky_dagster import IdempotencyLedger, idempotent_op, ledger_hooks, ledger_job
-from rocky_dagster.keys import KEY_TAG
+from rocky_dagster.step.keys import KEY_TAG
 
 HERE = Path(__file__).resolve().parent
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}

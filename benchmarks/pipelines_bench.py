@@ -185,7 +185,7 @@ def bench_asset_path(tmp: Path, rows: int, repeat: int) -> tuple[float, float]:
     from dagster import DagsterInstance, job, materialize
 
     from rocky_dagster import IdempotencyLedger
-    from rocky_dagster.pipeline_ops import load_op
+    from rocky_dagster.decorators.pipeline_ops import load_op
     from rocky_dagster.pipelines import pipeline_assets
 
     drops = tmp / "asset_drops"

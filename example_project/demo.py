@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from dagster import DagsterInstance
 
-    from rocky_dagster.keys import KEY_TAG, OUTCOME_TAG
     from rocky_dagster.ledger import default_ledger_url, open_ledger
-    from rocky_dagster.presentation import step_decisions
+    from rocky_dagster.step.keys import KEY_TAG, OUTCOME_TAG
+    from rocky_dagster.step.presentation import step_decisions
 
     from . import definitions
     from .defs import warehouse_jobs

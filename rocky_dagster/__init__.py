@@ -13,36 +13,36 @@ _EXPORTS: dict[str, str] = {
     # the resource
     "IdempotencyLedger": ".resource",
     # the decorators
-    "idempotent_op": ".ops",
-    "idempotent_asset": ".assets",
-    "idempotent_multi_asset": ".multi_asset",
-    "proceeding_asset_keys": ".multi_asset",
-    "input_versions_key": ".input_versions",
+    "idempotent_op": ".decorators.ops",
+    "idempotent_asset": ".decorators.assets",
+    "idempotent_multi_asset": ".decorators.multi_asset",
+    "proceeding_asset_keys": ".decorators.multi_asset",
+    "input_versions_key": ".step.input_versions",
     # jobs and the optional backstop hooks
-    "ledger_job": ".jobs",
-    "with_ledger": ".jobs",
-    "ledger_hooks": ".hooks",
+    "ledger_job": ".decorators.jobs",
+    "with_ledger": ".decorators.jobs",
+    "ledger_hooks": ".decorators.hooks",
     # sensors and schedules
-    "ledger_run_status_sensors": ".sensors",
-    "guard_run_requests": ".sensors",
-    "RequestBackoff": ".backoff",
+    "ledger_run_status_sensors": ".sensors.run_requests",
+    "guard_run_requests": ".sensors.run_requests",
+    "RequestBackoff": ".sensors.backoff",
     # definitions: the sensors and the admin job, ready to merge
-    "ledger_definitions": ".admin",
-    "ledger_admin_job": ".admin",
+    "ledger_definitions": ".operations.admin_job",
+    "ledger_admin_job": ".operations.admin_job",
     # components (defs.yaml, dg)
     "IdempotencyLedgerComponent": ".components",
     "PipelinesComponent": ".components",
     # effects written once, and the run tags
     "exactly_once": ".pipelines",
-    "KEY_TAG": ".keys",
-    "IDEMPOTENCY_TAG": ".keys",
-    "FORCE_VALUE": ".keys",
+    "KEY_TAG": ".step.keys",
+    "IDEMPOTENCY_TAG": ".step.keys",
+    "FORCE_VALUE": ".step.keys",
 }
 """Every top-level name and the module it lives in: the one export list (``__all__`` is its keys).
 
 What a README user types, no more: the pipelines and their builders are in
 `rocky_dagster.pipelines`, the ledger's types in `rocky_dagster.ledger`, every error in
-`rocky_dagster.errors`, the admin job's config in `rocky_dagster.admin`."""
+`rocky_dagster.errors`, the admin job's config in `rocky_dagster.operations.admin_job`."""
 
 __all__ = sorted(_EXPORTS)
 
@@ -73,53 +73,38 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .admin import (
-        ledger_admin_job as ledger_admin_job,
-    )
-    from .admin import (
-        ledger_definitions as ledger_definitions,
-    )
-    from .assets import (
-        idempotent_asset as idempotent_asset,
-    )
-    from .backoff import (
-        RequestBackoff as RequestBackoff,
-    )
     from .components import (
         IdempotencyLedgerComponent as IdempotencyLedgerComponent,
     )
     from .components import (
         PipelinesComponent as PipelinesComponent,
     )
-    from .hooks import (
+    from .decorators.assets import (
+        idempotent_asset as idempotent_asset,
+    )
+    from .decorators.hooks import (
         ledger_hooks as ledger_hooks,
     )
-    from .input_versions import (
-        input_versions_key as input_versions_key,
-    )
-    from .jobs import (
+    from .decorators.jobs import (
         ledger_job as ledger_job,
     )
-    from .jobs import (
+    from .decorators.jobs import (
         with_ledger as with_ledger,
     )
-    from .keys import (
-        FORCE_VALUE as FORCE_VALUE,
-    )
-    from .keys import (
-        IDEMPOTENCY_TAG as IDEMPOTENCY_TAG,
-    )
-    from .keys import (
-        KEY_TAG as KEY_TAG,
-    )
-    from .multi_asset import (
+    from .decorators.multi_asset import (
         idempotent_multi_asset as idempotent_multi_asset,
     )
-    from .multi_asset import (
+    from .decorators.multi_asset import (
         proceeding_asset_keys as proceeding_asset_keys,
     )
-    from .ops import (
+    from .decorators.ops import (
         idempotent_op as idempotent_op,
+    )
+    from .operations.admin_job import (
+        ledger_admin_job as ledger_admin_job,
+    )
+    from .operations.admin_job import (
+        ledger_definitions as ledger_definitions,
     )
     from .pipelines import (
         exactly_once as exactly_once,
@@ -127,9 +112,24 @@ if TYPE_CHECKING:
     from .resource import (
         IdempotencyLedger as IdempotencyLedger,
     )
-    from .sensors import (
+    from .sensors.backoff import (
+        RequestBackoff as RequestBackoff,
+    )
+    from .sensors.run_requests import (
         guard_run_requests as guard_run_requests,
     )
-    from .sensors import (
+    from .sensors.run_requests import (
         ledger_run_status_sensors as ledger_run_status_sensors,
+    )
+    from .step.input_versions import (
+        input_versions_key as input_versions_key,
+    )
+    from .step.keys import (
+        FORCE_VALUE as FORCE_VALUE,
+    )
+    from .step.keys import (
+        IDEMPOTENCY_TAG as IDEMPOTENCY_TAG,
+    )
+    from .step.keys import (
+        KEY_TAG as KEY_TAG,
     )

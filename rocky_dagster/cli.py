@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from .ledger import (
+from rocky_dagster.ledger import (
     Event,
     InvalidArgumentError,
     Ledger,
@@ -56,8 +56,8 @@ from .ledger import (
     open_ledger,
     redact_url,
 )
-from .ledger.model import validate_reason
-from .ledger.operations import (
+from rocky_dagster.ledger.model import validate_reason
+from rocky_dagster.ledger.operations import (
     DONE,
     LEFT_ALONE,
     Action,

@@ -73,66 +73,24 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .ledger.errors import (
-        FingerprintMismatchError as FingerprintMismatchError,
-    )
-    from .ledger.errors import (
-        InvalidArgumentError as InvalidArgumentError,
-    )
-    from .ledger.errors import (
-        InvalidKeyError as InvalidKeyError,
-    )
-    from .ledger.errors import (
-        InvalidResultError as InvalidResultError,
-    )
-    from .ledger.errors import (
-        LedgerConfigError as LedgerConfigError,
-    )
-    from .ledger.errors import (
-        LedgerCorruptError as LedgerCorruptError,
-    )
-    from .ledger.errors import (
-        LedgerError as LedgerError,
-    )
-    from .ledger.errors import (
-        LedgerSchemaError as LedgerSchemaError,
-    )
-    from .ledger.errors import (
-        LedgerUnavailableError as LedgerUnavailableError,
-    )
-    from .ledger.operations import (
-        OperationRefused as OperationRefused,
-    )
-    from .pipelines.errors import (
-        ClaimRefusedError as ClaimRefusedError,
-    )
-    from .pipelines.errors import (
-        FenceLostError as FenceLostError,
-    )
-    from .pipelines.errors import (
-        KeyChangeError as KeyChangeError,
-    )
-    from .pipelines.errors import (
-        LoadError as LoadError,
-    )
-    from .pipelines.errors import (
-        ModelGraphError as ModelGraphError,
-    )
-    from .pipelines.errors import (
-        PipelineConfigError as PipelineConfigError,
-    )
-    from .pipelines.errors import (
-        PipelineError as PipelineError,
-    )
-    from .pipelines.errors import (
-        QualityChecksFailed as QualityChecksFailed,
-    )
-    from .pipelines.errors import (
-        SchemaConflictError as SchemaConflictError,
-    )
-    from .pipelines.errors import (
-        ViewValidationError as ViewValidationError,
-    )
-    from .pipelines.errors import (
-        WarehouseError as WarehouseError,
-    )
+    from rocky_dagster.ledger.errors import FingerprintMismatchError as FingerprintMismatchError
+    from rocky_dagster.ledger.errors import InvalidArgumentError as InvalidArgumentError
+    from rocky_dagster.ledger.errors import InvalidKeyError as InvalidKeyError
+    from rocky_dagster.ledger.errors import InvalidResultError as InvalidResultError
+    from rocky_dagster.ledger.errors import LedgerConfigError as LedgerConfigError
+    from rocky_dagster.ledger.errors import LedgerCorruptError as LedgerCorruptError
+    from rocky_dagster.ledger.errors import LedgerError as LedgerError
+    from rocky_dagster.ledger.errors import LedgerSchemaError as LedgerSchemaError
+    from rocky_dagster.ledger.errors import LedgerUnavailableError as LedgerUnavailableError
+    from rocky_dagster.ledger.operations import OperationRefused as OperationRefused
+    from rocky_dagster.pipelines.errors import ClaimRefusedError as ClaimRefusedError
+    from rocky_dagster.pipelines.errors import FenceLostError as FenceLostError
+    from rocky_dagster.pipelines.errors import KeyChangeError as KeyChangeError
+    from rocky_dagster.pipelines.errors import LoadError as LoadError
+    from rocky_dagster.pipelines.errors import ModelGraphError as ModelGraphError
+    from rocky_dagster.pipelines.errors import PipelineConfigError as PipelineConfigError
+    from rocky_dagster.pipelines.errors import PipelineError as PipelineError
+    from rocky_dagster.pipelines.errors import QualityChecksFailed as QualityChecksFailed
+    from rocky_dagster.pipelines.errors import SchemaConflictError as SchemaConflictError
+    from rocky_dagster.pipelines.errors import ViewValidationError as ViewValidationError
+    from rocky_dagster.pipelines.errors import WarehouseError as WarehouseError

@@ -14,9 +14,9 @@ import dagster as dg
 from dagster import EnvVar
 from pydantic import Field, field_validator
 
-from ..ledger import LedgerConfigError, check_url
-from ..resource import RESOURCE_KEY, IdempotencyLedger
-from ..sensors import ledger_run_status_sensors
+from rocky_dagster.ledger import LedgerConfigError, check_url
+from rocky_dagster.resource import RESOURCE_KEY, IdempotencyLedger
+from rocky_dagster.sensors.run_requests import ledger_run_status_sensors
 
 _FIELDS = IdempotencyLedger.model_fields
 _RESOURCES: dict[str, IdempotencyLedger] = {}

@@ -17,11 +17,16 @@ from typing import Annotated, Any, Literal
 import dagster as dg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..keys import KEY_TAG
-from ..pipelines import PipelineConfig, PipelineConfigError, PipelineError, pipeline_from_dict
-from ..pipelines.registry import PIPELINE_TYPES
-from ..resource import RESOURCE_KEY
-from .ledger import LedgerSettings, shared_ledger_defs
+from rocky_dagster.components.ledger import LedgerSettings, shared_ledger_defs
+from rocky_dagster.pipelines import (
+    PipelineConfig,
+    PipelineConfigError,
+    PipelineError,
+    pipeline_from_dict,
+)
+from rocky_dagster.pipelines.registry import PIPELINE_TYPES
+from rocky_dagster.resource import RESOURCE_KEY
+from rocky_dagster.step.keys import KEY_TAG
 
 PATH_FIELDS = ("warehouse", "source", "models_dir", "directory")
 """Pipeline fields naming files or folders: relative ones are read from the defs.yaml folder."""
@@ -254,8 +259,8 @@ class PipelinesComponent(dg.Component, dg.Resolvable, dg.Model):
     )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
-        from ..input_versions import input_versions_key
-        from ..pipeline_assets import pipeline_assets
+        from rocky_dagster.decorators.pipeline_assets import pipeline_assets
+        from rocky_dagster.step.input_versions import input_versions_key
 
         folder = Path(context.path)
         key_fn = input_versions_key if self.key_fn == "input_versions" else None
@@ -289,7 +294,7 @@ class PipelinesComponent(dg.Component, dg.Resolvable, dg.Model):
                 schedules.append(_keyed_schedule(name, job, options.schedule))
             if options.sensor:
                 sensors.append(_input_sensor(name, job, pipeline, options.sensor))
-        from ..pipeline_assets import external_assets
+        from rocky_dagster.decorators.pipeline_assets import external_assets
 
         checks = [a for a in assets if isinstance(a, dg.AssetChecksDefinition)]
         tables = [a for a in assets if not isinstance(a, dg.AssetChecksDefinition)]
@@ -306,7 +311,7 @@ class PipelinesComponent(dg.Component, dg.Resolvable, dg.Model):
                 )
             )
         elif self.ledger_sensors:
-            from ..sensors import ledger_run_status_sensors
+            from rocky_dagster.sensors.run_requests import ledger_run_status_sensors
 
             parts.append(
                 dg.Definitions(sensors=ledger_run_status_sensors(resource_key=self.resource_key))
@@ -389,7 +394,7 @@ def _input_sensor(
 
 def _input_state(pipeline: PipelineConfig) -> str | None:
     """A digest of what the pipeline reads (file names, sizes and modification times)."""
-    from ..input_versions import files_state, pipeline_input_paths
+    from rocky_dagster.step.input_versions import files_state, pipeline_input_paths
 
     paths = pipeline_input_paths(pipeline)
     if paths is None:  # snapshot, quality: the warehouse itself

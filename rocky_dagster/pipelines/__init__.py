@@ -19,9 +19,15 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .base import PipelineConfig, connect_warehouse
-from .effects import EFFECTS, EffectClaim, EffectScope, exactly_once, read_marker
-from .errors import (
+from rocky_dagster.pipelines.base import PipelineConfig, connect_warehouse
+from rocky_dagster.pipelines.effects import (
+    EFFECTS,
+    EffectClaim,
+    EffectScope,
+    exactly_once,
+    read_marker,
+)
+from rocky_dagster.pipelines.errors import (
     ClaimRefusedError,
     FenceLostError,
     KeyChangeError,
@@ -34,8 +40,8 @@ from .errors import (
     ViewValidationError,
     WarehouseError,
 )
-from .load import LoadPipeline
-from .quality import (
+from rocky_dagster.pipelines.load import LoadPipeline
+from rocky_dagster.pipelines.quality import (
     AcceptedValuesCheck,
     ExpressionCheck,
     FreshnessCheck,
@@ -45,17 +51,17 @@ from .quality import (
     RowCountCheck,
     UniqueCheck,
 )
-from .registry import PIPELINE_TYPES, pipeline_from_dict, pipeline_from_yaml
-from .replication import ReplicationPipeline, ReplicationTableOptions
-from .results import CheckResult, FileRecord, PipelineResult, TableStats
-from .snapshot import SnapshotPipeline, SnapshotStrategy
-from .sqlmodels import SqlModel
-from .transformation import TransformationPipeline
+from rocky_dagster.pipelines.registry import PIPELINE_TYPES, pipeline_from_dict, pipeline_from_yaml
+from rocky_dagster.pipelines.replication import ReplicationPipeline, ReplicationTableOptions
+from rocky_dagster.pipelines.results import CheckResult, FileRecord, PipelineResult, TableStats
+from rocky_dagster.pipelines.snapshot import SnapshotPipeline, SnapshotStrategy
+from rocky_dagster.pipelines.sqlmodels import SqlModel
+from rocky_dagster.pipelines.transformation import TransformationPipeline
 
 _DAGSTER_BUILDERS: dict[str, str] = {
-    "pipeline_op": "rocky_dagster.pipeline_ops",
-    "quality_checks": "rocky_dagster.pipeline_ops",
-    "pipeline_assets": "rocky_dagster.pipeline_assets",
+    "pipeline_op": "rocky_dagster.decorators.pipeline_ops",
+    "quality_checks": "rocky_dagster.decorators.pipeline_ops",
+    "pipeline_assets": "rocky_dagster.decorators.pipeline_assets",
 }
 """The Dagster-side builders of these pipelines and their modules (imported on first use)."""
 
@@ -116,6 +122,6 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from ..pipeline_assets import pipeline_assets as pipeline_assets
-    from ..pipeline_ops import pipeline_op as pipeline_op
-    from ..pipeline_ops import quality_checks as quality_checks
+    from rocky_dagster.decorators.pipeline_assets import pipeline_assets as pipeline_assets
+    from rocky_dagster.decorators.pipeline_ops import pipeline_op as pipeline_op
+    from rocky_dagster.decorators.pipeline_ops import quality_checks as quality_checks

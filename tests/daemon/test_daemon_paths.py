@@ -41,7 +41,7 @@ from daemon_server import (
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
 from rocky_dagster.ledger import EventKind, Ledger, State
-from rocky_dagster.presentation import step_decisions as run_decisions
+from rocky_dagster.step.presentation import step_decisions as run_decisions
 
 pytestmark = pytest.mark.e2e
 

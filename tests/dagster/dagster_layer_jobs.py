@@ -32,8 +32,8 @@ from dagster import (
 )
 
 from rocky_dagster import IdempotencyLedger, idempotent_op, ledger_hooks, ledger_job
-from rocky_dagster.guard import running_claim
 from rocky_dagster.pipelines.effects import exactly_once
+from rocky_dagster.step.guard import running_claim
 
 HERE = Path(__file__).resolve().parent
 GO_TIMEOUT_SECONDS = 120
@@ -326,7 +326,7 @@ def flaky_multiprocess_job(dedup_on: str = "success"):
 def pipelines_job():
     """Load → replicate → transform → check → snapshot, plus a custom op (configs from env)."""
 
-    from rocky_dagster.pipeline_ops import (
+    from rocky_dagster.decorators.pipeline_ops import (
         load_op,
         quality_op,
         replication_op,

@@ -15,9 +15,13 @@ from dagster import DagsterInstance, DagsterRunStatus, Definitions, ExecuteInPro
 from dagster_layer_jobs import fail_config, work_job, work_log
 
 from rocky_dagster import IdempotencyLedger
-from rocky_dagster.admin import LedgerAdminConfig, ledger_admin_job, ledger_definitions
-from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, Outcome, State, open_ledger
+from rocky_dagster.operations.admin_job import (
+    LedgerAdminConfig,
+    ledger_admin_job,
+    ledger_definitions,
+)
+from rocky_dagster.step.keys import KEY_TAG
 
 ADMIN = "rocky_ledger_admin"
 

@@ -13,8 +13,8 @@ from dagster import (
 from dagster_layer_jobs import did_work, work_log
 
 from rocky_dagster import IdempotencyLedger, idempotent_asset, with_ledger
-from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import Ledger, State
+from rocky_dagster.step.keys import KEY_TAG
 
 daily = DailyPartitionsDefinition(start_date="2024-06-01")
 

@@ -24,9 +24,9 @@ from dagster_layer_jobs import (
 )
 from test_dagster_processes import SensorTicks, _sensor
 
-from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, State
-from rocky_dagster.presentation import step_decisions
+from rocky_dagster.step.keys import KEY_TAG
+from rocky_dagster.step.presentation import step_decisions
 
 
 def _messages(instance: DagsterInstance, run_id: str) -> str:

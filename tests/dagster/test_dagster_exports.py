@@ -51,17 +51,17 @@ def test_the_top_level_is_what_a_readme_user_types() -> None:
         "Outcome": "rocky_dagster.ledger",
         "LedgerError": "rocky_dagster.errors",
         "PipelineError": "rocky_dagster.errors",
-        "running_claim": "rocky_dagster.guard",
-        "step_decisions": "rocky_dagster.presentation",
-        "OUTCOME_TAG": "rocky_dagster.keys",
-        "load_op": "rocky_dagster.pipeline_ops",
-        "ledger_hook": "rocky_dagster.hooks",
-        "LedgerAdminConfig": "rocky_dagster.admin",
+        "running_claim": "rocky_dagster.step.guard",
+        "step_decisions": "rocky_dagster.step.presentation",
+        "OUTCOME_TAG": "rocky_dagster.step.keys",
+        "load_op": "rocky_dagster.decorators.pipeline_ops",
+        "ledger_hook": "rocky_dagster.decorators.hooks",
+        "LedgerAdminConfig": "rocky_dagster.operations.admin_job",
     }
     for name, module in moved.items():
         assert name not in rocky_dagster.__all__, name
         value = getattr(importlib.import_module(module), name)
-        # (`rocky_dagster.pipeline_assets` is also a module: the attribute may be that)
+        # (`rocky_dagster.decorators.pipeline_assets` is also a module: the attribute may be that)
         assert getattr(rocky_dagster, name, None) is not value, name
 
 
@@ -87,11 +87,11 @@ def test_every_error_has_one_root_and_imports_from_rocky_dagster_errors() -> Non
 
 def test_renamed_names_say_what_they_do_and_the_old_ones_still_import() -> None:
     from rocky_dagster import IDEMPOTENCY_TAG, RequestBackoff
-    from rocky_dagster.keys import FORCE_TAG
+    from rocky_dagster.step.keys import FORCE_TAG
 
     assert IDEMPOTENCY_TAG == FORCE_TAG == "rocky/idempotency"
     with pytest.warns(DeprecationWarning, match="RequestBackoff"):
-        from rocky_dagster.backoff import RetryBackoff
+        from rocky_dagster.sensors.backoff import RetryBackoff
     assert RetryBackoff is RequestBackoff
 
 

@@ -34,9 +34,9 @@ from dagster_layer_jobs import (
 )
 from test_dagster_processes import SensorTicks, _sensor
 
-from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import Entry, EventKind, Ledger, State
-from rocky_dagster.presentation import step_decisions
+from rocky_dagster.step.keys import KEY_TAG
+from rocky_dagster.step.presentation import step_decisions
 
 STOP_BOUND = 120.0
 """How long a test waits for a stopped run worker to exit (a deadlock guard)."""

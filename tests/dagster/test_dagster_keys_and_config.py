@@ -16,7 +16,8 @@ from dagster import (
 from pydantic import ValidationError
 
 from rocky_dagster import IdempotencyLedger, idempotent_op, ledger_job
-from rocky_dagster.keys import (
+from rocky_dagster.ledger import EventKind, InvalidKeyError, Ledger, State
+from rocky_dagster.step.keys import (
     FORCE_TAG,
     KEY_TAG,
     RUN_KEY_TAG,
@@ -25,8 +26,7 @@ from rocky_dagster.keys import (
     resolve_key,
     schedule_key,
 )
-from rocky_dagster.ledger import EventKind, InvalidKeyError, Ledger, State
-from rocky_dagster.presentation import step_decisions
+from rocky_dagster.step.presentation import step_decisions
 
 # --- keys ---------------------------------------------------------------------------------------
 

@@ -15,9 +15,9 @@ from dagster import (
 )
 
 from rocky_dagster import IdempotencyLedger
-from rocky_dagster.guard import ClaimState, StepGuard
-from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import Ledger, Outcome, State
+from rocky_dagster.step.guard import ClaimState, StepGuard
+from rocky_dagster.step.keys import KEY_TAG
 
 TABLES = ("orders", "customers")
 

@@ -24,11 +24,11 @@ from dagster_layer_jobs import (
 )
 
 from rocky_dagster import IdempotencyLedger, ledger_job
-from rocky_dagster.hooks import ledger_hooks
-from rocky_dagster.jobs import ledger_job as build_ledger_job
-from rocky_dagster.keys import KEY_TAG, OUTCOME_TAG, RUN_KEY_TAG
+from rocky_dagster.decorators.hooks import ledger_hooks
+from rocky_dagster.decorators.jobs import ledger_job as build_ledger_job
 from rocky_dagster.ledger import EventKind, Ledger, State
-from rocky_dagster.presentation import step_decisions
+from rocky_dagster.step.keys import KEY_TAG, OUTCOME_TAG, RUN_KEY_TAG
+from rocky_dagster.step.presentation import step_decisions
 
 HERE = Path(__file__).parent
 
@@ -240,7 +240,7 @@ def test_run_retry_with_parent_tags_proceeds_after_failure_skips_after_success(
     )
     parent_tags = dict(instance.get_run_by_id(parent.run_id).tags)
     assert step_decisions(instance, parent.run_id)["work"] == "proceed"
-    assert parent_tags[OUTCOME_TAG] == "worked"
+    assert parent_tags[OUTCOME_TAG] == "failed"  # named for what it is, not "worked"
     assert parent_tags[KEY_TAG] == "sensor-key-6"
 
     retry = work_job.execute_in_process(

@@ -19,10 +19,10 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus
 from dagster_layer_jobs import busy_job, start_run, wait_for
 
-from rocky_dagster.heartbeat import StepWatch, Stop, stop_step
-from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, State
-from rocky_dagster.presentation import step_decisions
+from rocky_dagster.step.heartbeat import StepWatch, Stop, stop_step
+from rocky_dagster.step.keys import KEY_TAG
+from rocky_dagster.step.presentation import step_decisions
 
 STOP_BOUND = 60.0
 """How long a test waits for a stopped step to be gone (the step notices within 0.5 s)."""

@@ -15,10 +15,10 @@ from dagster import (
 from dagster_layer_jobs import HERE, make_pipeline_inputs, pipelines_job, work_log
 
 from rocky_dagster import IdempotencyLedger, ledger_job
-from rocky_dagster.keys import KEY_TAG
+from rocky_dagster.decorators.pipeline_ops import quality_op
 from rocky_dagster.ledger import Ledger, State
-from rocky_dagster.pipeline_ops import quality_op
 from rocky_dagster.pipelines import QualityPipeline
+from rocky_dagster.step.keys import KEY_TAG
 
 STEPS = ["load", "replication", "transformation", "quality", "snapshot", "notify"]
 
@@ -116,7 +116,7 @@ def test_quality_op_reports_every_check_then_fails_and_releases_its_key(
 
 
 def test_a_pipeline_op_refuses_another_pipelines_config(work_dir: Path) -> None:
-    from rocky_dagster.pipeline_ops import replication_op
+    from rocky_dagster.decorators.pipeline_ops import replication_op
     from rocky_dagster.pipelines import LoadPipeline
 
     (work_dir / "drop").mkdir()

@@ -19,9 +19,9 @@ from dagster_layer_jobs import make_pipeline_inputs, pipelines_job
 from test_dagster_processes import SensorTicks, _sensor
 
 from rocky_dagster import IdempotencyLedger, idempotent_op, ledger_job
-from rocky_dagster.keys import KEY_TAG, OUTCOME_TAG
 from rocky_dagster.ledger import Ledger, Outcome, State
-from rocky_dagster.presentation import step_decisions
+from rocky_dagster.step.keys import KEY_TAG, OUTCOME_TAG
+from rocky_dagster.step.presentation import step_decisions
 
 
 def _numbered(i: int):

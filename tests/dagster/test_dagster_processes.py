@@ -25,9 +25,9 @@ from dagster_layer_jobs import (
 )
 
 from rocky_dagster import IdempotencyLedger, ledger_run_status_sensors
-from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, State
-from rocky_dagster.presentation import step_decisions
+from rocky_dagster.step.keys import KEY_TAG
+from rocky_dagster.step.presentation import step_decisions
 
 
 def _sensor(status: str) -> SensorDefinition:

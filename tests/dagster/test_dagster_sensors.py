@@ -23,9 +23,9 @@ from dagster import (
 from dagster_layer_jobs import fail_config, work_job
 
 from rocky_dagster import IdempotencyLedger, RequestBackoff, guard_run_requests
-from rocky_dagster.keys import KEY_TAG, RUN_KEY_TAG
 from rocky_dagster.ledger import EventKind, Ledger, open_ledger
-from rocky_dagster.sensors import DEFAULT_BACKOFF
+from rocky_dagster.sensors.run_requests import DEFAULT_BACKOFF
+from rocky_dagster.step.keys import KEY_TAG, RUN_KEY_TAG
 
 SENSOR_NAME = "orders_sensor"
 KEY = "orders-2024-06-01"

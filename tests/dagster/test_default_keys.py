@@ -19,14 +19,14 @@ from dagster import (
 )
 from dagster_layer_jobs import did_work, work_log
 
-from rocky_dagster.assets import idempotent_asset
-from rocky_dagster.keys import KEY_TAG, OUTCOME_TAG
+from rocky_dagster.decorators.assets import idempotent_asset
+from rocky_dagster.decorators.multi_asset import idempotent_multi_asset, proceeding_asset_keys
+from rocky_dagster.decorators.pipeline_assets import pipeline_assets
 from rocky_dagster.ledger import Ledger
-from rocky_dagster.multi_asset import idempotent_multi_asset, proceeding_asset_keys
-from rocky_dagster.pipeline_assets import pipeline_assets
 from rocky_dagster.pipelines import LoadPipeline
-from rocky_dagster.presentation import settle_outcome_tag
 from rocky_dagster.resource import IdempotencyLedger
+from rocky_dagster.step.keys import KEY_TAG, OUTCOME_TAG
+from rocky_dagster.step.presentation import settle_outcome_tag
 
 RESOURCES = {"ledger": IdempotencyLedger()}
 

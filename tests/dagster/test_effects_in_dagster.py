@@ -11,10 +11,10 @@ from pathlib import Path
 from dagster import DagsterInstance, job
 
 from rocky_dagster import IdempotencyLedger
-from rocky_dagster.keys import KEY_TAG
+from rocky_dagster.decorators.pipeline_ops import load_op
 from rocky_dagster.ledger import Decision, Ledger, State, open_ledger
-from rocky_dagster.pipeline_ops import load_op
 from rocky_dagster.pipelines import EFFECTS, LoadPipeline
+from rocky_dagster.step.keys import KEY_TAG
 
 
 def _pipeline(tmp_path: Path, *, reload: bool = False) -> LoadPipeline:

@@ -20,9 +20,9 @@ from rocky_dagster import (
     IdempotencyLedger,
     idempotent_multi_asset,
 )
-from rocky_dagster.keys import KEY_TAG
+from rocky_dagster.decorators.multi_asset import proceeding_asset_keys
 from rocky_dagster.ledger import EventKind, Ledger, State
-from rocky_dagster.multi_asset import proceeding_asset_keys
+from rocky_dagster.step.keys import KEY_TAG
 
 SPECS = [AssetSpec("orders"), AssetSpec("customers"), AssetSpec("payments")]
 

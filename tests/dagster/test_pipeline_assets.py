@@ -17,15 +17,15 @@ from dagster import (
 )
 
 from rocky_dagster import IdempotencyLedger
-from rocky_dagster.keys import KEY_TAG
+from rocky_dagster.decorators.pipeline_assets import external_assets
 from rocky_dagster.ledger import Ledger, State
-from rocky_dagster.pipeline_assets import external_assets
 from rocky_dagster.pipelines import (
     QualityPipeline,
     ReplicationPipeline,
     TransformationPipeline,
     pipeline_assets,
 )
+from rocky_dagster.step.keys import KEY_TAG
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import yaml
 from dagster.components.testing import create_defs_folder_sandbox
 
 from rocky_dagster import IdempotencyLedger, PipelinesComponent
-from rocky_dagster.keys import FORCE_TAG, KEY_TAG
 from rocky_dagster.ledger import Ledger, State
+from rocky_dagster.step.keys import FORCE_TAG, KEY_TAG
 
 TYPE = "rocky_dagster.PipelinesComponent"
 

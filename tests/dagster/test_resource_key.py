@@ -22,8 +22,8 @@ from rocky_dagster import (
     ledger_job,
     ledger_run_status_sensors,
 )
-from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import Ledger, State
+from rocky_dagster.step.keys import KEY_TAG
 
 KEY_NAME = "warehouse_ledger"
 

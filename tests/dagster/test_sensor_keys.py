@@ -36,8 +36,8 @@ from rocky_dagster import (
     idempotent_op,
     ledger_job,
 )
-from rocky_dagster.keys import KEY_TAG, RUN_KEY_TAG
 from rocky_dagster.ledger import Ledger, State
+from rocky_dagster.step.keys import KEY_TAG, RUN_KEY_TAG
 
 FAIL = {"on": False}
 

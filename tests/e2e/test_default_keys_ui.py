@@ -24,9 +24,9 @@ LOCATION = "user_project"
 DEFINITIONS = '''\
 from dagster import Definitions, MaterializeResult, asset
 
-from rocky_dagster.assets import idempotent_asset
+from rocky_dagster.decorators.assets import idempotent_asset
 from rocky_dagster.resource import IdempotencyLedger
-from rocky_dagster.sensors import ledger_run_status_sensors
+from rocky_dagster.sensors.run_requests import ledger_run_status_sensors
 
 
 @asset

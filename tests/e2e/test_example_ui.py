@@ -48,7 +48,7 @@ def decisions(server: DagsterServer, run_id: str) -> dict[str, str]:
     """step -> the decision it showed in its metadata (a run's tags carry only a summary)."""
     from dagster import DagsterInstance
 
-    from rocky_dagster.presentation import step_decisions
+    from rocky_dagster.step.presentation import step_decisions
 
     instance = DagsterInstance.from_config(str(server.home))
     try:

@@ -30,8 +30,8 @@ import pytest
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from rocky_dagster import step_decisions
-from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import Entry, Event, Ledger, open_ledger
+from rocky_dagster.step.keys import KEY_TAG
 
 HERE = Path(__file__).resolve().parent
 RUN_TIMEOUT = 300.0

@@ -26,8 +26,8 @@ from dagster_celery import celery_executor
 from dagster_dask import dask_executor
 
 from rocky_dagster import IdempotencyLedger, exactly_once, idempotent_op, ledger_job
-from rocky_dagster.guard import running_claim
-from rocky_dagster.keys import KEY_TAG
+from rocky_dagster.step.guard import running_claim
+from rocky_dagster.step.keys import KEY_TAG
 
 LEDGER_URL_ENV = "ROCKY_LEDGER_URL"
 WAREHOUSE_URL_ENV = "ROCKY_ENGINES_WAREHOUSE_URL"

@@ -11,7 +11,6 @@ import re
 import pytest
 from ledger_helpers import LEASE, TICK, FakeClock
 
-from rocky_dagster.keys import FORCE_VALUE, IDEMPOTENCY_TAG
 from rocky_dagster.ledger import EventKind, InvalidArgumentError, Ledger, Outcome, State
 from rocky_dagster.ledger.operations import (
     FORCE_TAG_HINT,
@@ -23,6 +22,7 @@ from rocky_dagster.ledger.operations import (
     plan,
     select,
 )
+from rocky_dagster.step.keys import FORCE_VALUE, IDEMPOTENCY_TAG
 
 PHRASING = Phrasing(
     action=lambda name: f"<{name}>",

@@ -33,9 +33,9 @@ from dagster import (
     reconstructable,
 )
 
-from rocky_dagster.keys import KEY_TAG
 from rocky_dagster.ledger import EventKind, State, open_ledger
-from rocky_dagster.presentation import step_decisions
+from rocky_dagster.step.keys import KEY_TAG
+from rocky_dagster.step.presentation import step_decisions
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -221,7 +221,7 @@ LAUNCH = textwrap.dedent(
     import json
     from dagster import DagsterInstance, execute_job, reconstructable
     import pg_jobs
-    from rocky_dagster.keys import KEY_TAG
+    from rocky_dagster.step.keys import KEY_TAG
     tags = {KEY_TAG: "nightly-load", pg_jobs.HOLD_TAG: "1"}
     with DagsterInstance.get() as instance:
         with execute_job(reconstructable(pg_jobs.keyed_job), instance=instance, tags=tags) as r:

@@ -28,14 +28,15 @@ from dagster import (
     multi_asset_check,
 )
 
-from .guard import StepGuard
-from .input_versions import pipeline_input_state
-from .key_inheritance import CLAIMS_PER_ASSET, check_claim_asset
-from .keys import CLAIMS_TAG, GUARDED_OP_TAG
-from .ledger import Claim
-from .multi_asset import AssetKeyFn
-from .pipeline_specs import PipelinePlan, TableAsset, TableCheck, plan_pipeline
-from .pipelines import (
+from rocky_dagster.decorators.multi_asset import AssetKeyFn
+from rocky_dagster.decorators.pipeline_specs import (
+    PipelinePlan,
+    TableAsset,
+    TableCheck,
+    plan_pipeline,
+)
+from rocky_dagster.ledger import Claim
+from rocky_dagster.pipelines import (
     PipelineConfig,
     PipelineResult,
     QualityChecksFailed,
@@ -43,7 +44,11 @@ from .pipelines import (
     ReplicationPipeline,
     TransformationPipeline,
 )
-from .resource import RESOURCE_KEY
+from rocky_dagster.resource import RESOURCE_KEY
+from rocky_dagster.step.guard import StepGuard
+from rocky_dagster.step.input_versions import pipeline_input_state
+from rocky_dagster.step.key_inheritance import CLAIMS_PER_ASSET, check_claim_asset
+from rocky_dagster.step.keys import CLAIMS_TAG, GUARDED_OP_TAG
 
 
 def pipeline_assets(

@@ -21,15 +21,15 @@ from typing import Any, TypeVar, overload
 
 from dagster import AssetsDefinition, GraphDefinition, HookDefinition, JobDefinition, job
 
-from ._compat import (
+from rocky_dagster._compat import (
     UnresolvedAssetJobDefinition,
     asset_job_with_hooks,
     carry_job_key_fn,
     keyed_hook,
 )
-from .hooks import ledger_hooks
-from .key_inheritance import KeyFn
-from .resource import RESOURCE_KEY, IdempotencyLedger
+from rocky_dagster.decorators.hooks import ledger_hooks
+from rocky_dagster.resource import RESOURCE_KEY, IdempotencyLedger
+from rocky_dagster.step.key_inheritance import KeyFn
 
 T = TypeVar("T", JobDefinition, UnresolvedAssetJobDefinition, AssetsDefinition)
 

@@ -24,9 +24,9 @@ from typing import Any
 
 from dagster import DagsterEventType, DagsterInstance, MetadataValue
 
-from . import _compat
-from .keys import OUTCOME_TAG, ResolvedKey
-from .ledger import Claim, Decision
+from rocky_dagster import _compat
+from rocky_dagster.ledger import Claim, Decision
+from rocky_dagster.step.keys import OUTCOME_TAG, ResolvedKey
 
 UNGUARDED = "unguarded"
 """The decision shown for a step that had no key and ran without the ledger."""
@@ -163,7 +163,7 @@ def decision_message(claim: Claim, run_id: str) -> str | None:
 
 
 def unguarded_message(step_key: str, *, asset: bool) -> str:
-    from .keys import KEY_TAG, RUN_KEY_TAG
+    from rocky_dagster.step.keys import KEY_TAG, RUN_KEY_TAG
 
     if asset:
         return (

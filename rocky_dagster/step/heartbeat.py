@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .ledger import Ledger
+from rocky_dagster.ledger import Ledger
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ from dagster import (
     multi_asset,
 )
 
-from .guard import StepGuard, proceeding_asset_keys
-from .key_inheritance import CLAIMS_PER_ASSET
-from .keys import CLAIMS_TAG, GUARDED_OP_TAG
-from .resource import RESOURCE_KEY
+from rocky_dagster.resource import RESOURCE_KEY
+from rocky_dagster.step.guard import StepGuard, proceeding_asset_keys
+from rocky_dagster.step.key_inheritance import CLAIMS_PER_ASSET
+from rocky_dagster.step.keys import CLAIMS_TAG, GUARDED_OP_TAG
 
 __all__ = ["AssetKeyFn", "idempotent_multi_asset", "proceeding_asset_keys"]
 

@@ -32,9 +32,9 @@ from dagster import (
     success_hook,
 )
 
-from ._compat import event_list_hook
-from .guard import take_active
-from .ledger import LedgerError, Outcome
+from rocky_dagster._compat import event_list_hook
+from rocky_dagster.ledger import LedgerError, Outcome
+from rocky_dagster.step.guard import take_active
 
 
 def _settle(context: HookContext, outcome: Outcome) -> None:

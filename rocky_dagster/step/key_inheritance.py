@@ -19,9 +19,16 @@ from typing import Any
 
 from dagster import AssetCheckKey, AssetKey, Failure
 
-from . import _compat
-from .keys import CLAIMS_TAG, GUARDED_OP_TAG, KEY_TAG, RUN_KEY_TAG, ResolvedKey, resolve_key
-from .ledger import InvalidArgumentError
+from rocky_dagster import _compat
+from rocky_dagster.ledger import InvalidArgumentError
+from rocky_dagster.step.keys import (
+    CLAIMS_TAG,
+    GUARDED_OP_TAG,
+    KEY_TAG,
+    RUN_KEY_TAG,
+    ResolvedKey,
+    resolve_key,
+)
 
 KeyFn = Callable[..., "str | None"]
 """``key_fn(context) -> key | None``: a user's own base key for the run (None: no opinion); an
@@ -135,7 +142,7 @@ def asset_inputs_key(
     """The key of a guarded asset whose launch carries none, asked only then: what `subject`
     reads (its upstream data versions and code version, and `input_state()`, the state of what
     it reads from outside Dagster); None when it reads nothing known (it runs unguarded)."""
-    from .input_versions import inputs_key
+    from rocky_dagster.step.input_versions import inputs_key
 
     return lambda: inputs_key(
         context, subject, input_state=input_state() if input_state is not None else None

@@ -37,13 +37,13 @@ from dagster import (
     multi_asset_check,
 )
 
-from .guard import KeyFn, StepGuard, running_claim
-from .keys import GUARDED_OP_TAG
-from .ops import idempotent_op
-from .resource import RESOURCE_KEY
+from rocky_dagster.decorators.ops import idempotent_op
+from rocky_dagster.resource import RESOURCE_KEY
+from rocky_dagster.step.guard import KeyFn, StepGuard, running_claim
+from rocky_dagster.step.keys import GUARDED_OP_TAG
 
 if TYPE_CHECKING:
-    from .pipelines import (
+    from rocky_dagster.pipelines import (
         LoadPipeline,
         PipelineResult,
         QualityPipeline,
@@ -139,7 +139,7 @@ def quality_checks(
         required_resource_keys={resource_key},
     )
     def _checks(context) -> Iterator[Any]:
-        from .pipelines import QualityChecksFailed
+        from rocky_dagster.pipelines import QualityChecksFailed
 
         guard = StepGuard(
             context,
@@ -289,7 +289,7 @@ def _typed(pipeline_type: str, config: Any, options: PipelineOpOptions) -> OpDef
 
 
 def _run_quality(context: Any, config: Any) -> Iterator[Any]:
-    from .pipelines import QualityChecksFailed
+    from rocky_dagster.pipelines import QualityChecksFailed
 
     failed: QualityChecksFailed | None = None
     try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from .ledger.model import validate_key
+from rocky_dagster.ledger.model import validate_key
 
 KEY_TAG = "rocky/idempotency_key"
 """Run tag holding the base key. Set by sensors/schedules (guard_run_requests) or by hand; the

@@ -34,11 +34,11 @@ from dagster import (
     op,
 )
 
-from ._compat import optional_out
-from .guard import KeyFn, StepGuard, recorded_outputs
-from .keys import GUARDED_OP_TAG
-from .ledger import Decision
-from .resource import RESOURCE_KEY, IdempotencyLedger
+from rocky_dagster._compat import optional_out
+from rocky_dagster.ledger import Decision
+from rocky_dagster.resource import RESOURCE_KEY, IdempotencyLedger
+from rocky_dagster.step.guard import KeyFn, StepGuard, recorded_outputs
+from rocky_dagster.step.keys import GUARDED_OP_TAG
 
 FingerprintFn = Callable[[Any], "str | None"]
 """``fingerprint_fn(context) -> str | None``: a hash of the work's parameters for the ledger's

@@ -15,11 +15,11 @@ from typing import Any, overload
 
 from dagster import AssetsDefinition, MaterializeResult, Output, asset
 
-from .guard import KeyFn, StepGuard
-from .key_inheritance import CLAIMS_PER_ASSET
-from .keys import CLAIMS_TAG, GUARDED_OP_TAG
-from .ops import FingerprintFn, guarded_signature, present_as
-from .resource import RESOURCE_KEY
+from rocky_dagster.decorators.ops import FingerprintFn, guarded_signature, present_as
+from rocky_dagster.resource import RESOURCE_KEY
+from rocky_dagster.step.guard import KeyFn, StepGuard
+from rocky_dagster.step.key_inheritance import CLAIMS_PER_ASSET
+from rocky_dagster.step.keys import CLAIMS_TAG, GUARDED_OP_TAG
 
 
 @overload

@@ -52,17 +52,8 @@ from dagster import (
     Output,
 )
 
-from . import _compat
-from .backfills import backfill_replay
-from .heartbeat import Heartbeat, StepWatch, Stop
-from .key_inheritance import (
-    KeyFn,
-    job_key_fn,
-    resolve_claim_key,
-    tags_with_inherited_key,
-)
-from .keys import KEY_TAG, KeySource, ResolvedKey, is_forced, resolve_key
-from .ledger import (
+from rocky_dagster import _compat
+from rocky_dagster.ledger import (
     Claim,
     Decision,
     FingerprintMismatchError,
@@ -72,8 +63,18 @@ from .ledger import (
     Outcome,
     State,
 )
-from .ledger.model import encode_result
-from .presentation import (
+from rocky_dagster.ledger.model import encode_result
+from rocky_dagster.resource import RESOURCE_KEY, IdempotencyLedger
+from rocky_dagster.step.backfills import backfill_replay
+from rocky_dagster.step.heartbeat import Heartbeat, StepWatch, Stop
+from rocky_dagster.step.key_inheritance import (
+    KeyFn,
+    job_key_fn,
+    resolve_claim_key,
+    tags_with_inherited_key,
+)
+from rocky_dagster.step.keys import KEY_TAG, KeySource, ResolvedKey, is_forced, resolve_key
+from rocky_dagster.step.presentation import (
     DECISION_KEY,
     FAILED,
     RUN_TAGS,
@@ -84,8 +85,7 @@ from .presentation import (
     replayed_metadata,
     unguarded_message,
 )
-from .reconcile import FINISHED_STATUSES, reconcile_key
-from .resource import RESOURCE_KEY, IdempotencyLedger
+from rocky_dagster.step.reconcile import FINISHED_STATUSES, reconcile_key
 
 __all__ = [
     "UNGUARDED",

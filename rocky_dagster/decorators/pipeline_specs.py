@@ -22,7 +22,7 @@ from typing import Any
 
 from dagster import AssetCheckSpec, AssetKey, AssetSpec
 
-from .pipelines import (
+from rocky_dagster.pipelines import (
     LoadPipeline,
     PipelineConfig,
     QualityPipeline,

@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .ledger.config import MAX_DURATION, describe_validation_error
-from .ledger.errors import LedgerConfigError
+from rocky_dagster.ledger.config import MAX_DURATION, describe_validation_error
+from rocky_dagster.ledger.errors import LedgerConfigError
 
 _MAX_SECONDS = MAX_DURATION.total_seconds()
 
@@ -115,10 +115,10 @@ class RequestBackoff(BaseModel):
 def __getattr__(name: str) -> Any:
     if name == "RetryBackoff":  # the 0.2 name, easily confused with Dagster's RetryPolicy/Backoff
         warnings.warn(
-            "rocky_dagster.backoff.RetryBackoff is now RequestBackoff (from rocky_dagster import "
+            "rocky_dagster.sensors.backoff.RetryBackoff is now RequestBackoff (from rocky_dagster import "
             "RequestBackoff): it paces a sensor's re-requests, not step retries",
             DeprecationWarning,
             stacklevel=2,
         )
         return RequestBackoff
-    raise AttributeError(f"module 'rocky_dagster.backoff' has no attribute {name!r}")
+    raise AttributeError(f"module 'rocky_dagster.sensors.backoff' has no attribute {name!r}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from dagster import DagsterRunStatus
 
-from .ledger import Entry, Ledger, Outcome, State
+from rocky_dagster.ledger import Entry, Ledger, Outcome, State
 
 FINISHED_STATUSES = frozenset(
     {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}

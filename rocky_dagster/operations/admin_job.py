@@ -45,9 +45,8 @@ from dagster import (
 )
 from pydantic import Field
 
-from .keys import FORCE_VALUE, IDEMPOTENCY_TAG
-from .ledger import Entry, InvalidArgumentError, Ledger, LedgerError, State, redact_url
-from .ledger.operations import (
+from rocky_dagster.ledger import Entry, InvalidArgumentError, Ledger, LedgerError, State, redact_url
+from rocky_dagster.ledger.operations import (
     DONE,
     LEFT_ALONE,
     NOT_ATTEMPTED,
@@ -62,9 +61,10 @@ from .ledger.operations import (
     plan,
     select,
 )
-from .reconcile import FINISHED_STATUSES
-from .resource import RESOURCE_KEY, IdempotencyLedger
-from .sensors import ledger_run_status_sensors
+from rocky_dagster.resource import RESOURCE_KEY, IdempotencyLedger
+from rocky_dagster.sensors.run_requests import ledger_run_status_sensors
+from rocky_dagster.step.keys import FORCE_VALUE, IDEMPOTENCY_TAG
+from rocky_dagster.step.reconcile import FINISHED_STATUSES
 
 Action = Literal["list", "release", "reset", "force"]
 
@@ -402,7 +402,7 @@ def ledger_admin_job(*, name: str = DEFAULT_JOB_NAME) -> JobDefinition:
 
             from dagster import Definitions
             from rocky_dagster import IdempotencyLedger
-            from rocky_dagster.admin import ledger_admin_job
+            from rocky_dagster.operations.admin_job import ledger_admin_job
 
             Definitions(jobs=[ledger_admin_job()], resources={"ledger": IdempotencyLedger()})
 
@@ -457,7 +457,7 @@ def ledger_definitions(
 
             from dagster import Definitions
             from rocky_dagster import IdempotencyLedger
-            from rocky_dagster.admin import ledger_definitions
+            from rocky_dagster.operations.admin_job import ledger_definitions
 
             defs = Definitions.merge(
                 Definitions(jobs=[my_job]),

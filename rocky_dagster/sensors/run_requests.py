@@ -28,13 +28,13 @@ from dagster import (
     run_status_sensor,
 )
 
-from .backoff import RequestBackoff
-from .key_inheritance import planned_ledger_keys
-from .keys import KEY_TAG, PARTITION_TAG, attempt_run_key, schedule_key
-from .ledger import Claim, Decision, EventKind, Ledger, LedgerError
-from .presentation import settle_outcome_tag
-from .reconcile import FINISHED_STATUSES, reconcile_run
-from .resource import RESOURCE_KEY, IdempotencyLedger
+from rocky_dagster.ledger import Claim, Decision, EventKind, Ledger, LedgerError
+from rocky_dagster.resource import RESOURCE_KEY, IdempotencyLedger
+from rocky_dagster.sensors.backoff import RequestBackoff
+from rocky_dagster.step.key_inheritance import planned_ledger_keys
+from rocky_dagster.step.keys import KEY_TAG, PARTITION_TAG, attempt_run_key, schedule_key
+from rocky_dagster.step.presentation import settle_outcome_tag
+from rocky_dagster.step.reconcile import FINISHED_STATUSES, reconcile_run
 
 # --- run-status sensors --------------------------------------------------------------------------
 

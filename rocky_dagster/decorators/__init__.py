@@ -1,0 +1,1 @@
+"""The decorators and builders that put a step under the guard."""

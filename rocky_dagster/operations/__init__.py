@@ -1,0 +1,1 @@
+"""Operator actions on the ledger, from the CLI and from the Dagster UI."""

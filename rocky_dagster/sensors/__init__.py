@@ -1,0 +1,1 @@
+"""Sensors and schedules that ask the ledger before they request a run."""

@@ -1,0 +1,1 @@
+"""The guarded step's lifecycle: keys, the one guard, heartbeats, what the UI shows."""

@@ -717,12 +717,17 @@ class StepGuard:
         try:
             self.ledger.release(claim.key, run_id=self.run_id, fence=claim.fence, reason=why)
         except LedgerError as exc:
+            # Left in flight under a run that then succeeded, the claim would be stamped
+            # succeeded by the SUCCESS sensor or the next run's reap: work never done would
+            # count as done. Failing the step lets the FAILURE path settle it instead.
             held.state = ClaimState.UNSETTLED
-            self.op_ctx.log.warning(
-                f"rocky_dagster: could not release ledger key '{claim.key}' ({exc}), which this "
-                "run did not produce; its lease, or the run-status sensor, settles it"
-            )
-            return
+            raise Failure(
+                description=(
+                    f"rocky_dagster: could not release ledger key '{claim.key}', which this run "
+                    f"did not produce ({exc}); the step fails so that its run cannot be taken "
+                    "as having done that work (the run-status sensor or the lease settles it)"
+                ),
+            ) from exc
         held.state = ClaimState.RELEASED
 
     # --- settling ------------------------------------------------------------------------------

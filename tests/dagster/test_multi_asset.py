@@ -219,3 +219,27 @@ def test_a_skip_in_a_backfill_run_replays_the_materialization_so_the_backfill_co
     assert newest.metadata["rocky/decision"].value == "skipped_completed"
     assert newest.metadata["rocky/prior_run_id"].value == first.run_id
     assert newest.tags["dagster/data_version"] == original.tags["dagster/data_version"]
+
+
+def test_an_unproduced_asset_whose_release_fails_fails_the_step_not_counts_as_done(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+):
+    """The body produces `orders` only; releasing `customers` hits a read-only ledger. A run
+    that still succeeded would have its in-flight claim stamped succeeded by the SUCCESS
+    sensor or the next run's reap, so work never done would count as done: the step fails."""
+    path = Path(ledger.url.removeprefix("sqlite:///"))
+
+    @idempotent_multi_asset(specs=SPECS[:2], can_subset=True, name="half")
+    def half(context):
+        yield MaterializeResult(asset_key=AssetKey("orders"), metadata={"rows": 1})
+        path.chmod(0o444)  # after `orders` is emitted, before `customers` is given back
+
+    try:
+        result = _run(instance, [half], "half-1")
+    finally:
+        path.chmod(0o644)
+
+    assert not result.success
+    assert ledger.get("half-1/customers").state != State.SUCCEEDED
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "could not release ledger key 'half-1/customers'" in str(failure.step_failure_data)

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import engines_cluster
 import engines_jobs
 import pytest
-from conftest import Deployment, Launched, new_key
 from dagster import DagsterRunStatus
+from engines_deployment import Deployment, Launched, new_key
 
 from rocky_dagster.ledger import Decision, EventKind, State
 

@@ -480,7 +480,7 @@ def test_automatic_run_retry_proceeds_without_any_run_status_sensor(
     assert retry[KEY_TAG] == key
     assert decision(instance, root_id, "flaky_step") == "proceed"
     assert decision(instance, retry_id, "flaky_step") == "proceed"  # its own, not inherited
-    assert rocky_tags(dagster_dev, root_id) == {KEY_TAG: key, OUTCOME_TAG: "worked"}
+    assert rocky_tags(dagster_dev, root_id) == {KEY_TAG: key, OUTCOME_TAG: "failed"}  # what it was
     assert rocky_tags(dagster_dev, retry_id) == {KEY_TAG: key, OUTCOME_TAG: "worked"}
     assert history(ledger, f"{key}/flaky_step") == [
         ("claimed", root_id),

@@ -65,7 +65,7 @@ from rocky_dagster.ledger import (
 )
 from rocky_dagster.ledger.model import encode_result
 from rocky_dagster.resource import RESOURCE_KEY, IdempotencyLedger
-from rocky_dagster.step.backfills import backfill_replay
+from rocky_dagster.step.backfills import skip_replay
 from rocky_dagster.step.heartbeat import Heartbeat, StepWatch, Stop
 from rocky_dagster.step.key_inheritance import (
     KeyFn,
@@ -485,6 +485,8 @@ class StepGuard:
                 ),
                 metadata={"rocky/ledger_key": key},
             ) from exc
+        if claim.decision == Decision.SKIPPED_IN_FLIGHT and claim.held_by_run_id == self.run_id:
+            raise self._own_attempt_holds(held, claim)
         held.claim = claim
         if claim.should_run and claim.fence is not None:
             held.state = ClaimState.RUNNING
@@ -501,6 +503,29 @@ class StepGuard:
         else:
             held.state = ClaimState.SKIPPED
         self._log_decision(held)
+
+    def _own_attempt_holds(self, held: KeyClaim, claim: Claim) -> Failure:
+        """This run's own earlier attempt of the step holds the key, in a process the ledger
+        cannot check (another container or host): a Celery task or Dask future delivered
+        again after its worker was lost. Skipping would let the run succeed without the work,
+        and the run's success would stamp the key done; working would run it twice if that
+        attempt is alive. So the step fails: a retry whose delay outlasts the lease adopts the
+        claim; without one the run fails and its claim is settled as failed."""
+        return Failure(
+            description=(
+                f"rocky_dagster: ledger key '{held.key}' is held by an earlier attempt of step "
+                f"'{self.step_key}' in this same run, in a process not checkable from here, until "
+                f"at least {claim.lease_expires_at}; "
+                "it may still be working or its worker may be gone, so this attempt neither "
+                "skips nor works: it fails. A RetryPolicy with a delay longer than the "
+                "resource's lease_seconds retries after the lease ends and adopts the claim"
+            ),
+            metadata={
+                "rocky/ledger_key": held.key,
+                "rocky/decision": claim.decision.value,
+            },
+            allow_retries=True,
+        )
 
     def _run_gone_check(self) -> Callable[[], str | None]:
         """The watch thread's test of whether this step's run is gone (see `StepWatch`).
@@ -637,14 +662,21 @@ class StepGuard:
         if downstream and skipped:
             self._observe_downstream(context, [h.asset for h in skipped if h.asset is not None])
 
-    def backfill_replays(self, context: Any) -> Iterator[MaterializeResult]:
-        """In a backfill run, a materialization per skipped asset whose key is done, so the
-        backfill counts it (see `backfills`); nothing elsewhere."""
+    def replays(self, context: Any) -> Iterator[MaterializeResult]:
+        """A materialization per skipped asset whose key is done, replaying the recorded one:
+        in a backfill run (so the backfill counts it) or when the resource says
+        `replay_skips` (so the catalog shows the skip); nothing elsewhere. See `backfills`."""
+        everywhere = bool(getattr(self.resource, "replay_skips", False))
         for held in self.claims:
             if held.should_run or held.asset is None or held.claim is None:
                 continue
-            replay = backfill_replay(
-                context, held.asset, held.resolved.partition, held.decision, self.metadata(held)
+            replay = skip_replay(
+                context,
+                held.asset,
+                held.resolved.partition,
+                held.decision,
+                self.metadata(held),
+                everywhere=everywhere,
             )
             if replay is not None:
                 yield replay

@@ -285,3 +285,33 @@ def test_ledger_job_attaches_no_hooks_unless_asked(instance: DagsterInstance, le
     assert plain.hook_defs == set()
     assert _hook_events(asked) != []  # the same step with the hook asked for does report it
     assert ledger.get("plain/first").state == State.SUCCEEDED  # settled by the step itself
+
+
+def test_a_step_delivered_again_while_its_first_attempt_holds_the_key_fails_not_skips(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    """A Celery task or Dask future delivered again after its worker was lost meets its own
+    run's claim, held by a process the ledger cannot check (another container). Skipping would
+    let the run succeed without the work, and the run's success would stamp the key done: the
+    step fails instead, doing nothing, and the key is still claimable once the run is over."""
+    run_id = "0f0e0d0c-0000-4000-8000-000000000001"
+    ledger._process = lambda: "host:another-container/42"  # type: ignore[attr-defined]
+    held = ledger.claim("redelivered/work", run_id, pipeline="op")
+    assert held.should_run
+
+    again = work_job.execute_in_process(
+        instance=instance,
+        run_id=run_id,
+        tags={KEY_TAG: "redelivered"},
+        run_config=fail_config("work", False),
+        raise_on_error=False,
+    )
+
+    assert not again.success
+    [failure] = [e for e in again.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "held by an earlier attempt of step 'work' in this same run" in str(
+        failure.event_specific_data.error
+    )
+    assert work_log(work_dir) == []
+    entry = ledger.get("redelivered/work")
+    assert entry is not None and entry.state == State.IN_FLIGHT and entry.fence == held.fence

@@ -363,7 +363,9 @@ def test_claim_of_a_worker_in_another_pid_namespace_waits_for_its_lease(
     assert deployment.decisions(second_id) == {"guarded_effect": "skipped_in_flight"}
 
     # the broker hands the dead worker's message to the live worker (what Redis does once the
-    # visibility timeout passes): the same run, from another namespace, does not re-enter
+    # visibility timeout passes): the same run, from another namespace, does not re-enter, and
+    # it does not skip either (the run would succeed without the work, stamping the key): the
+    # delivered-again step fails
     workers.redeliver_unacked(first_id)
     first_again = engines_cluster.wait_for(
         lambda: [
@@ -376,6 +378,18 @@ def test_claim_of_a_worker_in_another_pid_namespace_waits_for_its_lease(
     )
     assert first_again[0].detail is not None
     assert "another live attempt of the same run" in first_again[0].detail
+    failures = engines_cluster.wait_for(
+        lambda: [
+            e
+            for e in deployment.instance.all_logs(first_id)
+            if e.dagster_event is not None and e.dagster_event.event_type_value == "STEP_FAILURE"
+        ],
+        "the re-delivered step to fail",
+        120,
+    )
+    assert "held by an earlier attempt of step 'guarded_effect' in this same run" in str(
+        failures[0].dagster_event.event_specific_data.error
+    )
     entry = deployment.entry(ledger_key)
     assert entry is not None and entry.state == State.IN_FLIGHT and entry.fence == held_fence
     assert deployment.effects(key) == []

@@ -543,16 +543,25 @@ class Ledger(ABC):
             tx.log(EventKind.RELEASED, key, row.run_id, row.fence, reason)
             return True
 
-    def reset(self, key: str, *, reason: str = "reset by an operator") -> bool:
-        """Forget a finalized key so the next claim proceeds; in-flight claims need `release`."""
-        key = validate_key(key)
-        reason = validate_reason(reason)
-        return self._attempt(lambda: self._reset(key, reason))
+    def reset(
+        self, key: str, *, fence: int | None = None, reason: str = "reset by an operator"
+    ) -> bool:
+        """Forget a finalized key so the next claim proceeds; in-flight claims need `release`.
 
-    def _reset(self, key: str, reason: str) -> bool:
+        `fence` guards against forgetting a record that changed since it was looked at (a
+        newer run's success): the reset then does nothing and answers False.
+        """
+        key = validate_key(key)
+        fence = None if fence is None else validate_fence(fence)
+        reason = validate_reason(reason)
+        return self._attempt(lambda: self._reset(key, fence, reason))
+
+    def _reset(self, key: str, fence: int | None, reason: str) -> bool:
         with self.transaction() as tx:
             row = tx.load(key)
             if row is None or row.state == State.IN_FLIGHT:
+                return False
+            if fence is not None and row.fence != fence:
                 return False
             tx.delete(key)
             tx.log(

@@ -306,14 +306,7 @@ def apply(ledger: Ledger, rows: Sequence[Row], *, by: str, reason: str | None) -
         if row.change == "release":
             changed = ledger.release(row.key, run_id=row.run_id, fence=row.fence, reason=text)
         else:
-            # reset has no fence guard of its own: look again right before it
-            current = ledger.get(row.key)
-            changed = (
-                current is not None
-                and current.fence == row.fence
-                and current.state.value == row.state
-                and ledger.reset(row.key, reason=text)
-            )
+            changed = ledger.reset(row.key, fence=row.fence, reason=text)
         if not changed:
             yield replace(row, result=LEFT_ALONE)
             continue

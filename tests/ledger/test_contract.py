@@ -591,6 +591,19 @@ def test_reset_refuses_in_flight_and_missing_keys(ledger: Ledger):
     assert snapshot(ledger, "k") == before
 
 
+def test_reset_with_a_fence_forgets_only_the_record_it_names(ledger: Ledger):
+    """An operator looked at run-1's failure; run-2 succeeded since: a reset fenced on what
+    was looked at leaves run-2's success alone (one transaction, no window between)."""
+    failed = claim_and_finish(ledger, "k", "run-1", Outcome.FAILED)
+    succeeded = claim_and_finish(ledger, "k", "run-2", Outcome.SUCCEEDED)
+    before = snapshot(ledger, "k")
+
+    assert not ledger.reset("k", fence=failed)
+    assert snapshot(ledger, "k") == before
+    assert ledger.reset("k", fence=succeeded)
+    assert ledger.get("k") is None
+
+
 # --- sweep -------------------------------------------------------------------------------------------
 
 

@@ -91,6 +91,20 @@ class IdempotencyLedger(ConfigurableResource):
         ),
     )
 
+    replay_skips: bool = Field(
+        default=False,
+        description=(
+            "True: a skipped asset whose key is done reports a materialization that replays "
+            "the recorded one (no work, same data version, rocky/replay = true, the decision and "
+            "the run that did the work in its metadata), so the asset catalog and the asset "
+            "page show the run that skipped. It is an update to Dagster: eager automation "
+            "downstream reacts to it (and skips in turn, the data version being unchanged). "
+            "False: a skip is an observation, seen in the asset's Events tab, and nothing "
+            "downstream sees an update. Backfill runs replay either way (a backfill counts "
+            "only materializations)."
+        ),
+    )
+
     _ledger: Ledger | None = PrivateAttr(default=None)
 
     @field_validator("url", mode="before")

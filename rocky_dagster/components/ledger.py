@@ -59,6 +59,7 @@ class LedgerSettings(dg.Resolvable, dg.Model):
     on_fingerprint_mismatch: Literal["error", "ignore"] = Field(
         default="error", description=_FIELDS["on_fingerprint_mismatch"].description
     )
+    replay_skips: bool = Field(default=False, description=_FIELDS["replay_skips"].description)
 
     @field_validator("url")
     @classmethod
@@ -80,6 +81,7 @@ class LedgerSettings(dg.Resolvable, dg.Model):
             in_flight_ttl_hours=self.in_flight_ttl_hours,
             lease_seconds=self.lease_seconds,
             on_fingerprint_mismatch=self.on_fingerprint_mismatch,
+            replay_skips=self.replay_skips,
         )
 
 

@@ -82,7 +82,7 @@ def idempotent_asset(
             with guard.lifecycle() as step:
                 if not step.should_run:
                     step.observe_skips(context, downstream=False)
-                    yield from step.backfill_replays(context)
+                    yield from step.replays(context)
                     return
                 result = body(context, **kwargs) if takes_context else body(**kwargs)
                 yield from _emit(context, result, step)

@@ -123,7 +123,7 @@ def idempotent_multi_asset(
             )
             with guard.lifecycle():
                 guard.observe_skips(context)
-                yield from guard.backfill_replays(context)
+                yield from guard.replays(context)
                 proceeding = frozenset(guard.proceeding_keys())
                 if not proceeding:
                     return

@@ -151,7 +151,7 @@ def pipeline_assets(
         )
         with guard.lifecycle():
             guard.observe_skips(context)
-            yield from guard.backfill_replays(context)
+            yield from guard.replays(context)
             proceeding = [tables[key] for key in guard.proceeding_keys()]
             if not proceeding:
                 return

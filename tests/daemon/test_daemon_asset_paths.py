@@ -109,7 +109,7 @@ def replays(records: list[EventLogRecord]) -> list[EventLogRecord]:
     replayed = []
     for record in records:
         flag = record.asset_materialization and record.asset_materialization.metadata.get(
-            "rocky/backfill_replay"
+            "rocky/replay"
         )
         if flag is not None and getattr(flag, "value", None) is True:
             replayed.append(record)

@@ -637,7 +637,7 @@ def test_asset_backfill_twice_materializes_each_partition_once(
     assert len(replayed) == 3  # one replay per day, from the second backfill's runs
     for record in replayed:
         meta = record.asset_materialization.metadata
-        assert meta["rocky/backfill_replay"].value is True
+        assert meta["rocky/replay"].value is True
         assert meta["rocky/decision"].value == "skipped_completed"
     observed = {}
     for run in second:

@@ -28,13 +28,15 @@ def daily_orders(context) -> dict:
 hooked_daily_orders = with_ledger(daily_orders)
 
 
-def _materialize(instance: DagsterInstance, partition: str, tags: dict | None = None):
+def _materialize(
+    instance: DagsterInstance, partition: str, tags: dict | None = None, **resource: bool
+):
     return materialize(
         [hooked_daily_orders],
         partition_key=partition,
         instance=instance,
         tags=tags,
-        resources={"ledger": IdempotencyLedger()},
+        resources={"ledger": IdempotencyLedger(**resource)},
     )
 
 
@@ -119,6 +121,35 @@ def test_a_skip_in_a_backfill_run_replays_the_materialization(
     assert [r.run_id for r in records] == [replay.run_id, first.run_id]
     newest, original = (r.asset_materialization for r in records)
     assert newest.partition == "2024-06-05"
-    assert newest.metadata["rocky/backfill_replay"].value is True
+    assert newest.metadata["rocky/replay"].value is True
     assert newest.metadata["rocky/prior_run_id"].value == first.run_id
     assert newest.tags["dagster/data_version"] == original.tags["dagster/data_version"]
+
+
+def test_replay_skips_makes_every_skip_a_replayed_materialization(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    """With `replay_skips`, a skip outside a backfill re-reports the recorded materialization
+    too (what the catalog renders); a key in flight elsewhere is never replayed."""
+    first = _materialize(instance, "2024-06-06", replay_skips=True)
+    replay = _materialize(instance, "2024-06-06", replay_skips=True)
+    plain = _materialize(instance, "2024-06-06")
+
+    assert first.success and replay.success and plain.success
+    assert [run for _, run in work_log(work_dir)] == [first.run_id]
+    records = instance.fetch_materializations(AssetKey("daily_orders"), limit=10).records
+    assert [r.run_id for r in records] == [replay.run_id, first.run_id]
+    newest, original = (r.asset_materialization for r in records)
+    assert newest.metadata["rocky/replay"].value is True
+    assert newest.metadata["rocky/decision"].value == "skipped_completed"
+    assert newest.metadata["rocky/prior_run_id"].value == first.run_id
+    assert newest.tags["dagster/data_version"] == original.tags["dagster/data_version"]
+    assert _count(instance, "o") == 2  # each skip is observed as well
+
+    ledger.claim("daily_orders/2024-06-07", "someone-else", pipeline="asset")
+    held = _materialize(instance, "2024-06-07", replay_skips=True)
+    assert held.success
+    assert [
+        r.run_id
+        for r in instance.fetch_materializations(AssetKey("daily_orders"), limit=10).records
+    ] == [replay.run_id, first.run_id]

@@ -215,7 +215,7 @@ def test_a_skip_in_a_backfill_run_replays_the_materialization_so_the_backfill_co
     records = instance.fetch_materializations(AssetKey("orders"), limit=10).records
     assert [r.run_id for r in records] == [replay.run_id, first.run_id]
     newest, original = (r.asset_materialization for r in records)
-    assert newest.metadata["rocky/backfill_replay"].value is True
+    assert newest.metadata["rocky/replay"].value is True
     assert newest.metadata["rocky/decision"].value == "skipped_completed"
     assert newest.metadata["rocky/prior_run_id"].value == first.run_id
     assert newest.tags["dagster/data_version"] == original.tags["dagster/data_version"]

@@ -229,7 +229,7 @@ class DagsterServer:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 90.0) -> None:
         """SIGINT the session leader, wait for every process of its session to end.
 
         Whatever is still alive after `timeout` is SIGKILLed by pid and recorded in

@@ -1,6 +1,7 @@
 """A user's own `@idempotent_asset` with an upstream, materialized from the UI's API with no
-tags, on a real `dagster dev`: the second launch skips and says who did the work; the asset page
-and the catalog show the skip (headless Chromium); a failed run's outcome says it failed."""
+tags, on a real `dagster dev`: the second launch skips and says who did the work; with the
+resource's `replay_skips`, the asset page and the catalog show the skip (headless Chromium); a
+failed run's outcome says it failed."""
 
 from __future__ import annotations
 
@@ -39,14 +40,21 @@ def order_summary(context) -> MaterializeResult:
     return MaterializeResult(metadata={"rows": 3})
 
 
+@idempotent_asset(deps=[orders], resource_key="replaying_ledger")
+def order_totals(context) -> MaterializeResult:
+    """Its skips replay the recorded materialization, so the catalog shows them."""
+    return MaterializeResult(metadata={"rows": 2})
+
+
 @idempotent_asset(deps=[orders])
 def broken_summary(context) -> None:
     raise RuntimeError("the warehouse is down")
 
 
 defs = Definitions(
-    assets=[orders, order_summary, broken_summary],
-    resources={"ledger": IdempotencyLedger()},
+    assets=[orders, order_summary, order_totals, broken_summary],
+    # one ledger file (the default under DAGSTER_HOME), two ways of reporting a skip
+    resources={"ledger": IdempotencyLedger(), "replaying_ledger": IdempotencyLedger(replay_skips=True)},
     sensors=ledger_run_status_sensors(minimum_interval_seconds=5),
 )
 '''
@@ -155,9 +163,16 @@ def test_the_asset_page_and_the_catalog_show_the_skip(project: UserProject) -> N
     expect.set_options(timeout=120_000)  # a loaded machine renders the asset page slowly
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     server = project.server
-    skipped = materialize(server, "order_summary")  # the latest launch: a skip
+    worked = materialize(server, "order_totals")
+    finished(server, worked)
+    skipped = materialize(server, "order_totals")  # the latest launch: a skip, replayed
     finished(server, skipped)
-    assert "ASSET_MATERIALIZATION" not in {e.get("eventType") for e in server.logs(skipped)}
+    events = server.logs(skipped)
+    assert server.tags(skipped)[OUTCOME_TAG] == "skipped"
+    assert any(f"already completed in run {worked}" in e.get("message", "") for e in events)
+    skipped_default = materialize(server, "order_summary")  # without replay_skips
+    finished(server, skipped_default)
+    assert "ASSET_MATERIALIZATION" not in {e.get("eventType") for e in server.logs(skipped_default)}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
@@ -165,25 +180,28 @@ def test_the_asset_page_and_the_catalog_show_the_skip(project: UserProject) -> N
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.set_default_timeout(60_000)
-            # The asset page's overview shows the latest *materialization* (and its metadata:
-            # rocky/decision proceed, from the run that did the work); Dagster renders no
-            # observation there for a materializable asset.
-            page.goto(f"{server.url}/assets/order_summary")
-            expect(page.get_by_text("rocky/ledger_key").first).to_be_visible()
-            page.screenshot(path=str(ARTIFACTS / "asset_page_overview.png"), full_page=True)
+            # The asset page's overview shows the latest materialization: the skip's replay,
+            # with the decision, the run that did the work, and rocky/replay.
+            page.goto(f"{server.url}/assets/order_totals")
+            expect(page.get_by_text("skipped_completed").first).to_be_visible()
+            expect(page.get_by_text("rocky/replay", exact=True).first).to_be_visible()
+            expect(page.get_by_text(worked).first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "asset_page_overview_skip.png"), full_page=True)
 
-            # Its Events tab: the newest event is the skip's observation, selected, with the
-            # decision and a link to the run that did the work.
+            # The catalog: order_totals' status links to the run that skipped (the replay is its
+            # latest materialization); order_summary's to the run that did the work.
+            page.goto(f"{server.url}/assets")
+            expect(page.get_by_role("link", name="order_totals").first).to_be_visible()
+            expect(page.get_by_text(re.compile(r"^Loading"))).to_have_count(0)
+            expect(page.locator(f'a[href*="{skipped}"]').first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "asset_catalog_skip.png"), full_page=True)
+
+            # Without replay_skips, the skip is in the asset's Events tab: the newest event is
+            # its observation, with the decision and the run that did the work.
             page.goto(f"{server.url}/assets/order_summary?view=events")
             expect(page.get_by_text("skipped_completed").first).to_be_visible()
             expect(page.get_by_text("rocky/prior_run_id").first).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "asset_page_events_skip.png"), full_page=True)
-
-            # The catalog: its status is the latest materialization's.
-            page.goto(f"{server.url}/assets")
-            expect(page.get_by_role("link", name="order_summary").first).to_be_visible()
-            expect(page.get_by_text(re.compile(r"^Loading"))).to_have_count(0)
-            page.screenshot(path=str(ARTIFACTS / "asset_catalog.png"), full_page=True)
 
             # The runs list, filtered on the outcome tag: the skipped run is there, tagged.
             page.goto(f"{server.url}/runs?q%5B0%5D=tag%3Arocky%2Foutcome%3Dskipped")

@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     "IdempotencyLedgerComponent": ".components",
     "PipelinesComponent": ".components",
     # effects written once, and the run tags
-    "exactly_once": ".pipelines",
+    "exactly_once": ".effects",
     "KEY_TAG": ".step.keys",
     "IDEMPOTENCY_TAG": ".step.keys",
     "FORCE_VALUE": ".step.keys",
@@ -100,14 +100,14 @@ if TYPE_CHECKING:
     from .decorators.ops import (
         idempotent_op as idempotent_op,
     )
+    from .effects import (
+        exactly_once as exactly_once,
+    )
     from .operations.admin_job import (
         ledger_admin_job as ledger_admin_job,
     )
     from .operations.admin_job import (
         ledger_definitions as ledger_definitions,
-    )
-    from .pipelines import (
-        exactly_once as exactly_once,
     )
     from .resource import (
         IdempotencyLedger as IdempotencyLedger,

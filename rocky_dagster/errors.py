@@ -41,13 +41,13 @@ _EXPORTS: dict[str, str] = {
     "LedgerSchemaError": ".ledger.errors",
     "LedgerCorruptError": ".ledger.errors",
     "OperationRefused": ".ledger.operations",
-    # the pipelines
-    "PipelineError": ".pipelines.errors",
+    # the pipelines (PipelineError and the claim errors are raised by the effects too)
+    "PipelineError": ".effects.errors",
     "PipelineConfigError": ".pipelines.errors",
     "SchemaConflictError": ".pipelines.errors",
     "ModelGraphError": ".pipelines.errors",
-    "FenceLostError": ".pipelines.errors",
-    "ClaimRefusedError": ".pipelines.errors",
+    "FenceLostError": ".effects.errors",
+    "ClaimRefusedError": ".effects.errors",
     "KeyChangeError": ".pipelines.errors",
     "ViewValidationError": ".pipelines.errors",
     "WarehouseError": ".pipelines.errors",
@@ -73,6 +73,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from rocky_dagster.effects.errors import ClaimRefusedError as ClaimRefusedError
+    from rocky_dagster.effects.errors import FenceLostError as FenceLostError
+    from rocky_dagster.effects.errors import PipelineError as PipelineError
     from rocky_dagster.ledger.errors import FingerprintMismatchError as FingerprintMismatchError
     from rocky_dagster.ledger.errors import InvalidArgumentError as InvalidArgumentError
     from rocky_dagster.ledger.errors import InvalidKeyError as InvalidKeyError
@@ -83,13 +86,10 @@ if TYPE_CHECKING:
     from rocky_dagster.ledger.errors import LedgerSchemaError as LedgerSchemaError
     from rocky_dagster.ledger.errors import LedgerUnavailableError as LedgerUnavailableError
     from rocky_dagster.ledger.operations import OperationRefused as OperationRefused
-    from rocky_dagster.pipelines.errors import ClaimRefusedError as ClaimRefusedError
-    from rocky_dagster.pipelines.errors import FenceLostError as FenceLostError
     from rocky_dagster.pipelines.errors import KeyChangeError as KeyChangeError
     from rocky_dagster.pipelines.errors import LoadError as LoadError
     from rocky_dagster.pipelines.errors import ModelGraphError as ModelGraphError
     from rocky_dagster.pipelines.errors import PipelineConfigError as PipelineConfigError
-    from rocky_dagster.pipelines.errors import PipelineError as PipelineError
     from rocky_dagster.pipelines.errors import QualityChecksFailed as QualityChecksFailed
     from rocky_dagster.pipelines.errors import SchemaConflictError as SchemaConflictError
     from rocky_dagster.pipelines.errors import ViewValidationError as ViewValidationError

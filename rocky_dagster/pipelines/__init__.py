@@ -19,14 +19,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from rocky_dagster.effects import EFFECTS, EffectClaim, EffectScope, exactly_once, read_marker
 from rocky_dagster.pipelines.base import PipelineConfig, connect_warehouse
-from rocky_dagster.pipelines.effects import (
-    EFFECTS,
-    EffectClaim,
-    EffectScope,
-    exactly_once,
-    read_marker,
-)
 from rocky_dagster.pipelines.errors import (
     ClaimRefusedError,
     FenceLostError,

@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlite_utils import Database
 
-from .effects import EffectClaim
+from ..effects import Effect, EffectClaim
+from ..effects import sqlite as effects_sqlite
 from .errors import PipelineConfigError, PipelineError, WarehouseError
 from .results import PipelineResult
 from .sql import INTERNAL_PREFIX
@@ -164,6 +165,10 @@ class PipelineConfig(BaseModel):
         commit together with the claim's effect marker: exactly once per key generation."""
         raise NotImplementedError
 
+    def _effect(self, claim: EffectClaim | None) -> PipelineEffect:
+        """The run's effect bookkeeping: checks `claim` now, before the run does any work."""
+        return PipelineEffect(claim, self.pipeline_type)
+
     @contextmanager
     def _session(self) -> Iterator[tuple[sqlite3.Connection, Database]]:
         """Warehouse connection for one run, wrapped for sqlite-utils, closed at the end."""
@@ -179,6 +184,27 @@ class PipelineConfig(BaseModel):
                 yield conn, db
         finally:
             conn.close()
+
+
+class PipelineEffect(Effect):
+    """A pipeline run's effect on its SQLite warehouse, whose recorded result is the run's
+    PipelineResult (the effects know no pipeline types, so the pipelines add that here)."""
+
+    def begin(self, conn: sqlite3.Connection) -> PipelineResult | None:
+        """Call first inside the write transaction: the recorded PipelineResult, marked
+        already_applied, when this generation's work is committed; else None. FenceLostError
+        when a later holder or a newer generation committed it."""
+        marker = effects_sqlite.applied(conn, self)
+        if marker is None:
+            return None
+        recorded = PipelineResult.model_validate_json(marker.result_json)
+        recorded.already_applied = True
+        return recorded
+
+    def commit(self, conn: sqlite3.Connection, result: PipelineResult) -> None:
+        """Call last inside the run's write transaction: the marker commits with the writes."""
+        summary = json.dumps(result.summary(), sort_keys=True)
+        effects_sqlite.record(conn, self, result.model_dump_json(), summary)
 
 
 def read_yaml_mapping(path_or_text: str | Path) -> dict[str, Any]:

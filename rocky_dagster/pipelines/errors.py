@@ -3,79 +3,32 @@
 
 An error carries where it happened (`pipeline`, `table`, `path`, `line`) as attributes and in
 its message, so an operator reading a failed step sees what to fix without a traceback.
+`PipelineError` and the claim errors are defined in `rocky_dagster.effects.errors` (the effects,
+which the pipelines build on, raise them too) and exported here as well.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..errors import RockyDagsterError
+from ..effects.errors import ClaimRefusedError, FenceLostError, PipelineError
 
 if TYPE_CHECKING:
     from .results import PipelineResult
 
-
-class PipelineError(RockyDagsterError):
-    """A pipeline run failed; the warehouse was left as it was before the run (a
-    `RockyDagsterError`).
-
-    `pipeline` is the pipeline type, `table` the warehouse table (or view, or model) and
-    `path` / `line` the input file and line, each None where there is none.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        pipeline: str | None = None,
-        table: str | None = None,
-        path: str | None = None,
-        line: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.pipeline = pipeline
-        self.table = table
-        self.path = path
-        self.line = line
-
-    def locate(
-        self,
-        *,
-        pipeline: str | None = None,
-        table: str | None = None,
-        path: str | None = None,
-        line: int | None = None,
-    ) -> PipelineError:
-        """Fill in the place fields that are still unknown (inner frames know more)."""
-        self.pipeline = self.pipeline or pipeline
-        self.table = self.table or table
-        self.path = self.path or path
-        self.line = self.line if self.line is not None else line
-        return self
-
-    def __str__(self) -> str:
-        where = []
-        if self.pipeline:
-            where.append(f"{self.pipeline} pipeline")
-        if self.table and f"{self.table!r}" not in self.message:
-            where.append(f"table {self.table!r}")
-        if self.path and self.path not in self.message:
-            where.append(self.path if self.line is None else f"{self.path}, line {self.line}")
-        elif self.line is not None and f"line {self.line}" not in self.message:
-            where.append(f"line {self.line}")
-        return ": ".join([*where, self.message])
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # keyword-only fields survive pickling (Dagster and multiprocessing pickle errors)
-        return (_rebuild, (type(self), self.message, self.__dict__.copy()))
-
-
-def _rebuild(cls: type[PipelineError], message: str, state: dict[str, Any]) -> PipelineError:
-    error = cls.__new__(cls)
-    Exception.__init__(error, message)
-    error.__dict__.update(state)
-    return error
+__all__ = [
+    "ClaimRefusedError",
+    "FenceLostError",
+    "KeyChangeError",
+    "LoadError",
+    "ModelGraphError",
+    "PipelineConfigError",
+    "PipelineError",
+    "QualityChecksFailed",
+    "SchemaConflictError",
+    "ViewValidationError",
+    "WarehouseError",
+]
 
 
 class PipelineConfigError(PipelineError, ValueError):
@@ -88,16 +41,6 @@ class SchemaConflictError(PipelineError):
 
 class ModelGraphError(PipelineError):
     """SQL models form a cycle or reference a table that neither a model nor the warehouse has."""
-
-
-class FenceLostError(PipelineError):
-    """A later holder of this claim's key generation already committed the work, or a newer
-    generation did: this holder lost its claim, and its run wrote nothing."""
-
-
-class ClaimRefusedError(PipelineError):
-    """The claim passed to `run(claim=...)` does not allow running (should_run is false, or it
-    lacks an integer fence / generation)."""
 
 
 class KeyChangeError(PipelineError):

@@ -24,9 +24,9 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import Field, field_validator, model_validator
 from sqlite_utils import Database
 
+from ..effects import EffectClaim
 from . import fileformats as ff
 from .base import PipelineConfig, check_identifier, failure_context, write_transaction
-from .effects import Effect, EffectClaim
 from .errors import LoadError, PipelineError
 from .results import FileRecord, PipelineResult, TableStats, utcnow
 from .sql import affinity, object_type, qi, table_columns
@@ -122,7 +122,7 @@ class LoadPipeline(PipelineConfig):
 
     def run(self, *, claim: EffectClaim | None = None) -> PipelineResult:
         """Load new files in one transaction; a bad row anywhere leaves the warehouse as it was."""
-        effect = Effect(claim, self.pipeline_type)
+        effect = self._effect(claim)
         directory = Path(self.directory)
         if not directory.is_dir():
             raise PipelineError(

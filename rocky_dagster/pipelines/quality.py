@@ -16,8 +16,8 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..effects import EffectClaim
 from .base import PipelineConfig, as_list, write_transaction
-from .effects import Effect, EffectClaim
 from .errors import PipelineError, QualityChecksFailed
 from .results import CheckResult, PipelineResult, Severity, utcnow
 from .sql import fetch_dicts, qi, table_columns
@@ -363,7 +363,7 @@ class QualityPipeline(PipelineConfig):
         Checks write nothing, so with a `claim` the effect marker is all that is committed:
         it records a passing result once per key generation (a failing run records nothing).
         """
-        effect = Effect(claim, self.pipeline_type)
+        effect = self._effect(claim)
         if not Path(self.warehouse).is_file():  # checking must not create an empty warehouse
             raise PipelineError(
                 f"warehouse: {self.warehouse!r} does not exist; run the pipelines that fill "

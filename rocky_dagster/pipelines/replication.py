@@ -19,8 +19,8 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlite_utils import Database
 
+from ..effects import EffectClaim
 from .base import PipelineConfig, as_list, check_identifier, failure_context, write_transaction
-from .effects import Effect, EffectClaim
 from .errors import KeyChangeError, PipelineError
 from .results import PipelineResult, TableStats, utcnow
 from .sql import (
@@ -136,7 +136,7 @@ class ReplicationPipeline(PipelineConfig):
 
     def run(self, *, claim: EffectClaim | None = None) -> PipelineResult:
         """Replicate every selected table in one transaction; a failure changes nothing."""
-        effect = Effect(claim, self.pipeline_type)
+        effect = self._effect(claim)
         source = Path(self.source)
         if not source.is_file():
             raise PipelineError(

@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
+from ..effects import EffectClaim
 from .base import PipelineConfig, as_list, check_identifier, failure_context, write_transaction
-from .effects import Effect, EffectClaim
 from .errors import PipelineError
 from .results import PipelineResult, TableStats, utcnow
 from .sql import (
@@ -99,7 +99,7 @@ class SnapshotPipeline(PipelineConfig):
     ) -> PipelineResult:
         """Apply one snapshot step in one transaction. `now` stamps check-strategy versions
         and invalidations (default: current UTC time)."""
-        effect = Effect(claim, self.pipeline_type)
+        effect = self._effect(claim)
         moment = (now or utcnow()).astimezone(UTC).isoformat()
         result = PipelineResult(pipeline_type=self.pipeline_type)
         with self._session() as (conn, _db), write_transaction(conn):

@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
+from ..effects import EffectClaim
 from .base import PipelineConfig, as_list, check_identifier, failure_context, write_transaction
-from .effects import Effect, EffectClaim
 from .errors import ModelGraphError, PipelineError, ViewValidationError
 from .results import PipelineResult, TableStats
 from .sql import broken_views, count_rows, object_type, qi, same_rows, table_columns
@@ -94,7 +94,7 @@ class TransformationPipeline(PipelineConfig):
 
     def run(self, *, claim: EffectClaim | None = None) -> PipelineResult:
         """Materialize the selected models in one transaction; a failure changes nothing."""
-        effect = Effect(claim, self.pipeline_type)
+        effect = self._effect(claim)
         models = self.models()
         chosen = self.selected_models()
         result = PipelineResult(pipeline_type=self.pipeline_type)

@@ -32,7 +32,7 @@ from dagster import (
 )
 
 from rocky_dagster import IdempotencyLedger, idempotent_op, ledger_hooks, ledger_job
-from rocky_dagster.pipelines.effects import exactly_once
+from rocky_dagster.effects import exactly_once
 from rocky_dagster.step.guard import running_claim
 
 HERE = Path(__file__).resolve().parent

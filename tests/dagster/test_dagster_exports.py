@@ -69,7 +69,8 @@ def test_every_error_has_one_root_and_imports_from_rocky_dagster_errors() -> Non
     errors_module = importlib.import_module("rocky_dagster.errors")
     root = errors_module.RockyDagsterError
     found: set[type] = set()
-    for module in ("rocky_dagster.ledger", "rocky_dagster.pipelines", "rocky_dagster.errors"):
+    modules = ("rocky_dagster.ledger", "rocky_dagster.effects", "rocky_dagster.pipelines")
+    for module in (*modules, "rocky_dagster.errors"):
         mod = importlib.import_module(module)
         for name in dir(mod):
             value = getattr(mod, name)

@@ -12,8 +12,9 @@ from dagster import DagsterInstance, job
 
 from rocky_dagster import IdempotencyLedger
 from rocky_dagster.decorators.pipeline_ops import load_op
+from rocky_dagster.effects import EFFECTS
 from rocky_dagster.ledger import Decision, Ledger, State, open_ledger
-from rocky_dagster.pipelines import EFFECTS, LoadPipeline
+from rocky_dagster.pipelines import LoadPipeline
 from rocky_dagster.step.keys import KEY_TAG
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rocky_dagster.pipelines import PipelineError, load, pipeline_from_dict
-from rocky_dagster.pipelines.effects import Effect
+from rocky_dagster.pipelines.base import PipelineEffect
 
 BARRIER_TIMEOUT_SECONDS = 120
 
@@ -41,7 +41,7 @@ class Holder:
 
 def _install_barrier(directory: Path, run_id: str) -> None:
     """Announce the write transaction and hold it open before commit (test seams only)."""
-    enter, commit = load.write_transaction, Effect.commit
+    enter, commit = load.write_transaction, PipelineEffect.commit
 
     @contextmanager
     def announced(conn: Any) -> Iterator[None]:
@@ -49,7 +49,7 @@ def _install_barrier(directory: Path, run_id: str) -> None:
         with enter(conn):
             yield
 
-    def held(self: Effect, conn: Any, result: Any) -> None:
+    def held(self: PipelineEffect, conn: Any, result: Any) -> None:
         (directory / f"{run_id}.holding").touch()
         deadline = time.monotonic() + BARRIER_TIMEOUT_SECONDS
         while not (directory / f"{run_id}.release").exists():
@@ -59,7 +59,7 @@ def _install_barrier(directory: Path, run_id: str) -> None:
         commit(self, conn, result)
 
     load.write_transaction = announced  # type: ignore[assignment]
-    Effect.commit = held  # type: ignore[method-assign]
+    PipelineEffect.commit = held  # type: ignore[method-assign]
 
 
 def main() -> int:

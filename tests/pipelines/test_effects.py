@@ -18,18 +18,15 @@ import pytest
 from effect_worker import Holder
 from pipeline_helpers import dump, execute, query
 
+from rocky_dagster.effects import EFFECTS, EffectClaim, exactly_once, read_marker
 from rocky_dagster.pipelines import (
-    EFFECTS,
     ClaimRefusedError,
-    EffectClaim,
     FenceLostError,
     LoadError,
     PipelineConfig,
     PipelineError,
     QualityChecksFailed,
-    exactly_once,
     pipeline_from_dict,
-    read_marker,
 )
 
 WORKER = Path(__file__).with_name("effect_worker.py")
@@ -461,3 +458,16 @@ def test_a_real_ledger_claim_is_accepted_once_it_carries_a_generation(tmp_path: 
     else:
         assert not pipeline.run(claim=answer).already_applied  # type: ignore[arg-type]
         assert pipeline.run(claim=answer).already_applied  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("module", ["rocky_dagster.effects", "rocky_dagster.effects.postgres"])
+def test_the_effects_import_neither_the_pipelines_nor_dagster(module: str) -> None:
+    """The effects sit beneath the pipelines: importing them (in a fresh interpreter, so no
+    cycle can hide) loads no pipeline module and no Dagster, and psycopg only with postgres."""
+    code = (
+        f"import sys, {module}; "
+        "print([m for m in sys.modules if m.startswith(('rocky_dagster.pipelines', 'dagster'))], "
+        "'psycopg' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", str(module.endswith(".postgres"))]

@@ -26,6 +26,7 @@ import pytest
 from pg_server import TEST_DATABASE, PostgresServer
 
 from rocky_dagster import exactly_once
+from rocky_dagster.effects.postgres import read_pg_marker
 from rocky_dagster.ledger import (
     Decision,
     InvalidArgumentError,
@@ -35,7 +36,6 @@ from rocky_dagster.ledger import (
 )
 from rocky_dagster.ledger.postgres import PostgresLedger
 from rocky_dagster.pipelines import FenceLostError, PipelineError
-from rocky_dagster.pipelines.effects_pg import read_pg_marker
 
 REPO = Path(__file__).resolve().parents[2]
 _count = iter(range(1, 10_000))

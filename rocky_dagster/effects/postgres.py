@@ -1,5 +1,5 @@
-"""`exactly_once` on a PostgreSQL connection (psycopg 3). Imported only when one is passed, so
-psycopg stays optional.
+"""`exactly_once` on a PostgreSQL connection (psycopg 3). The package imports this module only
+when one is passed, so psycopg stays optional; it is the only module that imports psycopg.
 
 The marker table is `<schema>._rocky_effects`, created (in a transaction of its own, before
 the run's) when missing. The run's transaction first makes sure the key has a row, inserting
@@ -21,7 +21,7 @@ import psycopg.errors
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from .effects import EFFECTS, Effect, EffectScope, Marker, encode_effect_result
+from .core import EFFECTS, Effect, EffectScope, Marker, encode_effect_result
 from .errors import FenceLostError, PipelineError
 
 _COLUMNS = "key, generation, fence, run_id, pipeline_type, result_json, summary_json, applied_at"
@@ -31,6 +31,8 @@ _COLUMNS = "key, generation, fence, run_id, pipeline_type, result_json, summary_
 def postgres_once(
     conn: psycopg.Connection[Any], effect: Effect, *, schema: str | None, ledger: Any
 ) -> Iterator[EffectScope]:
+    """`exactly_once` on a psycopg connection: the body, the locked marker row and (with
+    `ledger=`) the ledger's stamp in one transaction."""
     if conn.closed:
         raise PipelineError("exactly_once: the connection is closed")
     status = conn.info.transaction_status

@@ -60,6 +60,20 @@ class FailConfig(Config):
     fail: bool = False
 
 
+def assert_replayed(instance: Any, asset: str, replay_run: str, first_run: str) -> None:
+    """The asset's newest materialization replays the first run's: no work, the skip's
+    decision and the run that did the work in its metadata, the same data version."""
+    from dagster import AssetKey
+
+    records = instance.fetch_materializations(AssetKey(asset), limit=10).records
+    assert [r.run_id for r in records] == [replay_run, first_run]
+    newest, original = (r.asset_materialization for r in records)
+    assert newest.metadata["rocky/replay"].value is True
+    assert newest.metadata["rocky/decision"].value == "skipped_completed"
+    assert newest.metadata["rocky/prior_run_id"].value == first_run
+    assert newest.tags["dagster/data_version"] == original.tags["dagster/data_version"]
+
+
 def fail_config(op_name: str, fail: bool) -> dict[str, Any]:
     return {"ops": {op_name: {"config": {"fail": fail}}}}
 

@@ -10,7 +10,7 @@ from dagster import (
     DailyPartitionsDefinition,
     materialize,
 )
-from dagster_layer_jobs import did_work, work_log
+from dagster_layer_jobs import assert_replayed, did_work, work_log
 
 from rocky_dagster import IdempotencyLedger, idempotent_asset, with_ledger
 from rocky_dagster.ledger import Ledger, State
@@ -117,13 +117,9 @@ def test_a_skip_in_a_backfill_run_replays_the_materialization(
 
     assert first.success and replay.success
     assert [run for _, run in work_log(work_dir)] == [first.run_id]
-    records = instance.fetch_materializations(AssetKey("daily_orders"), limit=10).records
-    assert [r.run_id for r in records] == [replay.run_id, first.run_id]
-    newest, original = (r.asset_materialization for r in records)
-    assert newest.partition == "2024-06-05"
-    assert newest.metadata["rocky/replay"].value is True
-    assert newest.metadata["rocky/prior_run_id"].value == first.run_id
-    assert newest.tags["dagster/data_version"] == original.tags["dagster/data_version"]
+    assert_replayed(instance, "daily_orders", replay.run_id, first.run_id)
+    [newest, _] = instance.fetch_materializations(AssetKey("daily_orders"), limit=10).records
+    assert newest.asset_materialization.partition == "2024-06-05"
 
 
 def test_replay_skips_makes_every_skip_a_replayed_materialization(
@@ -137,13 +133,7 @@ def test_replay_skips_makes_every_skip_a_replayed_materialization(
 
     assert first.success and replay.success and plain.success
     assert [run for _, run in work_log(work_dir)] == [first.run_id]
-    records = instance.fetch_materializations(AssetKey("daily_orders"), limit=10).records
-    assert [r.run_id for r in records] == [replay.run_id, first.run_id]
-    newest, original = (r.asset_materialization for r in records)
-    assert newest.metadata["rocky/replay"].value is True
-    assert newest.metadata["rocky/decision"].value == "skipped_completed"
-    assert newest.metadata["rocky/prior_run_id"].value == first.run_id
-    assert newest.tags["dagster/data_version"] == original.tags["dagster/data_version"]
+    assert_replayed(instance, "daily_orders", replay.run_id, first.run_id)
     assert _count(instance, "o") == 2  # each skip is observed as well
 
     ledger.claim("daily_orders/2024-06-07", "someone-else", pipeline="asset")

@@ -14,7 +14,7 @@ from dagster import (
     MaterializeResult,
     materialize,
 )
-from dagster_layer_jobs import did_work, work_log
+from dagster_layer_jobs import assert_replayed, did_work, work_log
 
 from rocky_dagster import (
     IdempotencyLedger,
@@ -212,13 +212,7 @@ def test_a_skip_in_a_backfill_run_replays_the_materialization_so_the_backfill_co
     replay = run({"dagster/backfill": "bf1"})
 
     assert len(_worked(work_dir)) == 2  # orders and customers, once, by the first run
-    records = instance.fetch_materializations(AssetKey("orders"), limit=10).records
-    assert [r.run_id for r in records] == [replay.run_id, first.run_id]
-    newest, original = (r.asset_materialization for r in records)
-    assert newest.metadata["rocky/replay"].value is True
-    assert newest.metadata["rocky/decision"].value == "skipped_completed"
-    assert newest.metadata["rocky/prior_run_id"].value == first.run_id
-    assert newest.tags["dagster/data_version"] == original.tags["dagster/data_version"]
+    assert_replayed(instance, "orders", replay.run_id, first.run_id)
 
 
 def test_an_unproduced_asset_whose_release_fails_fails_the_step_not_counts_as_done(

@@ -219,7 +219,9 @@ class _RunTagWriter:
                     self._seen.clear()
                 written = current.get(OUTCOME_TAG)
                 copied = run.parent_run_id is not None  # its tags may be its parent's
-                seen = self._seen[run_id] = set() if copied else set(_SEED.get(written, ()))
+                seen = self._seen[run_id] = (
+                    set() if copied or written is None else _recorded(op_ctx, run_id, written)
+                )
             else:
                 written = outcome_of(seen)
             seen.add(decision)
@@ -245,6 +247,24 @@ _SEED: dict[str | None, tuple[str, ...]] = {
 """Decisions standing for a summary already on the run (written by another step process)."""
 
 RUN_TAGS = _RunTagWriter()
+
+
+def _recorded(op_ctx: Any, run_id: str, written: str) -> set[str]:
+    """The decisions this run's steps have recorded so far, standing for a ``rocky/outcome``
+    already on the run: another step process wrote it, or the launch copied it from another
+    run (the Launchpad copies tags), and only this run's event log tells which."""
+    try:
+        seen = set(step_decisions(op_ctx.instance, run_id).values())
+        failures = op_ctx.instance.get_records_for_run(
+            run_id, of_type=DagsterEventType.STEP_FAILURE, limit=1
+        ).records
+        if written == FAILED and failures:
+            seen.add(FAILED)
+        return seen
+    except Exception as exc:  # tags are for people: never fail the work over them
+        op_ctx.log.warning(f"rocky_dagster: could not read run {run_id}'s decisions: {exc}")
+        return set(_SEED.get(written, ()))
+
 
 _FINISHED_AS = {"FAILURE": FAILED, "CANCELED": CANCELED}
 """A finished run's status that names its outcome, whatever its steps decided."""

@@ -315,3 +315,22 @@ def test_a_step_delivered_again_while_its_first_attempt_holds_the_key_fails_not_
     assert work_log(work_dir) == []
     entry = ledger.get("redelivered/work")
     assert entry is not None and entry.state == State.IN_FLIGHT and entry.fence == held.fence
+
+
+def test_a_launch_with_tags_copied_from_a_failed_run_says_what_it_did(
+    instance: DagsterInstance, ledger: Ledger, work_dir: Path
+) -> None:
+    """The Launchpad copies a run's tags into a new launch (no parent run): its own outcome
+    replaces the copied `rocky/outcome`, in the step, with no sensor."""
+    copied = {KEY_TAG: "copied-1", OUTCOME_TAG: "failed"}
+    result = work_job.execute_in_process(
+        instance=instance, tags=copied, run_config=fail_config("work", False)
+    )
+    assert result.success
+    assert instance.get_run_by_id(result.run_id).tags[OUTCOME_TAG] == "worked"
+    again = work_job.execute_in_process(
+        instance=instance,
+        tags={KEY_TAG: "copied-1", OUTCOME_TAG: "worked"},
+        run_config=fail_config("work", False),
+    )
+    assert instance.get_run_by_id(again.run_id).tags[OUTCOME_TAG] == "skipped"

@@ -301,18 +301,18 @@ class SQLiteBench(BenchBackend):
             f"""WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :rows)
                 INSERT INTO {ENTRIES} (key, state, run_id, fence, pipeline, fingerprint,
                     claimed_at, heartbeat_at, lease_expires_at, finalized_at, expires_at,
-                    dedup_on, result, prior_run_id)
+                    dedup_on, result, prior_run_id, last_event)
                 SELECT printf('job/%08d', i), 'succeeded', printf('run-%06d', i / 10), i,
                     'bench', NULL, :claimed, :claimed, :claimed, :claimed, :expires, 'success',
-                    '{{"rows":1}}', NULL FROM n""",
+                    '{{"rows":1}}', NULL, 2 * i FROM n""",
             {"rows": rows, "claimed": claimed, "expires": expires},
         )
         conn.execute(
             f"""WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :rows)
-                INSERT INTO {EVENTS} (key, kind, run_id, fence, at, detail)
-                SELECT printf('job/%08d', (i + 1) / 2), CASE i % 2 WHEN 1 THEN 'claimed'
+                INSERT INTO {EVENTS} (id, key, kind, run_id, fence, at, detail, prev_id)
+                SELECT i, printf('job/%08d', (i + 1) / 2), CASE i % 2 WHEN 1 THEN 'claimed'
                     ELSE 'succeeded' END, printf('run-%06d', (i + 1) / 20), (i + 1) / 2,
-                    :claimed, NULL
+                    :claimed, NULL, CASE i % 2 WHEN 0 THEN i - 1 END
                 FROM n""",
             {"rows": 2 * rows, "claimed": claimed},
         )

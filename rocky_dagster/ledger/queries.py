@@ -70,6 +70,11 @@ def prefix_bounds(prefix: str) -> tuple[str, str | None]:
     return prefix, stem[:-1] + chr(last)
 
 
+def history_limit(value: object) -> int:
+    """`history`'s `limit`, checked."""
+    return _limit(value, "limit")
+
+
 def _limit(value: object, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidArgumentError(f"{field} must be a non-negative integer, got {value!r}")

@@ -632,6 +632,25 @@ def test_sweep_removes_only_what_retention_no_longer_covers(ledger: Ledger, cloc
     assert len(swept) == 1 and swept[0].run_id == "run-1"
 
 
+def test_sweep_takes_an_entry_at_the_microsecond_its_retention_ends(
+    ledger: Ledger, clock: FakeClock
+):
+    """Expiries inside one second (SQLite's index knows whole seconds; the row decides)."""
+    clock.now = clock.now.replace(microsecond=500_000)
+    claim_and_finish(ledger, "early", "run-1", Outcome.SUCCEEDED)
+    clock.advance(microseconds=2)
+    claim_and_finish(ledger, "late", "run-1", Outcome.FAILED)
+    clock.advance(microseconds=-2)
+    clock.now += RETENTION - TICK
+    assert ledger.sweep() == 0
+    clock.advance(microseconds=1)
+    assert ledger.sweep() == 1 and ledger.get("early") is None
+    clock.advance(microseconds=1)
+    assert ledger.sweep() == 0 and ledger.get("late") is not None
+    clock.advance(microseconds=1)
+    assert ledger.sweep() == 1 and ledger.get("late") is None
+
+
 def test_sweep_trims_events_older_than_retention(ledger: Ledger, clock: FakeClock):
     claim_and_finish(ledger, "k", "run-1", Outcome.FAILED)
     clock.advance(hours=23)
@@ -642,6 +661,53 @@ def test_sweep_trims_events_older_than_retention(ledger: Ledger, clock: FakeCloc
 
     assert kinds(ledger, "k") == ["claimed", "succeeded"]  # run-1's day-old events are gone
     assert [e.run_id for e in ledger.history("k")] == ["run-2", "run-2"]
+
+
+def test_a_keys_history_outlives_its_entry_and_continues_when_it_is_claimed_again(
+    make_ledger: MakeLedger, clock: FakeClock
+):
+    """Sweep forgets the entry, not the events: a later claim, a late finalize and a reset of
+    the key extend the same history, and trimming the log drops only its oldest part."""
+    brief = LedgerConfig(**{**CONFIG.model_dump(), "retention_days": 1 / 24})
+    ledger, short_lived = make_ledger(CONFIG, clock), make_ledger(brief, clock)
+    first = ledger.claim("k", "run-1").fence
+    claim_and_finish(ledger, "other", "run-1", Outcome.SUCCEEDED)  # interleaved events
+    assert short_lived.finalize("k", first, Outcome.SUCCEEDED).applied  # kept for an hour
+    clock.advance(hours=2)
+    assert ledger.sweep() == 1  # the entry is gone; a day of events stays
+    assert ledger.get("k") is None
+    assert kinds(ledger, "k") == ["claimed", "succeeded", "swept"]
+
+    assert ledger.finalize("k", first, Outcome.FAILED).reason == FinalizeReason.NOT_FOUND
+    second = claim_and_finish(ledger, "k", "run-2", Outcome.SUCCEEDED)
+    assert ledger.reset("k")
+    ledger.claim("k", "run-3")
+    assert ledger.claim("other", "run-3").decision == Decision.SKIPPED_COMPLETED
+
+    events = ledger.history("k")
+    assert [(e.kind.value, e.run_id) for e in events] == [
+        ("claimed", "run-1"),
+        ("succeeded", "run-1"),
+        ("swept", "run-1"),
+        ("lost", None),
+        ("claimed", "run-2"),
+        ("succeeded", "run-2"),
+        ("reset", "run-2"),
+        ("claimed", "run-3"),
+    ]
+    assert [e.fence for e in events][4:7] == [second] * 3
+    assert ledger.history("k", limit=3) == events[-3:]
+    assert ledger.history("k", limit=100) == events
+    assert ledger.history("k", limit=1) == events[-1:]
+
+    clock.advance(hours=23)  # the first hour's events leave retention, and so does `other`
+    assert ledger.claim("k", "run-4").decision == Decision.ADOPTED_STALE
+    assert ledger.sweep() == 1
+    assert [(e.kind.value, e.run_id) for e in ledger.history("k")] == [
+        *[(e.kind.value, e.run_id) for e in events[2:]],
+        ("adopted", "run-4"),
+    ]
+    assert kinds(ledger, "other") == ["skipped_completed", "swept"]
 
 
 def test_an_empty_sweep_changes_nothing(ledger: Ledger):

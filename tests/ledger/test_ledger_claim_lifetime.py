@@ -383,6 +383,6 @@ def test_the_migrated_sqlite_file_says_the_current_version(tmp_path: Path):
         version = conn.execute(
             "SELECT value FROM rocky_ledger_meta WHERE name = 'schema_version'"
         ).fetchone()
-        assert version == (SCHEMA_VERSION,) == (4,)
+        assert version == (SCHEMA_VERSION,) == (5,)
     finally:
         conn.close()

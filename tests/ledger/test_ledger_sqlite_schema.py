@@ -10,8 +10,23 @@ from pathlib import Path
 import pytest
 from ledger_helpers import CLOCK_START, CONFIG, RETENTION, FakeClock
 
-from rocky_dagster.ledger import Decision, Outcome, State, open_ledger
-from rocky_dagster.ledger.sqlite import _QUERIES, _SWEEP_DOOMED, ENTRIES, HOLDER, SCHEMA_VERSION
+from rocky_dagster.ledger import (
+    Decision,
+    FinalizeReason,
+    LedgerConfig,
+    Outcome,
+    State,
+    open_ledger,
+)
+from rocky_dagster.ledger.model import ENTRY_COLUMNS
+from rocky_dagster.ledger.sqlite import (
+    _QUERIES,
+    _SWEEP_DOOMED,
+    DUE_SECOND,
+    ENTRIES,
+    HOLDER,
+    SCHEMA_VERSION,
+)
 
 # Schema version 1 exactly as rocky_dagster wrote it (two partial indexes on the entries).
 _V1 = """
@@ -85,7 +100,7 @@ def test_a_version_1_file_is_migrated_in_place_and_keeps_every_row(tmp_path: Pat
     clock = FakeClock()
     ledger = open_ledger(f"sqlite:///{path}", CONFIG, clock=clock)
     try:
-        assert _indexes(path) == {"rocky_ledger_entries_due", "rocky_ledger_events_key_id"}
+        assert _indexes(path) == {"rocky_ledger_entries_due"}
         conn = sqlite3.connect(path)
         assert conn.execute(
             "SELECT value FROM rocky_ledger_meta WHERE name = 'schema_version'"
@@ -109,7 +124,7 @@ def test_a_version_1_file_is_migrated_in_place_and_keeps_every_row(tmp_path: Pat
         ledger.close()
     # a second opener finds the file current and changes nothing
     open_ledger(f"sqlite:///{path}").close()
-    assert _indexes(path) == {"rocky_ledger_entries_due", "rocky_ledger_events_key_id"}
+    assert _indexes(path) == {"rocky_ledger_entries_due"}
 
 
 _V2_LAYOUTS = {
@@ -139,7 +154,7 @@ def test_either_pre_release_version_2_file_is_brought_to_the_current_layout(
 
     clock = FakeClock()
     with open_ledger(f"sqlite:///{path}", CONFIG, clock=clock) as ledger:
-        assert _indexes(path) == {"rocky_ledger_entries_due", "rocky_ledger_events_key_id"}
+        assert _indexes(path) == {"rocky_ledger_entries_due"}
         assert ledger.get("live").generation == 5
         assert ledger.claim("done", "run-2").decision == Decision.SKIPPED_COMPLETED
         clock.advance(seconds=60)
@@ -194,3 +209,154 @@ def test_sweep_and_the_reconcilers_query_search_an_index_not_the_table(tmp_path:
         assert [e.key for e in ledger.entries(State.IN_FLIGHT, run_id="run-1")] == [
             f"k{n}" for n in (40, 25, 10)
         ]
+
+
+# Schema version 4 exactly as rocky_dagster wrote it: each key's history through a (key, id)
+# index, which every claim and finalize wrote a page of.
+_V4 = f"""
+CREATE TABLE rocky_ledger_entries (
+    key TEXT NOT NULL PRIMARY KEY, state TEXT NOT NULL, run_id TEXT NOT NULL,
+    fence INTEGER NOT NULL, pipeline TEXT, fingerprint TEXT, claimed_at TEXT NOT NULL,
+    heartbeat_at TEXT NOT NULL, lease_expires_at TEXT NOT NULL, finalized_at TEXT,
+    expires_at TEXT, dedup_on TEXT NOT NULL, result TEXT, prior_run_id TEXT,
+    generation INTEGER, holder_process TEXT
+) WITHOUT ROWID;
+CREATE TABLE rocky_ledger_events (
+    id INTEGER PRIMARY KEY, key TEXT NOT NULL, kind TEXT NOT NULL, run_id TEXT,
+    fence INTEGER, at TEXT NOT NULL, detail TEXT
+);
+CREATE TABLE rocky_ledger_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX rocky_ledger_entries_due ON rocky_ledger_entries ({HOLDER}, expires_at);
+CREATE INDEX rocky_ledger_events_key_id ON rocky_ledger_events (key, id);
+INSERT INTO rocky_ledger_meta (name, value) VALUES ('schema_version', 4);
+"""
+_V4_ENTRY_COLUMNS = ", ".join(ENTRY_COLUMNS)
+_EVENT_COLUMNS = "id, key, kind, run_id, fence, at, detail"
+_KEYS = ("done", "swept", "reset", "lost", "live", "never")
+
+
+def _lived_ledger(path: Path, clock: FakeClock) -> None:
+    """A ledger with every kind of history: entries, keys swept or reset (events but no
+    entry), a finalize that found no entry, a trimmed log, interleaved keys."""
+    brief = LedgerConfig(**{**CONFIG.model_dump(), "retention_days": 1 / 24})
+    with (
+        open_ledger(f"sqlite:///{path}", CONFIG, clock=clock) as ledger,
+        open_ledger(f"sqlite:///{path}", brief, clock=clock) as short_lived,
+    ):
+        ledger.claim("trimmed", "run-0")
+        clock.advance(hours=25)
+        for key in ("done", "swept", "reset"):
+            claim = ledger.claim(key, "run-1")
+            assert claim.fence is not None
+            (short_lived if key == "swept" else ledger).finalize(
+                key, claim.fence, Outcome.SUCCEEDED, result={"key": key}
+            )
+        assert ledger.claim("done", "run-2").decision == Decision.SKIPPED_COMPLETED
+        assert ledger.reset("reset")
+        assert not ledger.finalize("lost", 7, Outcome.FAILED).applied
+        ledger.claim("live", "run-2")
+        clock.advance(hours=2)
+        assert ledger.sweep() == 2  # "swept", and "trimmed" (abandoned a day): its claim goes
+        assert ledger.get("swept") is None and ledger.history("swept")
+
+
+def _write_v4_ledger(path: Path, clock: FakeClock) -> dict[str, list[tuple[object, ...]]]:
+    """A version-4 file (its own DDL) holding a lived ledger's rows, and each key's history
+    as version 4 read it (`WHERE key = ? ORDER BY id`, through the index)."""
+    source = path.with_name("source.db")
+    _lived_ledger(source, clock)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(_V4)
+    conn.execute("ATTACH DATABASE ? AS source", (str(source),))
+    conn.execute(
+        f"INSERT INTO {ENTRIES} ({_V4_ENTRY_COLUMNS}) "
+        f"SELECT {_V4_ENTRY_COLUMNS} FROM source.{ENTRIES}"
+    )
+    conn.execute(
+        f"INSERT INTO rocky_ledger_events ({_EVENT_COLUMNS}) "
+        f"SELECT {_EVENT_COLUMNS} FROM source.rocky_ledger_events"
+    )
+    conn.execute(
+        "INSERT INTO rocky_ledger_meta SELECT * FROM source.rocky_ledger_meta "
+        "WHERE name = 'last_fence'"
+    )
+    histories = {
+        key: conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM rocky_ledger_events WHERE key = ? ORDER BY id", (key,)
+        ).fetchall()
+        for key in (*_KEYS, "trimmed")
+    }
+    conn.execute("DETACH DATABASE source")
+    conn.close()
+    return histories
+
+
+def _due_index(path: Path) -> str:
+    """The `due` index's DDL."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'rocky_ledger_entries_due'"
+        ).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_version_4_file_is_upgraded_in_place_and_every_history_reads_as_before(
+    tmp_path: Path,
+):
+    path = tmp_path / "ledger.db"
+    clock = FakeClock()
+    before = _write_v4_ledger(path, clock)
+    assert [kind for (_, _, kind, *_) in before["swept"]] == ["claimed", "succeeded", "swept"]
+    assert [kind for (_, _, kind, *_) in before["trimmed"]] == ["swept"]
+    assert before["lost"] and before["never"] == []
+
+    with open_ledger(f"sqlite:///{path}", CONFIG, clock=clock) as ledger:
+        assert _indexes(path) == {"rocky_ledger_entries_due"}
+        assert _due_index(path).endswith(f"({HOLDER}, {DUE_SECOND})")  # expiries to the second
+        for key, rows in before.items():
+            assert [(e.id, e.key, e.kind.value, e.run_id, e.fence, e.detail) for e in
+                    ledger.history(key)] == [(r[0], *r[1:5], r[6]) for r in rows], key  # fmt: skip
+            assert ledger.history(key, limit=2) == ledger.history(key)[-2:]
+        assert ledger.check() == []
+
+        # the upgraded chains go on: a swept key claimed again, a reset key too
+        for key in ("swept", "reset"):
+            claim = ledger.claim(key, "run-3")
+            assert claim.decision == Decision.PROCEED and claim.fence is not None
+            assert [e.kind.value for e in ledger.history(key)][-2:] == [
+                before[key][-1][2],
+                "claimed",
+            ]
+            assert len(ledger.history(key)) == len(before[key]) + 1
+        assert ledger.finalize("done", 1, Outcome.FAILED).reason == FinalizeReason.STALE_FENCE
+        assert len(ledger.history("done")) == len(before["done"]) + 1
+
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute(
+            "SELECT value FROM rocky_ledger_meta WHERE name = 'schema_version'"
+        ).fetchone() == (SCHEMA_VERSION,)
+        assert SCHEMA_VERSION == 5
+    finally:
+        conn.close()
+    open_ledger(f"sqlite:///{path}").close()  # current: nothing more to do
+    assert _indexes(path) == {"rocky_ledger_entries_due"}
+
+
+def test_history_walks_its_key_by_event_id_not_the_log(tmp_path: Path):
+    """A key's history costs its own events, with no index on the log: a fresh file has none."""
+    path = tmp_path / "ledger.db"
+    with open_ledger(f"sqlite:///{path}", CONFIG, clock=FakeClock()) as ledger:
+        for n in range(20):
+            claim = ledger.claim(f"k{n % 4}", "run-1", force=True)
+            assert claim.fence is not None
+            ledger.finalize(f"k{n % 4}", claim.fence, Outcome.SUCCEEDED)
+        assert len(ledger.history("k1")) == 10 and len(ledger.history("k1", limit=3)) == 3
+    assert _indexes(path) == {"rocky_ledger_entries_due"}
+    for limit in (None, 3):
+        plan = _plan(path, *_QUERIES.history("k1", limit=limit))
+        assert "SCAN rocky_ledger_events" not in plan, plan
+        assert "USING INTEGER PRIMARY KEY" in plan, plan

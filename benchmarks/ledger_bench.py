@@ -9,7 +9,8 @@ Figures, in one run on one file system with the ledger's own pragmas:
     WITHOUT ROWID table (the ledger's), and the cheaper one of this run is the baseline;
 (b) the ledger's claim + finalize cycle per key, in time and (SQLite) in pages: the frames
     its WAL grows by over 60 cycles of new keys on a 2 000-key ledger, against the same count
-    for each raw baseline (every page a commit dirties is a frame written and fsynced);
+    for each raw baseline (every page a commit dirties is a frame written and fsynced), once
+    with new keys sorting after the old ones (dated keys) and once with random keys (hashes);
 (c) claim latency (p50/p99) with 1 000 vs 1 000 000 rows already in the ledger;
 (d) sweep of 100 expired entries (spread over the keys) among those 1 000 vs 1 000 000 rows,
     after a checkpoint, median of 5 rounds (it must cost what it deletes, not the ledger's size).
@@ -94,7 +95,9 @@ class BenchBackend(ABC):
         """The file system the store writes to (a local store only), for the reader to judge."""
         return None
 
-    def pages_per_cycle(self, rows: int, cycles: int) -> dict[str, float] | None:
+    def pages_per_cycle(
+        self, rows: int, cycles: int, *, shuffled: bool = False
+    ) -> dict[str, float] | None:
         """Pages written per claim+finalize cycle by the ledger and by each raw baseline (by
         name), after `rows` keys; None where the store has no such count."""
         return None
@@ -226,13 +229,21 @@ class SQLiteBench(BenchBackend):
     def filesystem(self) -> str:
         return describe_filesystem(self.dir)
 
-    def pages_per_cycle(self, rows: int, cycles: int) -> dict[str, float]:
+    def pages_per_cycle(
+        self, rows: int, cycles: int, *, shuffled: bool = False
+    ) -> dict[str, float]:
         """WAL frames appended per cycle, after a checkpoint, each store filled by its own
-        writes with `rows` keys first; new keys sort after the old ones (as dated keys do)."""
-        url = self.fresh_url("pages")
+        writes with `rows` keys first; new keys sort after the old ones (as dated keys do), or
+        with `shuffled` land anywhere among them (as hashes do: inserts split inner pages)."""
+        label = "pages-shuffled" if shuffled else "pages"
+        url = self.fresh_url(label)
         ledger = open_ledger(url)
         fill = [f"job/{i:08d}" for i in range(rows)]
         new = [f"new/{i:08d}" for i in range(cycles)]
+        if shuffled:
+            draw = random.Random(7)  # the same keys every run: the count is deterministic
+            fill = [f"{draw.getrandbits(64):016x}" for _ in range(rows)]
+            new = [f"{draw.getrandbits(64):016x}" for _ in range(cycles)]
 
         def ledger_cycle(key: str, n: int) -> None:
             claim = ledger.claim(key, "bench-run", pipeline="bench")
@@ -241,7 +252,7 @@ class SQLiteBench(BenchBackend):
         writers: dict[str, tuple[Callable[[str, int], None], sqlite3.Connection, Path]] = {
             "ledger": (ledger_cycle, ledger._connection(), Path(url.removeprefix("sqlite:///")))  # type: ignore[attr-defined]
         }
-        raws = self.baselines(ledger, "pages-baseline")
+        raws = self.baselines(ledger, f"{label}-baseline")
         for name, raw in raws.items():
             assert isinstance(raw, SQLiteBaseline)
             writers[f"baseline, {name}"] = (raw.cycle, raw.conn, raw.path)
@@ -453,9 +464,15 @@ def main(argv: list[str] | None = None) -> None:
             f"ledger claim+finalize cycle:                  {_us(cycle)}/key over {args.keys} keys"
         )
         pages = backend.pages_per_cycle(PAGES_ROWS, PAGES_CYCLES)
-        if pages is not None:
+        shuffled = backend.pages_per_cycle(PAGES_ROWS, PAGES_CYCLES, shuffled=True)
+        if pages is not None and shuffled is not None:
             for name, count in pages.items():
                 print(f"pages per cycle, {name}: {count:.2f} (new keys after {PAGES_ROWS} keys)")
+            for name, count in shuffled.items():
+                print(
+                    f"pages per cycle, {name}: {count:.2f} "
+                    f"(random keys among {PAGES_ROWS} random keys)"
+                )
         latencies, sweeps = bench_latency(backend, args.small, args.large, args.samples)
         p99 = {}
         for rows, values in latencies.items():
@@ -468,8 +485,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"sweep of 100 expired entries among {rows} rows: {_us(seconds)} (median of 5)")
         label = "1M/1k" if (args.small, args.large) == (1_000, 1_000_000) else "large/small"
         print(f"ratio cycle/baseline = {cycle / baseline:.2f}")
-        if pages is not None:
+        if pages is not None and shuffled is not None:
             print(f"pages per cycle = {pages['ledger']:.2f}")
+            print(f"pages per cycle, random keys = {shuffled['ledger']:.2f}")
         print(f"ratio p99 {label} = {p99[args.large] / p99[args.small]:.2f}")
         print(f"ratio sweep {label} = {sweeps[args.large] / sweeps[args.small]:.2f}")
         if args.smoke:

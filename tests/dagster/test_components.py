@@ -45,10 +45,18 @@ def test_scaffolded_defs_yaml_declares_the_env_var_url(tmp_path: Path) -> None:
 def test_the_component_brings_the_resource_and_the_run_status_sensors(
     instance: dg.DagsterInstance, ledger: Ledger, ledger_url: str
 ) -> None:
-    defs = _defs({"url": ledger_url, "lease_seconds": 30, "sensor_interval_seconds": 7})
+    defs = _defs(
+        {
+            "url": ledger_url,
+            "lease_seconds": 30,
+            "sensor_interval_seconds": 7,
+            "replay_skips": True,
+        }
+    )
     resource = defs.resources["ledger"]
     assert isinstance(resource, IdempotencyLedger)
     assert resource.lease_seconds == 30
+    assert resource.replay_skips is True
     sensors = {s.name: s for s in defs.sensors}
     assert set(sensors) == {
         "rocky_ledger_on_failure",

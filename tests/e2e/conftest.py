@@ -12,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # dagster_server, importable by name
 
-BROWSER_SKIP_MARK = "BROWSER TEST SKIPPED"
+from dagster_server import BROWSER_SKIP_MARK  # noqa: E402 (importable once HERE is on the path)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

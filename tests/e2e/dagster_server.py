@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,13 @@ VENV_BIN = Path(sys.executable).parent
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
 LEDGER_FILE = "rocky_ledger.db"
 """The default ledger's file name under $DAGSTER_HOME (rocky_dagster.ledger.defaults)."""
+ARTIFACTS = REPO / "test-artifacts" / "e2e"
+"""Where browser tests leave their screenshots."""
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+REQUIRE_BROWSER_ENV = "ROCKY_REQUIRE_BROWSER"
+BROWSER_SKIP_MARK = "BROWSER TEST SKIPPED"
+"""In a browser test's skip reason, so conftest.py can repeat it loudly at the end."""
 
 DAGSTER_YAML = """\
 telemetry:
@@ -459,3 +467,39 @@ class DagsterServer:
             result = data["stopSensor"]
             assert result["__typename"] == "StopSensorMutationResult", result
             assert result["instigationState"]["status"] == "STOPPED", result
+
+
+@contextlib.contextmanager
+def browser_page() -> Iterator[Any]:
+    """A page of headless Chromium (1600 by 1000 pixels, 60 s default timeout), closed afterwards.
+
+    Without Chromium or playwright the test is skipped with `BROWSER_SKIP_MARK`, or fails
+    under ROCKY_REQUIRE_BROWSER=1 (CI), so a missing browser is never a silent pass.
+    """
+    missing = None
+    if not CHROMIUM.exists():
+        missing = f"{CHROMIUM} is missing (apt-get install chromium)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - the test extra installs it
+            missing = f"the playwright Python package is missing ({exc})"
+    if missing is not None:
+        import pytest
+
+        if os.environ.get(REQUIRE_BROWSER_ENV) == "1":
+            pytest.fail(f"{REQUIRE_BROWSER_ENV}=1 but {missing}", pytrace=False)
+        pytest.skip(f"{BROWSER_SKIP_MARK}: {missing}")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()

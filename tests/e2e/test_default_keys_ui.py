@@ -5,21 +5,16 @@ failed run's outcome says it failed."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from dagster_server import LAUNCH_RUN_MUTATION, DagsterServer
+from dagster_server import ARTIFACTS, LAUNCH_RUN_MUTATION, DagsterServer, browser_page
 
 pytestmark = pytest.mark.e2e
 
 OUTCOME_TAG = "rocky/outcome"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "e2e"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 LOCATION = "user_project"
 
 DEFINITIONS = '''\
@@ -154,14 +149,6 @@ def test_a_failed_run_is_tagged_failed(project: UserProject) -> None:
 
 @pytest.mark.browser
 def test_the_asset_page_and_the_catalog_show_the_skip(project: UserProject) -> None:
-    if not CHROMIUM.exists():
-        if os.environ.get("ROCKY_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"ROCKY_REQUIRE_BROWSER=1 but {CHROMIUM} is missing", pytrace=False)
-        pytest.skip(f"BROWSER TEST SKIPPED: {CHROMIUM} is missing (apt-get install chromium)")
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=120_000)  # a loaded machine renders the asset page slowly
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     server = project.server
     worked = materialize(server, "order_totals")
     finished(server, worked)
@@ -173,39 +160,34 @@ def test_the_asset_page_and_the_catalog_show_the_skip(project: UserProject) -> N
     skipped_default = materialize(server, "order_summary")  # without replay_skips
     finished(server, skipped_default)
     assert "ASSET_MATERIALIZATION" not in {e.get("eventType") for e in server.logs(skipped_default)}
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.set_default_timeout(60_000)
-            # The asset page's overview shows the latest materialization: the skip's replay,
-            # with the decision, the run that did the work, and rocky/replay.
-            page.goto(f"{server.url}/assets/order_totals")
-            expect(page.get_by_text("skipped_completed").first).to_be_visible()
-            expect(page.get_by_text("rocky/replay", exact=True).first).to_be_visible()
-            expect(page.get_by_text(worked).first).to_be_visible()
-            page.screenshot(path=str(ARTIFACTS / "asset_page_overview_skip.png"), full_page=True)
+    with browser_page() as page:
+        from playwright.sync_api import expect
 
-            # The catalog: order_totals' status links to the run that skipped (the replay is its
-            # latest materialization); order_summary's to the run that did the work.
-            page.goto(f"{server.url}/assets")
-            expect(page.get_by_role("link", name="order_totals").first).to_be_visible()
-            expect(page.get_by_text(re.compile(r"^Loading"))).to_have_count(0)
-            expect(page.locator(f'a[href*="{skipped}"]').first).to_be_visible()
-            page.screenshot(path=str(ARTIFACTS / "asset_catalog_skip.png"), full_page=True)
+        expect.set_options(timeout=120_000)  # a loaded machine renders the asset page slowly
+        # The asset page's overview shows the latest materialization: the skip's replay,
+        # with the decision, the run that did the work, and rocky/replay.
+        page.goto(f"{server.url}/assets/order_totals")
+        expect(page.get_by_text("skipped_completed").first).to_be_visible()
+        expect(page.get_by_text("rocky/replay", exact=True).first).to_be_visible()
+        expect(page.get_by_text(worked).first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "asset_page_overview_skip.png"), full_page=True)
 
-            # Without replay_skips, the skip is in the asset's Events tab: the newest event is
-            # its observation, with the decision and the run that did the work.
-            page.goto(f"{server.url}/assets/order_summary?view=events")
-            expect(page.get_by_text("skipped_completed").first).to_be_visible()
-            expect(page.get_by_text("rocky/prior_run_id").first).to_be_visible()
-            page.screenshot(path=str(ARTIFACTS / "asset_page_events_skip.png"), full_page=True)
+        # The catalog: order_totals' status links to the run that skipped (the replay is its
+        # latest materialization); order_summary's to the run that did the work.
+        page.goto(f"{server.url}/assets")
+        expect(page.get_by_role("link", name="order_totals").first).to_be_visible()
+        expect(page.get_by_text(re.compile(r"^Loading"))).to_have_count(0)
+        expect(page.locator(f'a[href*="{skipped}"]').first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "asset_catalog_skip.png"), full_page=True)
 
-            # The runs list, filtered on the outcome tag: the skipped run is there, tagged.
-            page.goto(f"{server.url}/runs?q%5B0%5D=tag%3Arocky%2Foutcome%3Dskipped")
-            expect(page.get_by_text(skipped[:8]).first).to_be_visible()
-            page.screenshot(path=str(ARTIFACTS / "runs_outcome_skipped.png"), full_page=True)
-        finally:
-            browser.close()
+        # Without replay_skips, the skip is in the asset's Events tab: the newest event is
+        # its observation, with the decision and the run that did the work.
+        page.goto(f"{server.url}/assets/order_summary?view=events")
+        expect(page.get_by_text("skipped_completed").first).to_be_visible()
+        expect(page.get_by_text("rocky/prior_run_id").first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "asset_page_events_skip.png"), full_page=True)
+
+        # The runs list, filtered on the outcome tag: the skipped run is there, tagged.
+        page.goto(f"{server.url}/runs?q%5B0%5D=tag%3Arocky%2Foutcome%3Dskipped")
+        expect(page.get_by_text(skipped[:8]).first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "runs_outcome_skipped.png"), full_page=True)

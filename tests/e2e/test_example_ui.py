@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from dagster_server import REPO, DagsterServer, session_processes
+from dagster_server import ARTIFACTS, DagsterServer, browser_page, session_processes
 
 from rocky_dagster.ledger import EventKind, Ledger, State, open_ledger
 
@@ -34,11 +34,6 @@ WAREHOUSE_STEPS = (
     "snapshot_customers",
 )
 CANCELED_SENSOR = "rocky_ledger_on_canceled"
-ARTIFACTS = REPO / "test-artifacts" / "e2e"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-REQUIRE_BROWSER_ENV = "ROCKY_REQUIRE_BROWSER"
-BROWSER_SKIP_MARK = "BROWSER TEST SKIPPED"  # conftest.py repeats these at the end
 
 
 OUTCOME_TAG = "rocky/outcome"
@@ -395,58 +390,32 @@ def test_force_terminated_hung_run_is_released_by_the_canceled_sensor(
 # --- the browser ---------------------------------------------------------------------------------
 
 
-def _browser_or_skip() -> None:
-    missing = None
-    if not CHROMIUM.exists():
-        missing = f"{CHROMIUM} is missing (apt-get install chromium)"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError as exc:  # pragma: no cover - the test extra installs it
-            missing = f"the playwright Python package is missing ({exc})"
-    if missing is None:
-        return
-    if os.environ.get(REQUIRE_BROWSER_ENV) == "1":
-        pytest.fail(f"{REQUIRE_BROWSER_ENV}=1 but {missing}", pytrace=False)
-    pytest.skip(f"{BROWSER_SKIP_MARK}: {missing}")
-
-
 @pytest.mark.browser
 def test_run_page_shows_the_skip_and_the_prior_run(
     example: Example, warehouse_twice: TwoRuns
 ) -> None:
-    _browser_or_skip()
-    from playwright.sync_api import expect, sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     first, second = warehouse_twice.first, warehouse_twice.second
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.set_default_timeout(60_000)
-            page.goto(example.server.run_page_url(second))
-            expect(page.get_by_text("Success", exact=True).first).to_be_visible()
+    with browser_page() as page:
+        from playwright.sync_api import expect
 
-            # The event log, filtered on the prior run's id: the skip message names it and the
-            # step output metadata carries the decision and a link to that run.
-            page.get_by_placeholder("Filter…").fill(first)
-            skip = page.get_by_text(f"already completed in run {first}").first
-            expect(skip).to_be_visible()
-            expect(page.get_by_text("rocky/prior_run_id").first).to_be_visible()
-            expect(page.get_by_role("link", name=first).first).to_be_visible()
-            page.screenshot(path=str(ARTIFACTS / "skipped_run_logs.png"))
+        page.goto(example.server.run_page_url(second))
+        expect(page.get_by_text("Success", exact=True).first).to_be_visible()
 
-            # The run's tags: the key and the one summary, whatever the op count.
-            page.get_by_role("button", name="View tags and config").click()
-            dialog = page.get_by_role("dialog")
-            expect(dialog).to_be_visible()
-            outcome = dialog.get_by_text(f"{OUTCOME_TAG}: skipped", exact=True)  # "<tag>: <value>"
-            expect(outcome).to_be_visible()
-            key = dialog.get_by_text(f"{KEY_TAG}: {warehouse_twice.key}", exact=True)
-            expect(key).to_be_visible()
-            page.screenshot(path=str(ARTIFACTS / "skipped_run_tags.png"))
-        finally:
-            browser.close()
+        # The event log, filtered on the prior run's id: the skip message names it and the
+        # step output metadata carries the decision and a link to that run.
+        page.get_by_placeholder("Filter…").fill(first)
+        skip = page.get_by_text(f"already completed in run {first}").first
+        expect(skip).to_be_visible()
+        expect(page.get_by_text("rocky/prior_run_id").first).to_be_visible()
+        expect(page.get_by_role("link", name=first).first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "skipped_run_logs.png"))
+
+        # The run's tags: the key and the one summary, whatever the op count.
+        page.get_by_role("button", name="View tags and config").click()
+        dialog = page.get_by_role("dialog")
+        expect(dialog).to_be_visible()
+        outcome = dialog.get_by_text(f"{OUTCOME_TAG}: skipped", exact=True)  # "<tag>: <value>"
+        expect(outcome).to_be_visible()
+        key = dialog.get_by_text(f"{KEY_TAG}: {warehouse_twice.key}", exact=True)
+        expect(key).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "skipped_run_tags.png"))

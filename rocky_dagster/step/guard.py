@@ -666,7 +666,7 @@ class StepGuard:
         """A materialization per skipped asset whose key is done, replaying the recorded one:
         in a backfill run (so the backfill counts it) or when the resource says
         `replay_skips` (so the catalog shows the skip); nothing elsewhere. See `backfills`."""
-        everywhere = bool(getattr(self.resource, "replay_skips", False))
+        everywhere = self.resource.replay_skips
         for held in self.claims:
             if held.should_run or held.asset is None or held.claim is None:
                 continue

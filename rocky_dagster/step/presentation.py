@@ -255,15 +255,17 @@ def _recorded(op_ctx: Any, run_id: str, written: str) -> set[str]:
     run (the Launchpad copies tags), and only this run's event log tells which."""
     try:
         seen = set(step_decisions(op_ctx.instance, run_id).values())
-        failures = op_ctx.instance.get_records_for_run(
-            run_id, of_type=DagsterEventType.STEP_FAILURE, limit=1
-        ).records
-        if written == FAILED and failures:
+        if written == FAILED and _has_step_failure(op_ctx.instance, run_id):
             seen.add(FAILED)
         return seen
     except Exception as exc:  # tags are for people: never fail the work over them
         op_ctx.log.warning(f"rocky_dagster: could not read run {run_id}'s decisions: {exc}")
         return set(_SEED.get(written, ()))
+
+
+def _has_step_failure(instance: DagsterInstance, run_id: str) -> bool:
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE, limit=1)
+    return bool(records.records)
 
 
 _FINISHED_AS = {"FAILURE": FAILED, "CANCELED": CANCELED}

@@ -172,21 +172,5 @@ def plan_pipeline(pipeline: PipelineConfig, *, key_prefix: Sequence[str] = ()) -
     return plan
 
 
-def external_specs(plans: Iterable[PipelinePlan]) -> list[AssetSpec]:
-    """Tables the pipelines read that none of them writes: external assets, so the graph is
-    whole (a source table shows as the root of its lineage)."""
-    plans = list(plans)
-    written = {asset.key for plan in plans for asset in plan.assets}
-    external: dict[AssetKey, str] = {}
-    for plan in plans:
-        for key, table in plan.reads.items():
-            if key not in written:
-                external.setdefault(key, table)
-    return [
-        AssetSpec(key=key, description=f"Table {table}, read by the pipelines, written elsewhere")
-        for key, table in sorted(external.items(), key=lambda item: item[0].to_user_string())
-    ]
-
-
 def _unique(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -738,8 +738,3 @@ def redact_url(url: str) -> str:
         if colon and not any(ch in user for ch in "/?#"):
             rest = f"{user}:***{rest[at:]}"
     return scheme + _QUERY_SECRET.sub(lambda m: f"{m['name']}***", rest)
-
-
-def iter_chunks(items: list[str], size: int) -> Iterator[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

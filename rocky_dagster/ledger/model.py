@@ -150,12 +150,6 @@ class Entry(_Frozen):
             self.state != State.IN_FLIGHT and self.expires_at is not None and self.expires_at <= now
         )
 
-    def is_stale(self, now: datetime, in_flight_deadline: datetime) -> bool:
-        """An in-flight claim whose lease ran out or whose hard cap passed may be adopted."""
-        return self.state == State.IN_FLIGHT and (
-            self.lease_expires_at <= now or in_flight_deadline <= now
-        )
-
 
 ENTRY_COLUMNS: tuple[str, ...] = tuple(Entry.model_fields)
 """An entry's stored columns, in the order every backend's SQL uses."""

@@ -29,7 +29,7 @@ import psycopg
 import pytest
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
-from rocky_dagster.ledger import Entry, Event, Ledger, open_ledger
+from rocky_dagster.ledger import Entry, Event, EventKind, Ledger, State, open_ledger
 from rocky_dagster.step.keys import KEY_TAG
 from rocky_dagster.step.presentation import step_decisions
 
@@ -167,6 +167,21 @@ class Deployment:
     def history(self, key: str) -> list[Event]:
         with self.ledger() as ledger:
             return ledger.history(key)
+
+    def reentered_and_stamped(self, ledger_key: str, run_id: str) -> Entry:
+        """Assert the run's step ran again in the same run (a broker or scheduler re-delivered
+        it after its worker died), re-entered its own claim (the killed process is gone, its
+        lease still alive) continuing the first claim's generation, and stamped it once."""
+        entry = self.entry(ledger_key)
+        assert entry is not None and entry.state == State.SUCCEEDED and entry.run_id == run_id
+        history = self.history(ledger_key)
+        kinds = [e.kind for e in history]
+        assert kinds == [EventKind.CLAIMED, EventKind.CLAIMED, EventKind.SUCCEEDED], kinds
+        assert history[1].detail is not None
+        assert "re-entrant claim by the same run" in history[1].detail
+        assert entry.generation == history[0].fence
+        assert self.reached_end(run_id)
+        return entry
 
     # --- the pause points of engines_jobs ------------------------------------------------------
 

@@ -88,16 +88,7 @@ def test_dask_worker_killed_writes_once(
     effects = deployment.effects(key)
     assert [r for r, _ in effects] == [run_id], effects
     assert (effects[0][1] == pid) == (pause == "after")  # after: the killed worker's write
-    entry = deployment.entry(LEDGER_KEY.format(key=key))
-    assert entry is not None and entry.state == State.SUCCEEDED and entry.run_id == run_id
-    history = deployment.history(LEDGER_KEY.format(key=key))
-    kinds = [e.kind for e in history]
-    # the rerun re-entered its run's claim (its process is gone, the lease alive), continuing
-    # the generation of the first claim
-    assert kinds == [EventKind.CLAIMED, EventKind.CLAIMED, EventKind.SUCCEEDED], kinds
-    assert history[1].detail is not None and "re-entrant claim by the same run" in history[1].detail
-    assert entry.generation == history[0].fence
-    assert deployment.reached_end(run_id)
+    deployment.reentered_and_stamped(LEDGER_KEY.format(key=key), run_id)
 
 
 def test_dask_four_runs_of_one_key_at_once_do_the_work_once(

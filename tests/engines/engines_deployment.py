@@ -135,6 +135,12 @@ class Deployment:
         assert refreshed is not None
         return refreshed
 
+    def succeeded(self, launched: Launched) -> str:
+        """Wait for the run to finish, assert it succeeded (its launch log if not): its id."""
+        run = self.finish(launched)
+        assert run.status == DagsterRunStatus.SUCCESS, self.launch_log(launched)
+        return run.run_id
+
     def status(self, run_id: str) -> DagsterRunStatus:
         run = self.instance.get_run_by_id(run_id)
         assert run is not None

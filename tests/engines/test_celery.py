@@ -19,7 +19,6 @@ from collections.abc import Iterator
 import engines_cluster
 import engines_jobs
 import pytest
-from dagster import DagsterRunStatus
 from engines_deployment import Deployment, Launched, new_key
 
 from rocky_dagster.ledger import Decision, EventKind, State
@@ -129,12 +128,6 @@ def kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def _assert_success(deployment: Deployment, launched: Launched) -> str:
-    run = deployment.finish(launched)
-    assert run.status == DagsterRunStatus.SUCCESS, deployment.launch_log(launched)
-    return run.run_id
-
-
 # --- 1. the fault is real ----------------------------------------------------------------------
 
 
@@ -151,7 +144,7 @@ def test_control_unguarded_step_killed_after_its_write_runs_twice(
     kill(pid)
     deployment.go(run_id)  # the re-delivered attempt must not wait for anything
 
-    assert _assert_success(deployment, launched) == run_id
+    assert deployment.succeeded(launched) == run_id
     effects = deployment.effects(key)
     assert len(effects) == 2, effects  # the same write, twice: the fault the ledger must stop
     assert effects[0][1] == pid and effects[1][1] != pid
@@ -170,7 +163,7 @@ def test_guarded_step_killed_after_its_commit_writes_once(
     kill(pid)
     deployment.go(run_id)
 
-    assert _assert_success(deployment, launched) == run_id
+    assert deployment.succeeded(launched) == run_id
     assert [r for r, _ in deployment.effects(key)] == [run_id]  # one row, the first attempt's
     # the re-delivered attempt re-entered its own run's claim and found the committed marker
     entry = deployment.reentered_and_stamped(f"{key}/guarded_effect", run_id)
@@ -195,11 +188,11 @@ def test_four_runs_of_one_key_at_once_do_the_work_once(
     )
     others = [launched for launched in launches if launched.run_id != holder]
     for launched in others:  # each skipped while the holder was inside its body
-        assert _assert_success(deployment, launched)
+        assert deployment.succeeded(launched)
     deployment.go(holder)
     for launched in launches:
         if launched.run_id == holder:
-            _assert_success(deployment, launched)
+            deployment.succeeded(launched)
 
     assert [r for r, _ in deployment.effects(key)] == [holder]
     ledger_key = f"{key}/guarded_effect"
@@ -270,7 +263,7 @@ def test_worker_killed_then_key_launched_again_writes_once(
             )
 
     second = deployment.launch(job, key)  # on the worker left alive
-    second_id = _assert_success(deployment, second)
+    second_id = deployment.succeeded(second)
     effects = [r for r, _ in deployment.effects(key)]
     assert effects == [first_id if pause == "after" else second_id], effects
     entry = deployment.entry(ledger_key)
@@ -319,7 +312,7 @@ def test_run_canceled_in_the_instance_stops_the_body_and_frees_the_key(
     assert deployment.effects(key) == []
 
     second = deployment.launch(GUARDED, key)
-    second_id = _assert_success(deployment, second)
+    second_id = deployment.succeeded(second)
     assert [r for r, _ in deployment.effects(key)] == [second_id]
     assert deployment.decisions(second_id) == {"guarded_effect": "proceed"}
 
@@ -352,7 +345,7 @@ def test_claim_of_a_worker_in_another_pid_namespace_waits_for_its_lease(
     # another run, while the lease lives: its holder run is not finished, so no reap; its
     # lease is alive, so no adoption: it skips, naming the holder
     second = deployment.launch(GUARDED, key)
-    second_id = _assert_success(deployment, second)
+    second_id = deployment.succeeded(second)
     assert deployment.decisions(second_id) == {"guarded_effect": "skipped_in_flight"}
 
     # the broker hands the dead worker's message to the live worker (what Redis does once the
@@ -396,7 +389,7 @@ def test_claim_of_a_worker_in_another_pid_namespace_waits_for_its_lease(
             120,
         )
     third = deployment.launch(GUARDED, key)
-    third_id = _assert_success(deployment, third)
+    third_id = deployment.succeeded(third)
     assert deployment.decisions(third_id) == {"guarded_effect": "adopted_stale"}
     assert [r for r, _ in deployment.effects(key)] == [third_id]
     entry = deployment.entry(ledger_key)

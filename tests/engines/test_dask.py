@@ -16,8 +16,7 @@ from collections.abc import Iterator
 import engines_cluster
 import engines_jobs
 import pytest
-from dagster import DagsterRunStatus
-from engines_deployment import Deployment, Launched, new_key
+from engines_deployment import Deployment, new_key
 
 from rocky_dagster.ledger import EventKind, State
 
@@ -63,12 +62,6 @@ def cluster(dask_cluster: Cluster) -> Cluster:
     return dask_cluster
 
 
-def _assert_success(deployment: Deployment, launched: Launched) -> str:
-    run = deployment.finish(launched)
-    assert run.status == DagsterRunStatus.SUCCESS, deployment.launch_log(launched)
-    return run.run_id
-
-
 @pytest.mark.parametrize("pause", ["before", "after"], ids=["mid-step", "after-the-commit"])
 def test_dask_worker_killed_writes_once(
     deployment: Deployment, cluster: Cluster, pause: str
@@ -84,7 +77,7 @@ def test_dask_worker_killed_writes_once(
     os.kill(pid, signal.SIGKILL)
     deployment.go(run_id)
 
-    assert _assert_success(deployment, launched) == run_id
+    assert deployment.succeeded(launched) == run_id
     effects = deployment.effects(key)
     assert [r for r, _ in effects] == [run_id], effects
     assert (effects[0][1] == pid) == (pause == "after")  # after: the killed worker's write
@@ -107,11 +100,11 @@ def test_dask_four_runs_of_one_key_at_once_do_the_work_once(
     )
     others = [launched for launched in launches if launched.run_id != holder]
     for launched in others:
-        _assert_success(deployment, launched)
+        deployment.succeeded(launched)
     deployment.go(holder)
     for launched in launches:
         if launched.run_id == holder:
-            _assert_success(deployment, launched)
+            deployment.succeeded(launched)
 
     assert [r for r, _ in deployment.effects(key)] == [holder]
     ledger_key = LEDGER_KEY.format(key=key)
